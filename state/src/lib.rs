@@ -1,0 +1,22 @@
+//! `authkeeper-state`: the connection state machine and the store that persists it.
+//!
+//! - [`secret`]: credential types whose `Debug` and `Display` never show the value.
+//! - [`machine`]: the pure machine, `(state, event, now) → (state', transition, effects)`,
+//!   built with statig in blocking mode.
+//! - [`schedule`]: pure timing rules: when to poll, refresh, validate, retry, give up.
+//! - [`store`]: redb tables, migrations and the batched (group) commit.
+//!
+//! Nothing here does network I/O or reads the clock: time always comes in as an argument.
+
+pub mod machine;
+pub mod schedule;
+pub mod secret;
+pub mod store;
+
+pub use machine::{
+    Account, Cause, ConnKey, Connection, Credentials, DeviceFlow, Effect, Event, Machine, Refusal, StateName, Step,
+    Transition,
+};
+pub use schedule::{Action, Policy};
+pub use secret::Secret;
+pub use store::{Commit, Store, StoreError};

@@ -1,0 +1,597 @@
+//! The connection state machine (statig, blocking mode).
+//!
+//! Four states, exactly the table in ARCHITECTURE.md. The machine is pure: time, the backoff
+//! policy and a jitter draw come in through [`Ctx`]; what must happen next comes out as a
+//! [`Step`] (a public [`Transition`] for history and observers, plus [`Effect`]s). Scheduling
+//! (when to poll, refresh or validate) is derived from the state by [`crate::schedule`].
+
+use crate::schedule::{self, Policy};
+use crate::secret::Secret;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use statig::blocking::{InitializedStateMachine, IntoStateMachineExt, UninitializedStateMachine};
+use statig::prelude::*;
+use std::fmt;
+
+/// One provider account under one profile: `trakt/default`, `trakt/TRAKT-P01`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ConnKey {
+    pub provider: String,
+    pub profile: String,
+}
+
+impl ConnKey {
+    pub fn new(provider: impl Into<String>, profile: impl Into<String>) -> Self {
+        Self { provider: provider.into(), profile: profile.into() }
+    }
+}
+
+impl fmt::Display for ConnKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.provider, self.profile)
+    }
+}
+
+/// What a provider handed out. Lifetimes always come from the provider's `expires_in`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Credentials {
+    pub access_token: Secret,
+    pub refresh_token: Option<Secret>,
+    pub token_type: String,
+    pub scope: Option<String>,
+    /// When the daemon received it; with `expires_at` this gives the lifetime.
+    pub issued_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// Who the credential belongs to, as the provider's whoami call reports it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Account {
+    pub name: String,
+    pub id: Option<String>,
+}
+
+/// A device-code (PIN) flow in progress. Persisted in the store's `flows` table so that a
+/// restart resumes polling the same code.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceFlow {
+    pub device_code: Secret,
+    pub user_code: String,
+    pub verification_url: String,
+    pub issued_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub interval_secs: u64,
+}
+
+/// The data every state shares (statig's shared storage).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Connection {
+    pub key: ConnKey,
+    /// When the current state was entered.
+    pub since: DateTime<Utc>,
+    pub credentials: Option<Credentials>,
+    pub account: Option<Account>,
+    pub validated_at: Option<DateTime<Utc>>,
+    /// The last unknown answer (timeout, 5xx, 429, garbage); cleared by the next good one.
+    pub last_error: Option<String>,
+    /// Unknown answers in a row, for backoff.
+    pub failures: u32,
+    /// Backoff: no provider call before this time.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    /// Set exactly while pending on an interactive flow; stored in the `flows` table.
+    #[serde(skip)]
+    pub flow: Option<DeviceFlow>,
+    /// When the flow was last polled; in memory only (after a restart: one interval from then).
+    #[serde(skip)]
+    pub last_poll_at: Option<DateTime<Utc>>,
+}
+
+/// Why a connection is pending.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PendingKind {
+    /// Waiting for the user to approve an interactive flow (device code / PIN).
+    Flow,
+    /// Validating a credential that was supplied without a flow.
+    Validating,
+}
+
+/// Everything that can happen to a connection.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// The user started an interactive flow; the provider already issued the code.
+    ConnectRequested { flow: DeviceFlow },
+    /// A credential arrived without a flow (pasted token, API key, import from config).
+    CredentialsSupplied { credentials: Credentials },
+    /// The daemon (re)started with this connection loaded from the store.
+    Resumed,
+    /// A flow poll answered "not yet".
+    FlowPending,
+    /// A flow poll answered "slow down": poll less often from now on.
+    FlowSlowDown { interval_secs: u64 },
+    /// The user approved the flow; the provider issued credentials.
+    Approved { credentials: Credentials, account: Option<Account> },
+    /// The provider confirmed the credential (whoami succeeded).
+    Validated { account: Account },
+    /// A refresh succeeded; `credentials` is the new (possibly rotated) pair.
+    Refreshed { credentials: Credentials },
+    /// The device code expired, or the provider no longer knows it.
+    FlowExpired { detail: String },
+    /// The user denied the flow.
+    Denied,
+    /// The user cancelled a pending flow or validation.
+    Cancel,
+    /// The provider rejected the credential and no refresh can fix it.
+    Rejected { detail: String },
+    /// The provider rejected the refresh token.
+    RefreshRejected { detail: String },
+    /// `expires_at` passed without a successful refresh.
+    ExpiryPassed,
+    /// The user disconnected.
+    Disconnect,
+    /// The profile was removed from the config.
+    Remove,
+    /// A provider call got no verdict: timeout, connection error, 5xx, 429, unparseable body.
+    Unknown { error: String },
+}
+
+/// The cause of a transition, as it appears on the wire and in history.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cause {
+    ConnectRequested,
+    CredentialsSupplied,
+    Approved,
+    Validated,
+    Refreshed,
+    FlowExpired,
+    Denied,
+    Cancelled,
+    Rejected,
+    RefreshRejected,
+    ExpiredUnrefreshed,
+    Disconnected,
+    Removed,
+}
+
+/// The public state names; the wire never sees the internal state enum.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateName {
+    Disconnected,
+    Pending,
+    Connected,
+    Expired,
+}
+
+impl StateName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Disconnected => "disconnected",
+            Self::Pending => "pending",
+            Self::Connected => "connected",
+            Self::Expired => "expired",
+        }
+    }
+}
+
+/// A committed change of state (or a connected → connected confirmation), for history and
+/// the events stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Transition {
+    pub at: DateTime<Utc>,
+    pub from: StateName,
+    pub to: StateName,
+    pub cause: Cause,
+    pub detail: Option<String>,
+}
+
+/// What the runner must do once the step is committed.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Effect {
+    /// Ask the provider whether the supplied credential is good.
+    Validate,
+    /// Revoke these credentials upstream, best effort.
+    Revoke(Credentials),
+}
+
+/// An event the machine refuses in its current state; nothing changed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// The outcome of handling one event.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Step {
+    pub transition: Option<Transition>,
+    pub effects: Vec<Effect>,
+    pub refusal: Option<Refusal>,
+}
+
+/// What the machine gets from outside besides the event.
+pub struct Ctx {
+    pub now: DateTime<Utc>,
+    pub policy: Policy,
+    /// A uniform draw in `[0, 1)` for backoff jitter.
+    pub jitter: f64,
+    step: Step,
+    cause: Option<(Cause, Option<String>)>,
+}
+
+impl Ctx {
+    fn record(&mut self, cause: Cause, detail: Option<String>) {
+        self.cause = Some((cause, detail));
+    }
+    fn refuse(&mut self, why: &str) {
+        self.step.refusal = Some(Refusal::Conflict(why.to_owned()));
+    }
+}
+
+#[state_machine(
+    initial = "State::disconnected()",
+    state(derive(Debug, Clone, PartialEq, Serialize, Deserialize)),
+    after_transition = "Self::after_transition"
+)]
+impl Connection {
+    /// No usable credential. Entered on first sight, on `disconnect`, when a flow ends without
+    /// approval, and when the profile is removed. Leaves on `connect` (→ pending) or a supplied
+    /// credential (→ pending, validating).
+    #[state(superstate = "any")]
+    fn disconnected(&mut self, context: &mut Ctx, event: &Event) -> Outcome<State> {
+        match event {
+            Event::ConnectRequested { flow } => self.start_flow(context, flow),
+            Event::CredentialsSupplied { credentials } => self.supply(context, credentials),
+            Event::Cancel => {
+                context.refuse("nothing is pending");
+                Handled
+            }
+            _ => Super,
+        }
+    }
+
+    /// Waiting: for the user to approve a flow (`Flow`), or for the provider to confirm a
+    /// supplied credential (`Validating`). Leaves on approval/validation (→ connected), on
+    /// expiry, denial or cancel (→ disconnected), or on rejection of a supplied credential
+    /// (→ expired). Unknown answers keep it pending.
+    #[state(superstate = "any")]
+    fn pending(&mut self, kind: &PendingKind, context: &mut Ctx, event: &Event) -> Outcome<State> {
+        match (kind, event) {
+            (_, Event::ConnectRequested { .. } | Event::CredentialsSupplied { .. }) => {
+                context.refuse("a connect is already pending; cancel it first");
+                Handled
+            }
+            (PendingKind::Flow, Event::Resumed) => {
+                self.last_poll_at = Some(context.now);
+                Handled
+            }
+            (PendingKind::Flow, Event::FlowPending) => {
+                self.last_poll_at = Some(context.now);
+                self.clear_errors();
+                Handled
+            }
+            (PendingKind::Flow, Event::FlowSlowDown { interval_secs }) => {
+                self.last_poll_at = Some(context.now);
+                if let Some(flow) = self.flow.as_mut() {
+                    flow.interval_secs = *interval_secs;
+                }
+                Handled
+            }
+            (PendingKind::Flow, Event::Approved { credentials, account }) => {
+                self.credentials = Some(credentials.clone());
+                self.account = account.clone();
+                self.validated_at = Some(context.now);
+                self.end_flow();
+                context.record(Cause::Approved, None);
+                Transition(State::connected())
+            }
+            (PendingKind::Flow, Event::FlowExpired { detail }) => {
+                self.end_flow();
+                context.record(Cause::FlowExpired, Some(detail.clone()));
+                Transition(State::disconnected())
+            }
+            (PendingKind::Flow, Event::Denied) => {
+                self.end_flow();
+                context.record(Cause::Denied, None);
+                Transition(State::disconnected())
+            }
+            (_, Event::Cancel) => {
+                self.end_flow();
+                self.credentials = None;
+                context.record(Cause::Cancelled, None);
+                Transition(State::disconnected())
+            }
+            (PendingKind::Validating, Event::Validated { account }) => {
+                self.confirm(context, Some(account));
+                context.record(Cause::Validated, None);
+                Transition(State::connected())
+            }
+            (PendingKind::Validating, Event::Refreshed { credentials }) => {
+                self.credentials = Some(credentials.clone());
+                self.confirm(context, None);
+                context.record(Cause::Refreshed, None);
+                Transition(State::connected())
+            }
+            (PendingKind::Validating, Event::RefreshRejected { detail }) => {
+                self.clear_errors();
+                context.record(Cause::RefreshRejected, Some(detail.clone()));
+                Transition(State::expired(false))
+            }
+            (PendingKind::Validating, Event::Rejected { detail }) => {
+                self.clear_errors();
+                context.record(Cause::Rejected, Some(detail.clone()));
+                Transition(State::expired(false))
+            }
+            _ => Super,
+        }
+    }
+
+    /// The credential was validated (or just issued or refreshed). Stays connected on each
+    /// successful validation or refresh (a history row each); leaves for expired when the
+    /// provider rejects the credential and no refresh fixes it, or when `expires_at` passes
+    /// without a successful refresh; a newly supplied credential is validated (→ pending).
+    #[state(superstate = "any")]
+    fn connected(&mut self, context: &mut Ctx, event: &Event) -> Outcome<State> {
+        match event {
+            Event::Validated { account } => {
+                self.confirm(context, Some(account));
+                context.record(Cause::Validated, None);
+                Handled
+            }
+            Event::Refreshed { credentials } => {
+                self.credentials = Some(credentials.clone());
+                self.confirm(context, None);
+                context.record(Cause::Refreshed, None);
+                Handled
+            }
+            Event::Rejected { detail } => {
+                self.clear_errors();
+                context.record(Cause::Rejected, Some(detail.clone()));
+                Transition(State::expired(false))
+            }
+            Event::RefreshRejected { detail } => {
+                self.clear_errors();
+                context.record(Cause::RefreshRejected, Some(detail.clone()));
+                Transition(State::expired(false))
+            }
+            Event::ExpiryPassed => {
+                let expires_at = self.credentials.as_ref().and_then(|c| c.expires_at);
+                if expires_at.is_none_or(|at| at > context.now) {
+                    return Handled; // stale: a refresh got there first
+                }
+                let refreshable = self.refresh_token().is_some();
+                context.record(Cause::ExpiredUnrefreshed, self.last_error.clone());
+                Transition(State::expired(refreshable))
+            }
+            // A new credential (pasted into the config) replaces the current one once validated.
+            Event::CredentialsSupplied { credentials } => self.supply(context, credentials),
+            Event::ConnectRequested { .. } => {
+                context.refuse("already connected; disconnect first");
+                Handled
+            }
+            Event::Cancel => {
+                context.refuse("nothing is pending");
+                Handled
+            }
+            _ => Super,
+        }
+    }
+
+    /// The credential is dead: rejected, or past expiry with no successful refresh. When the
+    /// expiry came from unknown refresh answers (`retry_refresh`), refreshing goes on with
+    /// backoff and a success returns to connected; otherwise the user must connect again.
+    #[state(superstate = "any")]
+    fn expired(&mut self, retry_refresh: &bool, context: &mut Ctx, event: &Event) -> Outcome<State> {
+        match event {
+            Event::ConnectRequested { flow } => self.start_flow(context, flow),
+            Event::CredentialsSupplied { credentials } => self.supply(context, credentials),
+            Event::Refreshed { credentials } => {
+                self.credentials = Some(credentials.clone());
+                self.confirm(context, None);
+                context.record(Cause::Refreshed, None);
+                Transition(State::connected())
+            }
+            Event::Validated { account } => {
+                self.confirm(context, Some(account));
+                context.record(Cause::Validated, None);
+                Transition(State::connected())
+            }
+            Event::RefreshRejected { detail } | Event::Rejected { detail } if *retry_refresh => {
+                self.clear_errors();
+                self.last_error = Some(detail.clone());
+                Transition(State::expired(false))
+            }
+            Event::Cancel => {
+                context.refuse("nothing is pending");
+                Handled
+            }
+            _ => Super,
+        }
+    }
+
+    /// What every state does alike: disconnect and removal from anywhere, unknown answers
+    /// recorded with backoff, and stale results (an answer to a call made in an earlier state)
+    /// ignored.
+    #[superstate]
+    fn any(&mut self, context: &mut Ctx, event: &Event) -> Outcome<State> {
+        let cause = match event {
+            Event::Disconnect => Cause::Disconnected,
+            Event::Remove => Cause::Removed,
+            Event::Unknown { error } => {
+                if self.credentials.is_some() || self.flow.is_some() {
+                    self.failures = self.failures.saturating_add(1);
+                    self.last_error = Some(error.clone());
+                    let delay = schedule::backoff(self.failures, &context.policy, context.jitter);
+                    self.next_attempt_at = Some(context.now + delay);
+                }
+                return Handled;
+            }
+            _ => return Handled,
+        };
+        if self.credentials.is_none() && self.flow.is_none() && self.account.is_none() {
+            return Handled; // already disconnected: nothing to do, nothing to record
+        }
+        // Only an explicit disconnect revokes upstream: a profile removed from the config may
+        // have moved elsewhere with its token.
+        if let Some(credentials) = self.credentials.take()
+            && cause == Cause::Disconnected
+        {
+            context.step.effects.push(Effect::Revoke(credentials));
+        }
+        self.end_flow();
+        self.account = None;
+        self.validated_at = None;
+        self.clear_errors();
+        context.record(cause, None);
+        Transition(State::disconnected())
+    }
+}
+
+impl Connection {
+    fn new(key: ConnKey, now: DateTime<Utc>) -> Self {
+        Self {
+            key,
+            since: now,
+            credentials: None,
+            account: None,
+            validated_at: None,
+            last_error: None,
+            failures: 0,
+            next_attempt_at: None,
+            flow: None,
+            last_poll_at: None,
+        }
+    }
+
+    fn after_transition(&mut self, _from: &State, _to: &State, context: &mut Ctx) {
+        self.since = context.now;
+    }
+
+    fn start_flow(&mut self, context: &mut Ctx, flow: &DeviceFlow) -> Outcome<State> {
+        self.flow = Some(flow.clone());
+        self.last_poll_at = None;
+        self.clear_errors();
+        context.record(Cause::ConnectRequested, None);
+        Transition(State::pending(PendingKind::Flow))
+    }
+
+    fn supply(&mut self, context: &mut Ctx, credentials: &Credentials) -> Outcome<State> {
+        self.credentials = Some(credentials.clone());
+        self.clear_errors();
+        context.step.effects.push(Effect::Validate);
+        context.record(Cause::CredentialsSupplied, None);
+        Transition(State::pending(PendingKind::Validating))
+    }
+
+    fn confirm(&mut self, context: &Ctx, account: Option<&Account>) {
+        if let Some(account) = account {
+            self.account = Some(account.clone());
+        }
+        self.validated_at = Some(context.now);
+        self.clear_errors();
+    }
+
+    fn end_flow(&mut self) {
+        self.flow = None;
+        self.last_poll_at = None;
+    }
+
+    fn clear_errors(&mut self) {
+        self.last_error = None;
+        self.failures = 0;
+        self.next_attempt_at = None;
+    }
+
+    pub fn refresh_token(&self) -> Option<&Secret> {
+        self.credentials.as_ref()?.refresh_token.as_ref()
+    }
+}
+
+/// One connection's machine: the statig machine plus the persistence and query helpers the
+/// runner needs. Cloning is cheap enough to keep a copy until a step is committed.
+#[derive(Clone)]
+pub struct Machine {
+    sm: InitializedStateMachine<Connection>,
+}
+
+impl fmt::Debug for Machine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Machine").field("state", self.sm.state()).field("connection", self.connection()).finish()
+    }
+}
+
+impl Machine {
+    /// A connection seen for the first time: disconnected.
+    pub fn new(key: ConnKey, now: DateTime<Utc>) -> Self {
+        let mut ctx = Ctx::new(now, Policy::default(), 0.0);
+        let sm = Connection::new(key, now).uninitialized_state_machine().init_with_context(&mut ctx);
+        Self { sm }
+    }
+
+    /// Rebuild a machine from its stored row and flow.
+    pub fn restore(row: &[u8], flow: Option<DeviceFlow>) -> Result<Self, serde_json::Error> {
+        let mut sm: UninitializedStateMachine<Connection> = serde_json::from_slice(row)?;
+        sm.inner_mut().flow = flow;
+        let now = sm.inner().since;
+        let sm = sm.init_with_context(&mut Ctx::new(now, Policy::default(), 0.0));
+        Ok(Self { sm })
+    }
+
+    /// The stored row (everything but the flow, which goes to its own table).
+    pub fn to_row(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.sm).expect("a machine always serializes")
+    }
+
+    pub fn connection(&self) -> &Connection {
+        &self.sm
+    }
+
+    pub fn key(&self) -> &ConnKey {
+        &self.connection().key
+    }
+
+    pub fn state(&self) -> &State {
+        self.sm.state()
+    }
+
+    pub fn state_name(&self) -> StateName {
+        match self.sm.state() {
+            State::Disconnected {} => StateName::Disconnected,
+            State::Pending { .. } => StateName::Pending,
+            State::Connected {} => StateName::Connected,
+            State::Expired { .. } => StateName::Expired,
+        }
+    }
+
+    /// Pending on an interactive flow (as opposed to validating a supplied credential).
+    pub fn pending_flow(&self) -> Option<&DeviceFlow> {
+        match self.sm.state() {
+            State::Pending { kind: PendingKind::Flow } => self.connection().flow.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// Expired after unknown refresh answers: refreshing goes on.
+    pub fn retrying_refresh(&self) -> bool {
+        matches!(self.sm.state(), State::Expired { retry_refresh: true })
+    }
+
+    /// Handle one event at `now`. On a refusal nothing changed.
+    pub fn handle(&mut self, event: &Event, now: DateTime<Utc>, policy: Policy, jitter: f64) -> Step {
+        let from = self.state_name();
+        let mut ctx = Ctx::new(now, policy, jitter);
+        self.sm.handle_with_context(event, &mut ctx);
+        let mut step = ctx.step;
+        if let Some((cause, detail)) = ctx.cause {
+            step.transition = Some(Transition { at: now, from, to: self.state_name(), cause, detail });
+        }
+        step
+    }
+}
+
+impl Ctx {
+    fn new(now: DateTime<Utc>, policy: Policy, jitter: f64) -> Self {
+        Self { now, policy, jitter, step: Step::default(), cause: None }
+    }
+}

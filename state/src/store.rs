@@ -1,0 +1,304 @@
+//! The redb store: connections, their history, pending flows, and metadata.
+//!
+//! Every write is a batch ([`Store::commit`]): one write transaction, `Durability::Immediate`,
+//! carrying any number of connections' new states and history rows, so the daemon can group
+//! commits. Nothing is acknowledged before `commit` returns.
+
+use crate::machine::{ConnKey, DeviceFlow, Machine, Transition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+/// `provider/profile` → the machine's JSON row (state and shared data, flow excluded).
+const CONNECTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("connections");
+/// (`provider/profile`, sequence) → a JSON [`Transition`]; append-only, bounded per connection.
+const HISTORY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("history");
+/// `provider/profile` → the pending [`DeviceFlow`], present exactly while a flow is pending.
+const FLOWS: TableDefinition<&str, &[u8]> = TableDefinition::new("flows");
+/// `schema_version`, and `profiles/<provider>`: the highest profile number ever allocated.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// `provider/profile` → a digest of the credential last read from or written to config.json,
+/// so that only a credential the user changed there counts as newly supplied.
+const CONFIG_SEEN: TableDefinition<&str, &[u8]> = TableDefinition::new("config_seen");
+
+/// The schema this build writes. Older files are migrated on open; newer ones are refused.
+pub const SCHEMA_VERSION: u64 = 2;
+/// History rows kept per connection; the oldest are dropped beyond it.
+pub const HISTORY_LIMIT: u64 = 256;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("cannot create the database file {path}: {source}")]
+    File { path: String, source: std::io::Error },
+    #[error("database error: {0}")]
+    Db(#[from] redb::Error),
+    #[error("the database was written by a newer authkeeper (schema {found}, this build knows {supported})")]
+    TooNew { found: u64, supported: u64 },
+    #[error("stored row for {key} is unreadable: {source}")]
+    Corrupt { key: String, source: serde_json::Error },
+}
+
+fn db<E: Into<redb::Error>>(e: E) -> StoreError {
+    StoreError::Db(e.into())
+}
+
+/// One connection's committed change: its new machine and, if the step made one, a history row.
+pub struct Commit {
+    pub machine: Machine,
+    pub transition: Option<Transition>,
+}
+
+/// The store. Cheap to clone; redb serialises writers, readers never block.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+}
+
+impl Store {
+    /// Open (or create, mode 0600) the database at `path` and migrate it.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(|source| StoreError::File { path: path.display().to_string(), source })?;
+        let backend = redb::backends::FileBackend::new(file).map_err(db)?;
+        let db = Database::builder().create_with_backend(backend).map_err(db)?;
+        Self::init(db)
+    }
+
+    /// A store that lives in memory only (tests and benchmarks).
+    pub fn in_memory() -> Result<Self, StoreError> {
+        let db = Database::builder().create_with_backend(redb::backends::InMemoryBackend::new()).map_err(db)?;
+        Self::init(db)
+    }
+
+    fn init(db: Database) -> Result<Self, StoreError> {
+        let store = Self { db: Arc::new(db) };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// The schema version in the file (0 for a new file).
+    pub fn schema_version(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        match txn.open_table(META) {
+            Ok(meta) => Ok(meta.get("schema_version").map_err(db)?.map_or(0, |v| v.value())),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+            Err(e) => Err(db(e)),
+        }
+    }
+
+    fn migrate(&self) -> Result<(), StoreError> {
+        let found = self.schema_version()?;
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::TooNew { found, supported: SCHEMA_VERSION });
+        }
+        if found == SCHEMA_VERSION {
+            return Ok(());
+        }
+        // Each step migrates from the version before it, all in one transaction.
+        let txn = self.db.begin_write().map_err(db)?;
+        if found < 1 {
+            txn.open_table(CONNECTIONS).map_err(db)?;
+            txn.open_table(HISTORY).map_err(db)?;
+            txn.open_table(FLOWS).map_err(db)?;
+        }
+        if found < 2 {
+            txn.open_table(CONFIG_SEEN).map_err(db)?;
+        }
+        txn.open_table(META).map_err(db)?.insert("schema_version", SCHEMA_VERSION).map_err(db)?;
+        txn.commit().map_err(db)?;
+        Ok(())
+    }
+
+    /// Commit a batch of connections' changes in one durable write transaction.
+    pub fn commit(&self, batch: &[Commit]) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write().map_err(db)?;
+        txn.set_durability(Durability::Immediate).map_err(db)?;
+        {
+            let mut conns = txn.open_table(CONNECTIONS).map_err(db)?;
+            let mut flows = txn.open_table(FLOWS).map_err(db)?;
+            let mut history = txn.open_table(HISTORY).map_err(db)?;
+            for c in batch {
+                let key = c.machine.key().to_string();
+                conns.insert(key.as_str(), c.machine.to_row().as_slice()).map_err(db)?;
+                match &c.machine.connection().flow {
+                    Some(flow) => {
+                        let row = serde_json::to_vec(flow).expect("a flow always serializes");
+                        flows.insert(key.as_str(), row.as_slice()).map_err(db)?;
+                    }
+                    None => {
+                        flows.remove(key.as_str()).map_err(db)?;
+                    }
+                }
+                if let Some(t) = &c.transition {
+                    append_history(&mut history, &key, t)?;
+                }
+            }
+        }
+        txn.commit().map_err(db)?;
+        Ok(())
+    }
+
+    /// Every stored connection, with its pending flow.
+    pub fn load_all(&self) -> Result<Vec<Machine>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let conns = txn.open_table(CONNECTIONS).map_err(db)?;
+        let flows = txn.open_table(FLOWS).map_err(db)?;
+        let mut out = Vec::with_capacity(conns.len().map_err(db)? as usize);
+        for row in conns.iter().map_err(db)? {
+            let (key, value) = row.map_err(db)?;
+            let key = key.value();
+            let corrupt = |source| StoreError::Corrupt { key: key.to_owned(), source };
+            let flow = match flows.get(key).map_err(db)? {
+                Some(f) => Some(serde_json::from_slice::<DeviceFlow>(f.value()).map_err(corrupt)?),
+                None => None,
+            };
+            out.push(Machine::restore(value.value(), flow).map_err(corrupt)?);
+        }
+        Ok(out)
+    }
+
+    /// Drop a removed connection's state and flow; its history stays.
+    pub fn forget(&self, key: &ConnKey) -> Result<(), StoreError> {
+        let key = key.to_string();
+        let txn = self.db.begin_write().map_err(db)?;
+        txn.open_table(CONNECTIONS).map_err(db)?.remove(key.as_str()).map_err(db)?;
+        txn.open_table(FLOWS).map_err(db)?.remove(key.as_str()).map_err(db)?;
+        txn.open_table(CONFIG_SEEN).map_err(db)?.remove(key.as_str()).map_err(db)?;
+        txn.commit().map_err(db)?;
+        Ok(())
+    }
+
+    /// The digest of the credential last seen in config.json for `key`.
+    pub fn config_seen(&self, key: &ConnKey) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let table = txn.open_table(CONFIG_SEEN).map_err(db)?;
+        Ok(table.get(key.to_string().as_str()).map_err(db)?.map(|v| v.value().to_vec()))
+    }
+
+    pub fn set_config_seen(&self, key: &ConnKey, digest: &[u8]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db)?;
+        txn.open_table(CONFIG_SEEN).map_err(db)?.insert(key.to_string().as_str(), digest).map_err(db)?;
+        txn.commit().map_err(db)?;
+        Ok(())
+    }
+
+    /// Allocate the next profile number for `provider`: one above both the highest ever
+    /// allocated and `in_use` (the highest the config holds). Never reused.
+    pub fn allocate_profile(&self, provider: &str, in_use: u64) -> Result<u64, StoreError> {
+        let name = format!("profiles/{provider}");
+        let txn = self.db.begin_write().map_err(db)?;
+        let next = {
+            let mut meta = txn.open_table(META).map_err(db)?;
+            let highest = meta.get(name.as_str()).map_err(db)?.map_or(0, |v| v.value());
+            let next = highest.max(in_use) + 1;
+            meta.insert(name.as_str(), next).map_err(db)?;
+            next
+        };
+        txn.commit().map_err(db)?;
+        Ok(next)
+    }
+
+    /// Record that profile numbers up to `in_use` exist (the user added them by hand).
+    pub fn note_profiles(&self, provider: &str, in_use: u64) -> Result<(), StoreError> {
+        let name = format!("profiles/{provider}");
+        let txn = self.db.begin_write().map_err(db)?;
+        {
+            let mut meta = txn.open_table(META).map_err(db)?;
+            let highest = meta.get(name.as_str()).map_err(db)?.map_or(0, |v| v.value());
+            if in_use <= highest {
+                return Ok(());
+            }
+            meta.insert(name.as_str(), in_use).map_err(db)?;
+        }
+        txn.commit().map_err(db)?;
+        Ok(())
+    }
+
+    /// Drop history rows older than `cutoff`, keeping each connection's newest row. Returns
+    /// how many rows went.
+    pub fn compact_history(&self, cutoff: chrono::DateTime<chrono::Utc>) -> Result<u64, StoreError> {
+        let txn = self.db.begin_write().map_err(db)?;
+        let removed = {
+            let mut table = txn.open_table(HISTORY).map_err(db)?;
+            let mut doomed: Vec<(String, u64)> = Vec::new();
+            // Rows come in (connection, sequence) order; a row followed by one of the same
+            // connection is not that connection's newest, and may go if it is old.
+            let mut prev: Option<(String, u64, chrono::DateTime<chrono::Utc>)> = None;
+            for row in table.iter().map_err(db)? {
+                let (k, v) = row.map_err(db)?;
+                let (conn, seq) = k.value();
+                let t: Transition = serde_json::from_slice(v.value())
+                    .map_err(|source| StoreError::Corrupt { key: conn.to_owned(), source })?;
+                if let Some((p_conn, p_seq, p_at)) = prev.take()
+                    && p_conn == conn
+                    && p_at < cutoff
+                {
+                    doomed.push((p_conn, p_seq));
+                }
+                prev = Some((conn.to_owned(), seq, t.at));
+            }
+            for (conn, seq) in &doomed {
+                table.remove((conn.as_str(), *seq)).map_err(db)?;
+            }
+            doomed.len() as u64
+        };
+        txn.commit().map_err(db)?;
+        Ok(removed)
+    }
+
+    /// Read every connection row without decoding it: (rows, bytes). A baseline for benchmarks.
+    pub fn scan_rows(&self) -> Result<(u64, u64), StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let conns = txn.open_table(CONNECTIONS).map_err(db)?;
+        let (mut rows, mut bytes) = (0, 0);
+        for row in conns.iter().map_err(db)? {
+            let (k, v) = row.map_err(db)?;
+            rows += 1;
+            bytes += (k.value().len() + v.value().len()) as u64;
+        }
+        Ok((rows, bytes))
+    }
+
+    /// A connection's history, oldest first.
+    pub fn history(&self, key: &ConnKey) -> Result<Vec<Transition>, StoreError> {
+        let key = key.to_string();
+        let txn = self.db.begin_read().map_err(db)?;
+        let table = txn.open_table(HISTORY).map_err(db)?;
+        let mut out = Vec::new();
+        for row in table.range((key.as_str(), 0)..=(key.as_str(), u64::MAX)).map_err(db)? {
+            let (_, value) = row.map_err(db)?;
+            out.push(
+                serde_json::from_slice(value.value())
+                    .map_err(|source| StoreError::Corrupt { key: key.clone(), source })?,
+            );
+        }
+        Ok(out)
+    }
+}
+
+fn append_history(history: &mut redb::Table<(&str, u64), &[u8]>, key: &str, t: &Transition) -> Result<(), StoreError> {
+    let (first, next) = {
+        let mut range = history.range((key, 0)..=(key, u64::MAX)).map_err(db)?;
+        let first = range.next().transpose().map_err(db)?.map(|(k, _)| k.value().1);
+        let last = range.next_back().transpose().map_err(db)?.map(|(k, _)| k.value().1);
+        (first, last.or(first).map_or(0, |l| l + 1))
+    };
+    let row = serde_json::to_vec(t).expect("a transition always serializes");
+    history.insert((key, next), row.as_slice()).map_err(db)?;
+    if let Some(first) = first {
+        let keep_from = (next + 1).saturating_sub(HISTORY_LIMIT);
+        for seq in first..keep_from {
+            history.remove((key, seq)).map_err(db)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,217 @@
+//! The redb store: batched durable commits, reloads, history, flows, file mode, migrations.
+
+use authkeeper_state::{
+    Commit, ConnKey, Credentials, DeviceFlow, Event, Machine, Policy, Secret, StateName, Store, StoreError,
+};
+use chrono::{TimeDelta, TimeZone, Utc};
+use std::os::unix::fs::PermissionsExt;
+
+fn flow() -> DeviceFlow {
+    let t = Utc.with_ymd_and_hms(2026, 11, 23, 12, 0, 0).unwrap();
+    DeviceFlow {
+        device_code: Secret::new("dev-code"),
+        user_code: "CODE1234".into(),
+        verification_url: "https://trakt.tv/activate".into(),
+        issued_at: t,
+        expires_at: t + TimeDelta::seconds(600),
+        interval_secs: 5,
+    }
+}
+
+fn step(m: &mut Machine, e: Event) -> Commit {
+    let s = m.handle(&e, Utc::now(), Policy::default(), 0.0);
+    Commit { machine: m.clone(), transition: s.transition }
+}
+
+#[test]
+fn a_batch_commits_many_connections_and_reloads_them_with_their_flows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("authkeeper.redb");
+    {
+        let store = Store::open(&path).unwrap();
+        let batch: Vec<Commit> = (0..50)
+            .map(|i| {
+                let mut m = Machine::new(ConnKey::new("trakt", format!("TRAKT-P{i:02}")), Utc::now());
+                step(&mut m, Event::ConnectRequested { flow: flow() })
+            })
+            .collect();
+        store.commit(&batch).unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    let all = store.load_all().unwrap();
+    assert_eq!(all.len(), 50);
+    for m in &all {
+        assert_eq!(m.state_name(), StateName::Pending);
+        assert_eq!(m.pending_flow().unwrap().device_code.expose(), "dev-code");
+        let h = store.history(m.key()).unwrap();
+        assert_eq!(h.len(), 1);
+        assert_eq!(h[0].to, StateName::Pending);
+    }
+}
+
+#[test]
+fn the_flow_row_goes_when_the_flow_ends() {
+    let store = Store::in_memory().unwrap();
+    let mut m = Machine::new(ConnKey::new("trakt", "default"), Utc::now());
+    store.commit(&[step(&mut m, Event::ConnectRequested { flow: flow() })]).unwrap();
+    store.commit(&[step(&mut m, Event::Cancel)]).unwrap();
+    let back = store.load_all().unwrap();
+    assert_eq!(back[0].state_name(), StateName::Disconnected);
+    assert!(back[0].connection().flow.is_none());
+    let causes: Vec<_> = store.history(m.key()).unwrap().iter().map(|t| t.cause).collect();
+    assert_eq!(serde_json::to_string(&causes).unwrap(), r#"["connect_requested","cancelled"]"#);
+}
+
+#[test]
+fn history_is_bounded_and_keeps_the_newest() {
+    let store = Store::in_memory().unwrap();
+    let mut m = Machine::new(ConnKey::new("trakt", "default"), Utc::now());
+    store
+        .commit(&[step(
+            &mut m,
+            Event::CredentialsSupplied {
+                credentials: Credentials {
+                    access_token: Secret::new("a"),
+                    refresh_token: None,
+                    token_type: "bearer".into(),
+                    scope: None,
+                    issued_at: Utc::now(),
+                    expires_at: None,
+                },
+            },
+        )])
+        .unwrap();
+    let account = authkeeper_state::Account { name: "me".into(), id: None };
+    store.commit(&[step(&mut m, Event::Validated { account: account.clone() })]).unwrap();
+    let total = authkeeper_state::store::HISTORY_LIMIT + 40;
+    for _ in 2..total {
+        store.commit(&[step(&mut m, Event::Validated { account: account.clone() })]).unwrap();
+    }
+    let h = store.history(m.key()).unwrap();
+    assert_eq!(h.len() as u64, authkeeper_state::store::HISTORY_LIMIT);
+    assert!(h.windows(2).all(|w| w[0].at <= w[1].at), "oldest first");
+    assert!(h.iter().all(|t| t.to == StateName::Connected), "the oldest rows were dropped");
+}
+
+#[test]
+fn the_database_file_is_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.redb");
+    Store::open(&path).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+}
+
+#[test]
+fn a_new_file_is_migrated_to_the_current_schema_and_a_newer_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.redb");
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.schema_version().unwrap(), authkeeper_state::store::SCHEMA_VERSION);
+    drop(store);
+    // Re-opening an up-to-date file is a no-op.
+    assert_eq!(Store::open(&path).unwrap().schema_version().unwrap(), 2);
+
+    // Simulate a file from a future build.
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        let def: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+        txn.open_table(def).unwrap().insert("schema_version", 99).unwrap();
+        txn.commit().unwrap();
+    }
+    match Store::open(&path) {
+        Err(StoreError::TooNew { found: 99, supported: 2 }) => {}
+        other => panic!("expected TooNew, got {:?}", other.err()),
+    }
+}
+
+#[test]
+fn a_second_open_of_the_same_file_fails_instead_of_corrupting_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.redb");
+    let _first = Store::open(&path).unwrap();
+    assert!(Store::open(&path).is_err());
+}
+
+#[test]
+fn a_version_1_file_is_migrated_and_keeps_its_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.redb");
+    // A file as version 1 wrote it: no config_seen table.
+    let mut m = Machine::new(ConnKey::new("trakt", "default"), Utc::now());
+    m.handle(&Event::ConnectRequested { flow: flow() }, Utc::now(), Policy::default(), 0.0);
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        let conns: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("connections");
+        let flows: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("flows");
+        let history: redb::TableDefinition<(&str, u64), &[u8]> = redb::TableDefinition::new("history");
+        let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+        txn.open_table(conns).unwrap().insert("trakt/default", m.to_row().as_slice()).unwrap();
+        let f = serde_json::to_vec(&flow()).unwrap();
+        txn.open_table(flows).unwrap().insert("trakt/default", f.as_slice()).unwrap();
+        txn.open_table(history).unwrap();
+        txn.open_table(meta).unwrap().insert("schema_version", 1).unwrap();
+        txn.commit().unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.schema_version().unwrap(), 2);
+    let all = store.load_all().unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].state_name(), StateName::Pending);
+    assert_eq!(all[0].pending_flow().unwrap().user_code, "CODE1234");
+    let key = ConnKey::new("trakt", "default");
+    assert_eq!(store.config_seen(&key).unwrap(), None, "the new table exists and is empty");
+    store.set_config_seen(&key, b"digest").unwrap();
+    assert_eq!(store.config_seen(&key).unwrap().as_deref(), Some(&b"digest"[..]));
+}
+
+#[test]
+fn profile_numbers_are_never_reused() {
+    let store = Store::in_memory().unwrap();
+    assert_eq!(store.allocate_profile("trakt", 0).unwrap(), 1);
+    assert_eq!(store.allocate_profile("trakt", 0).unwrap(), 2);
+    // The config holds TRAKT-P07 (added by hand): the next is above it.
+    assert_eq!(store.allocate_profile("trakt", 7).unwrap(), 8);
+    // Removing profiles from the config does not bring numbers back.
+    assert_eq!(store.allocate_profile("trakt", 1).unwrap(), 9);
+    store.note_profiles("simkl", 4).unwrap();
+    assert_eq!(store.allocate_profile("simkl", 0).unwrap(), 5);
+}
+
+#[test]
+fn forgetting_a_connection_keeps_its_history() {
+    let store = Store::in_memory().unwrap();
+    let mut m = Machine::new(ConnKey::new("trakt", "TRAKT-P01"), Utc::now());
+    store.commit(&[step(&mut m, Event::ConnectRequested { flow: flow() })]).unwrap();
+    store.commit(&[step(&mut m, Event::Remove)]).unwrap();
+    store.forget(m.key()).unwrap();
+    assert!(store.load_all().unwrap().is_empty());
+    assert_eq!(store.history(m.key()).unwrap().len(), 2);
+}
+
+#[test]
+fn compacting_history_drops_old_rows_but_keeps_each_connections_newest() {
+    let store = Store::in_memory().unwrap();
+    let t0 = Utc.with_ymd_and_hms(2025, 1, 1, 0, 0, 0).unwrap();
+    let at = |days: i64| t0 + TimeDelta::days(days);
+    let mut a = Machine::new(ConnKey::new("trakt", "A"), t0);
+    let mut b = Machine::new(ConnKey::new("trakt", "B"), t0);
+    let flow_ev = || Event::ConnectRequested { flow: flow() };
+    for (m, day) in [(&mut a, 0), (&mut b, 1)] {
+        let s = m.handle(&flow_ev(), at(day), Policy::default(), 0.0);
+        store.commit(&[Commit { machine: m.clone(), transition: s.transition }]).unwrap();
+        let s = m.handle(&Event::Cancel, at(day + 1), Policy::default(), 0.0);
+        store.commit(&[Commit { machine: m.clone(), transition: s.transition }]).unwrap();
+    }
+    let s = a.handle(&flow_ev(), at(400), Policy::default(), 0.0);
+    store.commit(&[Commit { machine: a.clone(), transition: s.transition }]).unwrap();
+
+    let removed = store.compact_history(at(100)).unwrap();
+    assert_eq!(removed, 3, "A's two old rows and B's older one");
+    assert_eq!(store.history(a.key()).unwrap().len(), 1);
+    let b_rows = store.history(b.key()).unwrap();
+    assert_eq!(b_rows.len(), 1, "B keeps its newest row even though it is old");
+    assert_eq!(b_rows[0].at, at(2));
+}
