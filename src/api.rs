@@ -1,0 +1,209 @@
+//! The control socket's HTTP API (the contract in ARCHITECTURE.md). Handlers read from the
+//! shared view or hand a command to the connection's actor and wait for its reply.
+
+use crate::daemon::{Command, ConfigCommand, Shared};
+use crate::providers;
+use crate::wire::{ApiError, WireEvent};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::json;
+use std::sync::Arc;
+use tokio::sync::oneshot;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+
+type App = State<Arc<Shared>>;
+type Key = Path<(String, String)>;
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/providers", get(list_providers))
+        .route("/v1/providers/{provider}/profiles", post(add_profile))
+        .route("/v1/providers/{provider}/profiles/{profile}", delete(remove_profile))
+        .route("/v1/connections", get(list_connections))
+        .route("/v1/connections/{provider}/{profile}", get(connection))
+        .route("/v1/connections/{provider}/{profile}/connect", post(connect))
+        .route("/v1/connections/{provider}/{profile}/cancel", post(cancel))
+        .route("/v1/connections/{provider}/{profile}/validate", post(validate))
+        .route("/v1/connections/{provider}/{profile}/refresh", post(refresh))
+        .route("/v1/connections/{provider}/{profile}/disconnect", post(disconnect))
+        .route("/v1/connections/{provider}/{profile}/token", get(token))
+        .route("/v1/connections/{provider}/{profile}/history", get(history))
+        .route("/v1/events", get(events))
+        .fallback(|| async { ApiError::not_found() })
+        .with_state(shared)
+}
+
+async fn health(State(shared): App) -> Response {
+    let config = match &shared.config.read().unwrap().error {
+        None => json!({"ok": true}),
+        Some((error, position)) => json!({
+            "ok": false,
+            "error": error,
+            "line": position.map(|p| p.0),
+            "column": position.map(|p| p.1),
+        }),
+    };
+    let paused: serde_json::Map<String, serde_json::Value> =
+        shared.gates.iter().filter_map(|(name, gate)| Some((name.clone(), json!(gate.paused_until()?)))).collect();
+    Json(json!({
+        "ok": true,
+        "version": env!("CARGO_PKG_VERSION"),
+        "config": config,
+        "scheduler": shared.deadlines.stats(),
+        "schedules": *shared.schedules.read().unwrap(),
+        "providers_paused_until": paused,
+    }))
+    .into_response()
+}
+
+async fn list_providers() -> Response {
+    Json(providers::manifests()).into_response()
+}
+
+async fn list_connections(State(shared): App) -> Response {
+    let views: Vec<_> = shared.conns.read().unwrap().values().map(|s| s.entry.view.clone()).collect();
+    Json(views).into_response()
+}
+
+async fn connection(State(shared): App, Path((provider, profile)): Key) -> Result<Response, ApiError> {
+    let view = shared.lookup(&provider, &profile, |s| s.entry.view.clone())?;
+    Ok(Json(view).into_response())
+}
+
+/// Hand `make(reply)` to the connection's actor and wait for its answer.
+async fn ask<T>(
+    shared: &Shared,
+    provider: &str,
+    profile: &str,
+    make: impl FnOnce(oneshot::Sender<Result<T, ApiError>>) -> Command,
+) -> Result<T, ApiError> {
+    shared.ask(&authkeeper_state::ConnKey::new(provider, profile), make).await
+}
+
+/// Hand a request to the config owner and wait for its answer.
+async fn ask_config<T>(
+    shared: &Shared,
+    make: impl FnOnce(oneshot::Sender<Result<T, ApiError>>) -> ConfigCommand,
+) -> Result<T, ApiError> {
+    let (reply, answer) = oneshot::channel();
+    let gone = || ApiError::unavailable("the daemon is shutting down");
+    shared.config_tx.send(make(reply)).await.map_err(|_| gone())?;
+    answer.await.map_err(|_| gone())?
+}
+
+async fn add_profile(State(shared): App, Path(provider): Path<String>) -> Result<Response, ApiError> {
+    let profile = ask_config(&shared, |reply| ConfigCommand::AddProfile { provider, reply }).await?;
+    Ok((StatusCode::CREATED, Json(json!({ "profile": profile }))).into_response())
+}
+
+async fn remove_profile(State(shared): App, Path((provider, profile)): Key) -> Result<Response, ApiError> {
+    let profile = ask_config(&shared, |reply| ConfigCommand::RemoveProfile { provider, profile, reply }).await?;
+    Ok(Json(json!({ "profile": profile, "removed": true })).into_response())
+}
+
+#[derive(Deserialize)]
+struct ConnectBody {
+    flow: Option<String>,
+}
+
+async fn connect(State(shared): App, Path((provider, profile)): Key, body: Bytes) -> Result<Response, ApiError> {
+    let body: ConnectBody = if body.iter().all(u8::is_ascii_whitespace) {
+        ConnectBody { flow: None }
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?
+    };
+    shared.lookup(&provider, &profile, |_| ())?;
+    let manifest = providers::manifests().into_iter().find(|m| m.name == provider).expect("looked up");
+    if let Some(flow) = &body.flow
+        && !manifest.flows.iter().any(|f| f.flow == flow)
+    {
+        let known: Vec<_> = manifest.flows.iter().map(|f| f.flow).collect();
+        return Err(ApiError::bad_request(format!(
+            "{provider} has no flow {flow:?}; it supports: {}",
+            known.join(", ")
+        )));
+    }
+    let reply = ask(&shared, &provider, &profile, Command::Connect).await?;
+    Ok((StatusCode::ACCEPTED, Json(reply)).into_response())
+}
+
+async fn cancel(State(shared): App, Path((provider, profile)): Key) -> Result<Response, ApiError> {
+    Ok(Json(ask(&shared, &provider, &profile, Command::Cancel).await?).into_response())
+}
+
+async fn validate(State(shared): App, Path((provider, profile)): Key) -> Result<Response, ApiError> {
+    Ok(Json(ask(&shared, &provider, &profile, Command::Validate).await?).into_response())
+}
+
+async fn refresh(State(shared): App, Path((provider, profile)): Key) -> Result<Response, ApiError> {
+    Ok(Json(ask(&shared, &provider, &profile, Command::Refresh).await?).into_response())
+}
+
+async fn disconnect(State(shared): App, Path((provider, profile)): Key) -> Result<Response, ApiError> {
+    Ok(Json(ask(&shared, &provider, &profile, Command::Disconnect).await?).into_response())
+}
+
+async fn token(State(shared): App, Path((provider, profile)): Key) -> Result<Response, ApiError> {
+    let entry = shared.lookup(&provider, &profile, |s| s.entry.clone())?;
+    let live = entry.view.state == authkeeper_state::StateName::Connected
+        && entry.view.expires_at.is_none_or(|at| at > shared.clock.now());
+    let credentials = match (&entry.credentials, live) {
+        (Some(c), true) => c,
+        _ => return Err(ApiError::not_connected(&entry.view)),
+    };
+    let mut body = entry.extras.clone();
+    body.insert("access_token".into(), credentials.access_token.expose().into());
+    body.insert("token_type".into(), credentials.token_type.clone().into());
+    body.insert("expires_at".into(), json!(credentials.expires_at));
+    body.insert("scope".into(), json!(credentials.scope));
+    body.insert("account".into(), json!(entry.view.account));
+    Ok(Json(body).into_response())
+}
+
+/// History outlives its connection: a profile removed from the config still answers here.
+async fn history(State(shared): App, Path((provider, profile)): Key) -> Result<Response, ApiError> {
+    let known = shared.lookup(&provider, &profile, |_| ());
+    let store = shared.store.clone();
+    let key = authkeeper_state::ConnKey::new(&provider, &profile);
+    let rows = tokio::task::spawn_blocking(move || store.history(&key))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    match known {
+        Err(e) if rows.is_empty() => Err(e),
+        _ => Ok(Json(rows).into_response()),
+    }
+}
+
+async fn events(State(shared): App) -> Response {
+    let mut stop = shared.shutdown.clone();
+    let clock = shared.clock.clone();
+    let lines = BroadcastStream::new(shared.events.subscribe())
+        .map(move |item| {
+            let event = match item {
+                Ok(event) => event,
+                Err(BroadcastStreamRecvError::Lagged(n)) => WireEvent::Warning {
+                    message: format!("this reader fell behind and missed {n} events"),
+                    at: clock.now(),
+                    provider: None,
+                    profile: None,
+                    next_attempt_at: None,
+                },
+            };
+            let mut line = serde_json::to_vec(&event).expect("events serialize");
+            line.push(b'\n');
+            Ok::<_, std::convert::Infallible>(Bytes::from(line))
+        })
+        .take_until(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        });
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(lines)).into_response()
+}

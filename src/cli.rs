@@ -1,0 +1,322 @@
+//! The command line: `authkeeper daemon` runs the daemon; every other subcommand is a client
+//! of its socket.
+
+use crate::client::{self, Client, ClientError, connection_path};
+use crate::config::Paths;
+use crate::wire::{ConnectionView, WireEvent};
+use authkeeper_state::{StateName, Transition};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::Value;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "authkeeper",
+    version,
+    about = "Keeps connections to media services (Trakt, Plex, Jellyfin, …) alive and honest",
+    long_about = "authkeeper runs as a daemon (`authkeeper daemon`) that owns every provider login: it \
+                  runs connect flows, refreshes tokens ahead of expiry, validates them, and hands live \
+                  tokens to any consumer over a local socket. Every other subcommand talks to that socket.",
+    after_help = "Try `authkeeper demo` for an offline walk-through against a bundled Trakt emulator.\n\
+                  Exit status: 0 on success, 1 when the daemon refuses or is unreachable, 2 on bad usage."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Args, Debug)]
+pub struct Global {
+    /// config.json in the CrossWatch layout [default: $XDG_CONFIG_HOME/authkeeper/config.json]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Where the database lives [default: $XDG_STATE_HOME/authkeeper]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// The control socket [default: the config's authkeeper.socket, else
+    /// $XDG_RUNTIME_DIR/authkeeper/authkeeper.sock, else STATE_DIR/authkeeper.sock]
+    #[arg(long, global = true, env = "AUTHKEEPER_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Print JSON for scripts instead of text
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+impl Global {
+    pub fn paths(&self) -> Paths {
+        Paths::resolve(self.config.clone(), self.state_dir.clone(), self.socket.clone())
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Target {
+    /// Provider name, e.g. trakt (see `authkeeper providers`)
+    pub provider: String,
+    /// Profile id, e.g. TRAKT-P01
+    #[arg(long, default_value = "default")]
+    pub profile: String,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Run the daemon in the foreground (logs to stderr; stop with Ctrl-C or SIGTERM)
+    Daemon {
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
+    },
+    /// Offline demo: a daemon and a Trakt emulator in a temporary directory, a real device
+    /// connect that the emulator approves, and a token that refreshes by itself
+    Demo,
+    /// Show connections, their states and what is due next
+    Status {
+        /// Only this provider
+        provider: Option<String>,
+        /// Only this profile
+        #[arg(long)]
+        profile: Option<String>,
+    },
+    /// Connect: prints the code and the URL, then waits for approval with a live countdown
+    Connect {
+        #[command(flatten)]
+        target: Target,
+        /// The flow to use (see `authkeeper providers`); the provider's default otherwise
+        #[arg(long)]
+        flow: Option<String>,
+        /// Print what to do and return without waiting for the outcome
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Cancel a pending connect
+    Cancel(Target),
+    /// Print the live access token, bare, for `$(authkeeper token trakt)`
+    Token(Target),
+    /// Disconnect and revoke upstream where the provider allows
+    Disconnect(Target),
+    /// Refresh the token now and show the outcome
+    Refresh(Target),
+    /// Validate the credential with the provider now and show the outcome
+    Validate(Target),
+    /// Show a connection's transitions, oldest first
+    History(Target),
+    /// Follow the daemon's events, one per line
+    Events,
+    /// List the providers this build supports and their flows
+    Providers,
+    /// Add or remove profiles (written to the config file)
+    #[command(subcommand)]
+    Profiles(ProfilesCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ProfilesCmd {
+    /// Allocate the next PROVIDER-P## profile and add it to the config file
+    Add {
+        /// Provider name, e.g. trakt
+        provider: String,
+    },
+    /// Remove a profile from the config file (its connection is disconnected; history is kept)
+    Remove {
+        /// Provider name, e.g. trakt
+        provider: String,
+        /// Profile id, e.g. TRAKT-P02
+        profile: String,
+    },
+}
+
+/// Run a client subcommand; returns the process exit status.
+pub async fn run_client(global: &Global, command: Cmd) -> i32 {
+    let paths = global.paths();
+    let client = Client::new(&paths.socket);
+    match client_command(&client, global.json, command).await {
+        Ok(code) => code,
+        Err(e) => {
+            if global.json
+                && let ClientError::Api { body, .. } = &e
+            {
+                println!("{body}");
+            }
+            eprintln!("authkeeper: {e}");
+            1
+        }
+    }
+}
+
+fn print_json(v: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
+}
+
+async fn client_command(client: &Client, json: bool, command: Cmd) -> Result<i32, ClientError> {
+    match command {
+        Cmd::Daemon { .. } | Cmd::Demo => unreachable!("not client commands"),
+        Cmd::Status { provider, profile } => {
+            let all: Vec<ConnectionView> = client.get("/v1/connections").await?;
+            let shown: Vec<_> = all
+                .into_iter()
+                .filter(|c| provider.as_ref().is_none_or(|p| &c.provider == p))
+                .filter(|c| profile.as_ref().is_none_or(|p| &c.profile == p))
+                .collect();
+            if json {
+                print_json(&shown);
+            } else {
+                print_status(&shown);
+            }
+            Ok(0)
+        }
+        Cmd::Connect { target, flow, no_wait } => {
+            let path = connection_path(&target.provider, &target.profile);
+            if no_wait {
+                let body = flow.map(|f| serde_json::json!({ "flow": f }));
+                let reply: Value = client.post(&format!("{path}/connect"), body).await?;
+                if json {
+                    print_json(&reply);
+                } else {
+                    println!("open {} and enter {}", reply["verification_url"], reply["user_code"]);
+                }
+                return Ok(0);
+            }
+            let view =
+                client::connect_and_wait(client, &target.provider, &target.profile, flow.as_deref(), json, |r| {
+                    if json {
+                        println!("{}", serde_json::to_string(r).expect("serializable"));
+                    }
+                })
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string(&view).expect("serializable"));
+            } else if view.state == StateName::Connected {
+                println!("connected as {}", view.account.as_deref().unwrap_or("(unknown account)"));
+            } else {
+                println!("not connected: {}", view.state.as_str());
+            }
+            Ok(if view.state == StateName::Connected { 0 } else { 1 })
+        }
+        Cmd::Token(t) => {
+            let token: Value = client.get(&format!("{}/token", connection_path(&t.provider, &t.profile))).await?;
+            if json {
+                print_json(&token);
+            } else {
+                println!("{}", token["access_token"].as_str().unwrap_or_default());
+            }
+            Ok(0)
+        }
+        Cmd::Cancel(t) => act(client, json, &t, "cancel").await,
+        Cmd::Disconnect(t) => act(client, json, &t, "disconnect").await,
+        Cmd::Refresh(t) => act(client, json, &t, "refresh").await,
+        Cmd::Validate(t) => act(client, json, &t, "validate").await,
+        Cmd::History(t) => {
+            let rows: Vec<Transition> =
+                client.get(&format!("{}/history", connection_path(&t.provider, &t.profile))).await?;
+            if json {
+                print_json(&rows);
+            } else {
+                for r in rows {
+                    let cause = serde_json::to_value(r.cause).unwrap_or_default();
+                    let detail = r.detail.map(|d| format!("  {d}")).unwrap_or_default();
+                    println!(
+                        "{}  {:<12} → {:<12} {}{detail}",
+                        r.at.format("%Y-%m-%d %H:%M:%S"),
+                        r.from.as_str(),
+                        r.to.as_str(),
+                        cause.as_str().unwrap_or_default()
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Events => {
+            let mut events = client.events().await?;
+            while let Some(line) = events.next_line().await {
+                let line = line?;
+                if json {
+                    println!("{line}");
+                } else if let Ok(event) = serde_json::from_str::<WireEvent>(&line) {
+                    println!("{}", client::describe(&event));
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Profiles(ProfilesCmd::Add { provider }) => {
+            let answer: Value = client.post(&format!("/v1/providers/{provider}/profiles"), None).await?;
+            if json {
+                print_json(&answer);
+            } else {
+                println!("{}", answer["profile"].as_str().unwrap_or_default());
+            }
+            Ok(0)
+        }
+        Cmd::Profiles(ProfilesCmd::Remove { provider, profile }) => {
+            let answer: Value = client.delete(&format!("/v1/providers/{provider}/profiles/{profile}")).await?;
+            if json {
+                print_json(&answer);
+            } else {
+                println!("removed {provider}/{profile}");
+            }
+            Ok(0)
+        }
+        Cmd::Providers => {
+            let providers: Value = client.get("/v1/providers").await?;
+            if json {
+                print_json(&providers);
+            } else {
+                for p in providers.as_array().into_iter().flatten() {
+                    let flows: Vec<_> =
+                        p["flows"].as_array().into_iter().flatten().filter_map(|f| f["flow"].as_str()).collect();
+                    println!(
+                        "{:<10} {:<10} flows: {}",
+                        p["name"].as_str().unwrap_or(""),
+                        p["label"].as_str().unwrap_or(""),
+                        flows.join(", ")
+                    );
+                }
+            }
+            Ok(0)
+        }
+    }
+}
+
+async fn act(client: &Client, json: bool, t: &Target, action: &str) -> Result<i32, ClientError> {
+    let view: ConnectionView =
+        client.post(&format!("{}/{action}", connection_path(&t.provider, &t.profile)), None).await?;
+    if json {
+        print_json(&view);
+    } else {
+        print_status(std::slice::from_ref(&view));
+    }
+    Ok(0)
+}
+
+fn print_status(views: &[ConnectionView]) {
+    if views.is_empty() {
+        println!("no connections: add a provider block to config.json, or see `authkeeper providers`");
+        return;
+    }
+    println!("{:<24} {:<13} {:<16} {:<22} NOTE", "CONNECTION", "STATE", "ACCOUNT", "EXPIRES");
+    for v in views {
+        let name = format!("{}/{}", v.provider, v.profile);
+        let expires = v.expires_at.map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string()).unwrap_or_else(|| "-".into());
+        let note = match (&v.pending, &v.last_error) {
+            (Some(p), _) => format!("enter {} at {}", p.user_code, p.verification_url),
+            (None, Some(e)) => {
+                let next =
+                    v.next_attempt_at.map(|t| format!("; retry at {}", t.format("%H:%M:%S"))).unwrap_or_default();
+                format!("{e}{next}")
+            }
+            (None, None) => String::new(),
+        };
+        println!(
+            "{:<24} {:<13} {:<16} {:<22} {note}",
+            name,
+            v.state.as_str(),
+            v.account.as_deref().unwrap_or("-"),
+            expires
+        );
+    }
+}

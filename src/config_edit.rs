@@ -1,0 +1,178 @@
+//! Edits to config.json that touch only the edited block: every other byte of the file
+//! (unknown sections, formatting, key order) stays as the user wrote it. Writes are atomic
+//! (temp file, fsync, rename) and keep the file's mode.
+
+use authkeeper_state::{ConnKey, Credentials};
+use jsonc_parser::ParseOptions;
+use jsonc_parser::cst::{CstObject, CstRootNode};
+use jsonc_parser::json;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EditError {
+    #[error("config.json does not parse: {0}")]
+    Parse(String),
+    #[error("{0} in config.json is not an object")]
+    NotAnObject(String),
+    #[error("{0} has no profile {1} in config.json")]
+    NoSuchProfile(String, String),
+    #[error("refusing to write tokens into {0}: group or others can read it (mode {1:o}); run `chmod 600` on it first")]
+    Readable(String, u32),
+    #[error("cannot write {0}: {1}")]
+    Io(String, std::io::Error),
+}
+
+fn parse(text: &str) -> Result<CstRootNode, EditError> {
+    let text = if text.trim().is_empty() { "{}\n" } else { text };
+    CstRootNode::parse(text, &ParseOptions::default()).map_err(|e| EditError::Parse(e.to_string()))
+}
+
+fn object(parent: &CstObject, name: &str, path: &str) -> Result<CstObject, EditError> {
+    parent.object_value_or_create(name).ok_or_else(|| EditError::NotAnObject(path.to_owned()))
+}
+
+/// Add `"instances": {"<id>": {}}` under `provider`'s block.
+pub fn add_profile(text: &str, provider: &str, id: &str) -> Result<String, EditError> {
+    let root = parse(text)?;
+    let block = object(&root.object_value_or_set(), provider, provider)?;
+    let instances = object(&block, "instances", &format!("{provider}.instances"))?;
+    instances.append(id, json!({}));
+    Ok(root.to_string())
+}
+
+/// Remove `provider.instances.<id>`.
+pub fn remove_profile(text: &str, provider: &str, id: &str) -> Result<String, EditError> {
+    let root = parse(text)?;
+    let prop = root
+        .object_value()
+        .and_then(|o| o.object_value(provider))
+        .and_then(|b| b.object_value("instances"))
+        .and_then(|i| i.get(id))
+        .ok_or_else(|| EditError::NoSuchProfile(provider.to_owned(), id.to_owned()))?;
+    prop.remove();
+    Ok(root.to_string())
+}
+
+/// Write the keys CrossWatch reads for this connection's credential into its block (the base
+/// block for `default`, else its instance); `None` removes them.
+pub fn write_credentials(text: &str, key: &ConnKey, credentials: Option<&Credentials>) -> Result<String, EditError> {
+    let root = parse(text)?;
+    let mut block = object(&root.object_value_or_set(), &key.provider, &key.provider)?;
+    if key.profile != "default" {
+        let instances = object(&block, "instances", &format!("{}.instances", key.provider))?;
+        block = object(&instances, &key.profile, &format!("{}.instances.{}", key.provider, key.profile))?;
+    }
+    let set = |name: &str, value: Option<jsonc_parser::cst::CstInputValue>| match (block.get(name), value) {
+        (Some(prop), Some(v)) => prop.set_value(v),
+        (None, Some(v)) => {
+            block.append(name, v);
+        }
+        (Some(prop), None) => prop.remove(),
+        (None, None) => {}
+    };
+    let c = credentials;
+    set("access_token", c.map(|c| c.access_token.expose().into()));
+    set("refresh_token", c.and_then(|c| c.refresh_token.as_ref()).map(|t| t.expose().into()));
+    set("token_type", c.map(|c| c.token_type.clone().into()));
+    set("scope", c.and_then(|c| c.scope.clone()).map(Into::into));
+    set("expires_at", c.and_then(|c| c.expires_at).map(|t| t.timestamp().into()));
+    Ok(root.to_string())
+}
+
+/// Replace `path` with `text` atomically. An existing file keeps its mode; a new one is 0600.
+/// With `secret`, refuse when group or others could read the result.
+pub fn write_atomically(path: &Path, text: &str, secret: bool) -> Result<(), EditError> {
+    let shown = path.display().to_string();
+    let io = |e| EditError::Io(shown.clone(), e);
+    let mode = match std::fs::metadata(path) {
+        Ok(m) => m.permissions().mode() & 0o7777,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0o600,
+        Err(e) => return Err(io(e)),
+    };
+    if secret && mode & 0o077 != 0 {
+        return Err(EditError::Readable(shown, mode));
+    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new().prefix(".authkeeper-").tempfile_in(dir).map_err(io)?;
+    tmp.as_file().set_permissions(std::fs::Permissions::from_mode(mode)).map_err(io)?;
+    tmp.write_all(text.as_bytes()).map_err(io)?;
+    tmp.as_file().sync_all().map_err(io)?;
+    tmp.persist(path).map_err(|e| io(e.error))?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use authkeeper_state::Secret;
+    use chrono::{TimeZone, Utc};
+
+    const FILE: &str = r#"{
+  "pairs": [ {"source": "plex", "target": "trakt", "mode": "two-way"} ],
+  "trakt": {
+    "client_id": "cid",
+    "client_secret": "sec"
+  },
+  "sync": {"interval": 3600}
+}
+"#;
+
+    #[test]
+    fn adding_profiles_touches_only_the_providers_block() {
+        let once = add_profile(FILE, "trakt", "TRAKT-P01").unwrap();
+        let twice = add_profile(&once, "trakt", "TRAKT-P02").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&twice).unwrap();
+        assert!(v["trakt"]["instances"]["TRAKT-P01"].is_object());
+        assert!(v["trakt"]["instances"]["TRAKT-P02"].is_object());
+        assert_eq!(v["trakt"]["client_id"], "cid");
+        // Everything before the trakt block's end and after it is byte-for-byte the same.
+        let head = &FILE[..FILE.find("\"client_secret\": \"sec\"").unwrap()];
+        let tail = &FILE[FILE.find("  \"sync\"").unwrap()..];
+        assert!(twice.starts_with(head), "{twice}");
+        assert!(twice.ends_with(tail), "{twice}");
+        let back = remove_profile(&twice, "trakt", "TRAKT-P01").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&back).unwrap();
+        assert!(v["trakt"]["instances"].get("TRAKT-P01").is_none());
+        assert!(matches!(remove_profile(&back, "trakt", "TRAKT-P09"), Err(EditError::NoSuchProfile(..))));
+    }
+
+    #[test]
+    fn credentials_are_written_where_crosswatch_reads_them_and_removed_on_disconnect() {
+        let creds = Credentials {
+            access_token: Secret::new("at-1"),
+            refresh_token: Some(Secret::new("rt-1")),
+            token_type: "bearer".into(),
+            scope: Some("public".into()),
+            issued_at: Utc::now(),
+            expires_at: Some(Utc.timestamp_opt(1_900_000_000, 0).unwrap()),
+        };
+        let key = ConnKey::new("trakt", "TRAKT-P01");
+        let text = write_credentials(&add_profile(FILE, "trakt", "TRAKT-P01").unwrap(), &key, Some(&creds)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let block = &v["trakt"]["instances"]["TRAKT-P01"];
+        assert_eq!(block["access_token"], "at-1");
+        assert_eq!(block["refresh_token"], "rt-1");
+        assert_eq!(block["expires_at"], 1_900_000_000);
+        assert!(v["trakt"].get("access_token").is_none(), "the base block is untouched");
+        let cleared = write_credentials(&text, &key, None).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&cleared).unwrap();
+        assert!(v["trakt"]["instances"]["TRAKT-P01"].get("access_token").is_none());
+        assert!(text.contains("\"sync\": {\"interval\": 3600}"));
+    }
+
+    #[test]
+    fn atomic_writes_keep_the_mode_and_refuse_readable_files_for_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        write_atomically(&path, "{}\n", true).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600, "new files are 0600");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(matches!(write_atomically(&path, "{\"x\":1}\n", true), Err(EditError::Readable(_, 0o640))));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{}\n", "nothing was written");
+        write_atomically(&path, "{\"x\":1}\n", false).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o640, "the mode is kept");
+    }
+}

@@ -1,0 +1,57 @@
+//! Group commit: one thread owns the write side of the store. Every transition waiting when it
+//! wakes goes into one durable redb transaction; each sender hears back only after that
+//! transaction has committed.
+
+use authkeeper_state::{Commit, Store};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use tokio::sync::oneshot;
+
+/// Most transitions in one transaction.
+const MAX_BATCH: usize = 4096;
+
+struct Job {
+    commit: Commit,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+#[derive(Clone)]
+pub struct Committer {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Committer {
+    /// Start the commit thread. It ends when every `Committer` clone is dropped, after
+    /// committing what was queued.
+    pub fn spawn(store: Store) -> (Self, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let thread = std::thread::Builder::new()
+            .name("authkeeper-commit".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut jobs = vec![first];
+                    while jobs.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(job) => jobs.push(job),
+                            Err(_) => break,
+                        }
+                    }
+                    let (commits, waiters): (Vec<Commit>, Vec<_>) =
+                        jobs.into_iter().map(|j| (j.commit, j.done)).unzip();
+                    let result = store.commit(&commits).map_err(|e| e.to_string());
+                    for done in waiters {
+                        let _ = done.send(result.clone());
+                    }
+                }
+            })
+            .expect("the commit thread starts");
+        (Self { tx }, thread)
+    }
+
+    /// Commit durably; returns once the transaction holding it has committed.
+    pub async fn commit(&self, commit: Commit) -> Result<(), String> {
+        let (done, wait) = oneshot::channel();
+        self.tx.send(Job { commit, done }).map_err(|_| "the store is closed".to_owned())?;
+        wait.await.map_err(|_| "the store is closed".to_owned())?
+    }
+}

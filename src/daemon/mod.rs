@@ -1,0 +1,282 @@
+//! The daemon: loads config and store, starts one actor per connection, keeps the config file
+//! in step (watching it, editing it), serves the control socket, and shuts down in order
+//! (socket, config owner, actors, then the commit thread).
+
+mod actor;
+mod committer;
+mod config_owner;
+mod deadlines;
+mod schedules;
+
+pub use actor::Command;
+pub use committer::Committer;
+pub use config_owner::ConfigCommand;
+pub use deadlines::{Deadlines, Stats as SchedulerStats};
+
+use crate::api;
+use crate::clock::Clock;
+use crate::config::Paths;
+use crate::limits::{Gate, Limits, RefreshPlanner};
+
+/// The share of a provider's global rate that refreshes plan on; the rest is headroom for
+/// validations, polls and user commands.
+pub const REFRESH_SHARE: f64 = 0.8;
+use crate::providers::{self, Adapter, Provider};
+use crate::socket::ControlSocket;
+use crate::wire::{ApiError, ConnectionView, WireEvent};
+use actor::Actor;
+use anyhow::Context;
+use authkeeper_state::{ConnKey, Credentials, Machine, Policy, Store, Transition};
+use chrono::{DateTime, Utc};
+use config_owner::ConfigOwner;
+use std::collections::BTreeMap;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+/// What a read (`status`, `token`) needs, updated after each commit.
+#[derive(Clone)]
+pub struct Entry {
+    pub view: ConnectionView,
+    pub credentials: Option<Credentials>,
+    pub extras: serde_json::Map<String, serde_json::Value>,
+}
+
+pub struct Slot {
+    pub tx: mpsc::Sender<Command>,
+    pub entry: Entry,
+}
+
+/// The last config load's outcome, for `/v1/health`.
+#[derive(Clone, Debug, Default)]
+pub struct ConfigHealth {
+    pub error: Option<(String, Option<(usize, usize)>)>,
+}
+
+/// State shared by the actors, the config owner and the socket handlers.
+pub struct Shared {
+    pub clock: Arc<dyn Clock>,
+    policy: RwLock<Policy>,
+    pub committer: Committer,
+    pub store: Store,
+    pub events: broadcast::Sender<WireEvent>,
+    pub conns: RwLock<BTreeMap<ConnKey, Slot>>,
+    pub config: RwLock<ConfigHealth>,
+    pub config_tx: mpsc::Sender<ConfigCommand>,
+    pub shutdown: watch::Receiver<bool>,
+    /// One gate per provider: its rate limits and any `Retry-After` pause.
+    pub gates: BTreeMap<String, Arc<Gate>>,
+    /// One refresh planner per provider, at the share of its global rate kept for refreshes.
+    pub planners: BTreeMap<String, RefreshPlanner>,
+    pub deadlines: Arc<Deadlines>,
+    /// The cron schedules in force, by name.
+    pub schedules: RwLock<BTreeMap<String, String>>,
+    actors: TaskTracker,
+}
+
+impl Shared {
+    pub fn policy(&self) -> Policy {
+        *self.policy.read().unwrap()
+    }
+
+    pub fn set_policy(&self, policy: Policy) {
+        *self.policy.write().unwrap() = policy;
+    }
+
+    pub fn update_view(&self, key: &ConnKey, machine: &Machine) {
+        if let Some(slot) = self.conns.write().unwrap().get_mut(key) {
+            slot.entry.view = ConnectionView::of(machine, &self.policy());
+            slot.entry.credentials = machine.connection().credentials.clone();
+        }
+    }
+
+    pub fn set_extras(&self, key: &ConnKey, extras: serde_json::Map<String, serde_json::Value>) {
+        if let Some(slot) = self.conns.write().unwrap().get_mut(key) {
+            slot.entry.extras = extras;
+        }
+    }
+
+    pub fn publish_transition(&self, key: &ConnKey, t: &Transition) {
+        let _ = self.events.send(WireEvent::Transition {
+            provider: key.provider.clone(),
+            profile: key.profile.clone(),
+            from: t.from,
+            to: t.to,
+            cause: t.cause,
+            at: t.at,
+            detail: t.detail.clone(),
+        });
+    }
+
+    pub fn publish_warning(&self, key: Option<&ConnKey>, message: String, next_attempt_at: Option<DateTime<Utc>>) {
+        let _ = self.events.send(WireEvent::Warning {
+            message,
+            at: self.clock.now(),
+            provider: key.map(|k| k.provider.clone()),
+            profile: key.map(|k| k.profile.clone()),
+            next_attempt_at,
+        });
+    }
+
+    /// The slot for `provider/profile`, or the fitting 404.
+    pub fn lookup<T>(&self, provider: &str, profile: &str, f: impl FnOnce(&Slot) -> T) -> Result<T, ApiError> {
+        if !providers::manifests().iter().any(|m| m.name == provider) {
+            return Err(ApiError::unknown_provider(provider));
+        }
+        let conns = self.conns.read().unwrap();
+        let slot =
+            conns.get(&ConnKey::new(provider, profile)).ok_or_else(|| ApiError::unknown_profile(provider, profile))?;
+        Ok(f(slot))
+    }
+
+    /// Give `machine` its actor and a slot in the read view.
+    fn spawn_actor(self: &Arc<Self>, machine: Machine, provider: Adapter) {
+        let (tx, inbox) = mpsc::channel(64);
+        let entry = Entry {
+            view: ConnectionView::of(&machine, &self.policy()),
+            credentials: machine.connection().credentials.clone(),
+            extras: provider.token_extras(),
+        };
+        self.conns.write().unwrap().insert(machine.key().clone(), Slot { tx, entry });
+        let actor = Actor::new(machine, provider, self.clone(), inbox);
+        self.actors.spawn(actor.run(self.shutdown.clone()));
+    }
+
+    /// Ask a connection's actor something and wait for the answer.
+    pub async fn ask<T>(
+        &self,
+        key: &ConnKey,
+        make: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, ApiError>>) -> Command,
+    ) -> Result<T, ApiError> {
+        let tx = self.lookup(&key.provider, &key.profile, |s| s.tx.clone())?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let gone = || ApiError::unavailable("the daemon is shutting down");
+        tx.send(make(reply)).await.map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+}
+
+/// How to run a daemon.
+pub struct Options {
+    pub paths: Paths,
+    pub clock: Arc<dyn Clock>,
+    /// A store to use instead of `<state_dir>/authkeeper.redb` (tests and benchmarks).
+    pub store: Option<Store>,
+}
+
+impl Options {
+    pub fn new(paths: Paths, clock: Arc<dyn Clock>) -> Self {
+        Self { paths, clock, store: None }
+    }
+}
+
+/// A started daemon: the socket answers and every connection's actor runs.
+pub struct Running {
+    pub socket: PathBuf,
+    stop: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    owner: tokio::task::JoinHandle<()>,
+    scheduler: tokio::task::JoinHandle<()>,
+    commit_thread: std::thread::JoinHandle<()>,
+    shared: Arc<Shared>,
+}
+
+impl Running {
+    /// Stop in order: the socket stops answering, the config owner and actors finish their
+    /// current step, the commit thread drains, then the socket file is removed.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        let served = self.server.await;
+        let _ = self.owner.await;
+        let _ = self.scheduler.await;
+        self.shared.actors.close();
+        self.shared.actors.wait().await;
+        self.shared.conns.write().unwrap().clear();
+        let Running { commit_thread, shared, .. } = self;
+        drop(shared);
+        tokio::task::spawn_blocking(move || commit_thread.join()).await.ok();
+        info!("authkeeper stopped");
+        served.context("the socket server panicked")?.context("the socket server failed")?;
+        Ok(())
+    }
+}
+
+/// Run until `shutdown` resolves.
+pub async fn run(opts: Options, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    let running = start(opts).await?;
+    shutdown.await;
+    info!("shutting down");
+    running.stop().await
+}
+
+pub async fn start(opts: Options) -> anyhow::Result<Running> {
+    let Options { paths, clock, store } = opts;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&paths.state_dir)
+        .with_context(|| format!("cannot create the state directory {}", paths.state_dir.display()))?;
+
+    let db_path = paths.state_dir.join("authkeeper.redb");
+    let store = match store {
+        Some(store) => store,
+        None => Store::open(&db_path)
+            .with_context(|| format!("cannot open {} (is another authkeeper using it?)", db_path.display()))?,
+    };
+    let stored = store.load_all().context("cannot load connections")?;
+
+    let (committer, commit_thread) = Committer::spawn(store.clone());
+    let (stop, shutdown) = watch::channel(false);
+    let (config_tx, config_rx) = mpsc::channel(256);
+    let shared = Arc::new(Shared {
+        clock: clock.clone(),
+        policy: RwLock::new(Policy::default()),
+        committer,
+        store,
+        events: broadcast::channel(4096).0,
+        conns: RwLock::new(BTreeMap::new()),
+        config: RwLock::new(ConfigHealth::default()),
+        config_tx,
+        shutdown: shutdown.clone(),
+        gates: providers::manifests()
+            .iter()
+            .map(|m| {
+                let gate = Gate::new(clock.clone(), Limits::for_provider(m.name)).with_shutdown(shutdown.clone());
+                (m.name.to_owned(), Arc::new(gate))
+            })
+            .collect(),
+        planners: providers::manifests()
+            .iter()
+            .map(|m| (m.name.to_owned(), RefreshPlanner::new(Limits::for_provider(m.name).per_second * REFRESH_SHARE)))
+            .collect(),
+        deadlines: Arc::new(Deadlines::default()),
+        schedules: RwLock::new(BTreeMap::new()),
+        actors: TaskTracker::new(),
+    });
+    let scheduler = tokio::spawn(shared.deadlines.clone().run(shared.clone(), shutdown.clone()));
+
+    // Bind first, to fail fast when another daemon answers there; serve once connections exist.
+    let socket = ControlSocket::bind(&paths.socket).await?;
+    let owner = ConfigOwner::start(paths.config.clone(), shared.clone(), stored).await;
+    let owner = tokio::spawn(owner.run(config_rx, shutdown.clone()));
+    let socket_path = socket.path().to_owned();
+    let router = api::router(shared.clone());
+    let mut server_stop = shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(socket, router)
+            .with_graceful_shutdown(async move {
+                let _ = server_stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    info!(
+        socket = %socket_path.display(),
+        config = %paths.config.display(),
+        connections = shared.conns.read().unwrap().len(),
+        "authkeeper ready"
+    );
+    Ok(Running { socket: socket_path, stop, server, owner, scheduler, commit_thread, shared })
+}

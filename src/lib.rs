@@ -1,0 +1,24 @@
+//! authkeeper: keeps connections to media services alive and honest.
+//!
+//! - [`daemon`]: start-up, one actor per connection, group commit, ordered shutdown.
+//! - [`api`]: the control socket's HTTP API; [`wire`]: the types it speaks.
+//! - [`socket`]: the private unix listener.
+//! - [`providers`]: protocol adapters (Trakt).
+//! - [`config`]: `config.json` in the CrossWatch layout, and path resolution.
+//! - [`clock`]: the injected clock.
+//! - [`client`]: the CLI's socket client; [`cli`]: the command line; [`demo`]: the offline demo.
+//!
+//! The machine and the store live in the `authkeeper-state` crate.
+
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod clock;
+pub mod config;
+pub mod config_edit;
+pub mod daemon;
+pub mod demo;
+pub mod limits;
+pub mod providers;
+pub mod socket;
+pub mod wire;

@@ -1,0 +1,53 @@
+use authkeeper::cli::{Cli, Cmd, LogFormat};
+use authkeeper::clock::SystemClock;
+use authkeeper::{daemon, demo};
+use clap::Parser;
+use std::sync::Arc;
+use tracing_subscriber::EnvFilter;
+
+fn init_logging(format: LogFormat, default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Cmd::Daemon { log_format } => {
+            init_logging(log_format, "info");
+            let opts = daemon::Options::new(cli.global.paths(), Arc::new(SystemClock));
+            match daemon::run(opts, shutdown_signal()).await {
+                Ok(()) => 0,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    1
+                }
+            }
+        }
+        Cmd::Demo => {
+            init_logging(LogFormat::Text, "warn");
+            match demo::run().await {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("demo failed: {e:#}");
+                    1
+                }
+            }
+        }
+        command => authkeeper::cli::run_client(&cli.global, command).await,
+    };
+    std::process::exit(code);
+}
