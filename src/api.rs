@@ -3,15 +3,17 @@
 
 use crate::daemon::{Command, ConfigCommand, Shared};
 use crate::providers;
-use crate::wire::{ApiError, WireEvent};
+use crate::wire::{ApiError, ConnectionView, WireEvent};
+use authkeeper_state::{Machine, StateName};
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
+use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::sync::Arc;
 use tokio::sync::oneshot;
@@ -58,6 +60,7 @@ async fn health(State(shared): App) -> Response {
         "version": env!("CARGO_PKG_VERSION"),
         "config": config,
         "scheduler": shared.deadlines.stats(),
+        "connections": {"total": shared.conns.read().unwrap().len(), "busy": shared.awake()},
         "schedules": *shared.schedules.read().unwrap(),
         "providers_paused_until": paused,
     }))
@@ -68,19 +71,42 @@ async fn list_providers() -> Response {
     Json(providers::manifests()).into_response()
 }
 
+/// Views written per chunk of the `GET /v1/connections` stream.
+const LIST_CHUNK: usize = 256;
+
+/// Streamed: the list is written a chunk at a time as the client reads it, from a snapshot of
+/// pointers to the committed machines, so a list of 100,000 never sits whole in memory.
 async fn list_connections(State(shared): App) -> Response {
-    let views: Vec<_> = shared.conns.read().unwrap().values().map(|s| s.entry.view.clone()).collect();
-    Json(views).into_response()
+    let machines: Arc<Vec<Arc<Machine>>> =
+        Arc::new(shared.conns.read().unwrap().values().map(|s| s.committed.clone()).collect());
+    let policy = shared.policy();
+    let n = machines.len();
+    let chunks = futures_util::stream::iter((0..n.max(1)).step_by(LIST_CHUNK)).map(move |start| {
+        let end = (start + LIST_CHUNK).min(n);
+        let mut out = Vec::with_capacity((end - start) * 320 + 2);
+        out.push(if start == 0 { b'[' } else { b',' });
+        for (i, machine) in machines[start..end].iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            serde_json::to_writer(&mut out, &ConnectionView::of(machine, &policy))?;
+        }
+        if end == n {
+            out.push(b']');
+        }
+        Ok::<_, serde_json::Error>(Bytes::from(out))
+    });
+    ([(header::CONTENT_TYPE, "application/json")], Body::from_stream(chunks)).into_response()
 }
 
 async fn connection(State(shared): App, Path((provider, profile)): Key) -> Result<Response, ApiError> {
-    let view = shared.lookup(&provider, &profile, |s| s.entry.view.clone())?;
+    let view = shared.lookup(&provider, &profile, |s| s.view(&shared.policy()))?;
     Ok(Json(view).into_response())
 }
 
 /// Hand `make(reply)` to the connection's actor and wait for its answer.
 async fn ask<T>(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     provider: &str,
     profile: &str,
     make: impl FnOnce(oneshot::Sender<Result<T, ApiError>>) -> Command,
@@ -151,21 +177,44 @@ async fn disconnect(State(shared): App, Path((provider, profile)): Key) -> Resul
     Ok(Json(ask(&shared, &provider, &profile, Command::Disconnect).await?).into_response())
 }
 
+/// The answer to a token lookup: the provider's extra fields beside the credential.
+#[derive(Serialize)]
+struct TokenAnswer<'a> {
+    #[serde(flatten)]
+    extras: &'a serde_json::Map<String, serde_json::Value>,
+    access_token: &'a str,
+    token_type: &'a str,
+    expires_at: Option<DateTime<Utc>>,
+    scope: Option<&'a str>,
+    account: Option<&'a str>,
+}
+
+/// The hot path of every consumer: written straight from the committed machine under the read
+/// lock, with nothing cloned.
 async fn token(State(shared): App, Path((provider, profile)): Key) -> Result<Response, ApiError> {
-    let entry = shared.lookup(&provider, &profile, |s| s.entry.clone())?;
-    let live = entry.view.state == authkeeper_state::StateName::Connected
-        && entry.view.expires_at.is_none_or(|at| at > shared.clock.now());
-    let credentials = match (&entry.credentials, live) {
-        (Some(c), true) => c,
-        _ => return Err(ApiError::not_connected(&entry.view)),
-    };
-    let mut body = entry.extras.clone();
-    body.insert("access_token".into(), credentials.access_token.expose().into());
-    body.insert("token_type".into(), credentials.token_type.clone().into());
-    body.insert("expires_at".into(), json!(credentials.expires_at));
-    body.insert("scope".into(), json!(credentials.scope));
-    body.insert("account".into(), json!(entry.view.account));
-    Ok(Json(body).into_response())
+    let now = shared.clock.now();
+    let answer = shared.lookup(&provider, &profile, |s| {
+        let c = s.committed.connection();
+        let live = s.committed.state_name() == StateName::Connected;
+        match c.credentials.as_ref().filter(|c| live && c.expires_at.is_none_or(|at| at > now)) {
+            Some(credentials) => Ok(serde_json::to_vec(&TokenAnswer {
+                extras: &s.extras,
+                access_token: credentials.access_token.expose(),
+                token_type: &credentials.token_type,
+                expires_at: credentials.expires_at,
+                scope: credentials.scope.as_deref(),
+                account: c.account.as_ref().map(|a| a.name.as_str()),
+            })),
+            None => Err(s.committed.clone()),
+        }
+    })?;
+    match answer {
+        Ok(body) => {
+            Ok(([(header::CONTENT_TYPE, "application/json")], body.map_err(|e| ApiError::internal(e.to_string()))?)
+                .into_response())
+        }
+        Err(machine) => Err(ApiError::not_connected(&ConnectionView::of(&machine, &shared.policy()))),
+    }
 }
 
 /// History outlives its connection: a profile removed from the config still answers here.

@@ -9,6 +9,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Provider blocks of the CrossWatch layout. Only these may be named under `"authkeeper"`.
@@ -247,7 +248,9 @@ impl ProfileSettings {
 pub struct Config {
     pub settings: Settings,
     /// Every profile of every provider this build connects.
-    pub profiles: BTreeMap<ConnKey, ProfileSettings>,
+    /// Equal settings are shared: a hundred thousand profiles that inherit one app from the
+    /// base block hold one copy of it.
+    pub profiles: BTreeMap<ConnKey, Arc<ProfileSettings>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -320,18 +323,20 @@ impl Config {
         }
         let mut profiles = BTreeMap::new();
         let trakt = layout.trakt.unwrap_or_default();
-        profiles.insert(
-            ConnKey::new("trakt", "default"),
-            ProfileSettings::Trakt(trakt.merged_with(&TraktBlock::default())),
-        );
+        let mut last = Arc::new(ProfileSettings::Trakt(trakt.merged_with(&TraktBlock::default())));
+        profiles.insert(ConnKey::new("trakt", "default"), last.clone());
         for (id, own) in &trakt.instances {
-            profiles.insert(ConnKey::new("trakt", id), ProfileSettings::Trakt(trakt.merged_with(own)));
+            let settings = ProfileSettings::Trakt(trakt.merged_with(own));
+            if *last != settings {
+                last = Arc::new(settings);
+            }
+            profiles.insert(ConnKey::new("trakt", id), last.clone());
         }
         Ok(Self { settings: layout.authkeeper, profiles })
     }
 
     pub fn trakt(&self, key: &ConnKey) -> Option<&TraktBlock> {
-        match self.profiles.get(key)? {
+        match &**self.profiles.get(key)? {
             ProfileSettings::Trakt(block) => Some(block),
         }
     }

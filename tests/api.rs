@@ -143,3 +143,39 @@ async fn a_peer_with_another_uid_is_refused_even_when_file_modes_would_let_it_in
     daemon.stop().await;
     assert!(h.log().contains("refused a control-socket peer with another uid"));
 }
+
+/// An idle connection has no task; each command starts one, which ends when its inbox is
+/// empty. Commands that race with a task going to sleep are never lost: a burst of them, many
+/// arriving just as the previous task ends, each gets its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_in_a_burst_is_answered_while_tasks_come_and_go() {
+    let h = Harness::new(fast_trakt(), json!({})).await;
+    let daemon = h.start_daemon().await;
+    connect_approved(&h).await;
+    authkeeper::providers::install_crypto();
+    let http = reqwest::Client::builder().unix_socket(h.socket()).build().unwrap();
+    let mut burst = tokio::task::JoinSet::new();
+    for i in 0..400 {
+        let http = http.clone();
+        burst.spawn(async move {
+            if i % 50 == 0 {
+                tokio::task::yield_now().await;
+            }
+            // Connected: cancel is refused by the connection's owner, with no provider call.
+            let resp = http.post("http://localhost/v1/connections/trakt/default/cancel").send().await.unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+        });
+    }
+    let mut answers = 0;
+    while let Some(answer) = burst.join_next().await {
+        let (status, body) = answer.unwrap();
+        assert_eq!((status, body["error"].as_str()), (409, Some("conflict")), "{body}");
+        answers += 1;
+    }
+    assert_eq!(answers, 400);
+    let view: Value = h.client().get("/v1/connections/trakt/default").await.unwrap();
+    assert_eq!(view["state"], "connected");
+    let history: Vec<Value> = h.client().get("/v1/connections/trakt/default/history").await.unwrap();
+    assert_eq!(history.len(), 2, "refused commands leave no trace: {history:?}");
+    daemon.stop().await;
+}

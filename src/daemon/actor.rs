@@ -1,9 +1,10 @@
-//! One task per connection: the connection's only owner. It turns commands, deadlines and
-//! provider answers into events, runs them through the machine, commits, publishes, and only
-//! then acts. At most one provider call is in flight per connection.
+//! Each connection has one owner: a task while there is work, its slot while there is none.
+//! The task turns commands, deadlines and provider answers into events, runs them through the
+//! machine, commits, publishes, and only then acts; at most one provider call is in flight per
+//! connection. When its inbox is empty it hands the machine back to the slot and ends, so an
+//! idle connection costs neither a task nor an inbox; the next command starts a new task.
 
-use super::ConfigCommand;
-use super::Shared;
+use super::{ConfigCommand, Owner, Shared};
 use crate::providers::{Adapter, Poll, Provider, StartError, Verdict};
 use crate::wire::{ApiError, ConnectReply, ConnectionView};
 use authkeeper_state::schedule::{Action, next_action};
@@ -32,6 +33,61 @@ pub enum Command {
     Wake,
     /// A validation sweep (`validate_all`): validate at this time, unless it happens sooner.
     SweepAt(DateTime<Utc>),
+    /// The daemon restarted during a connect flow: wait one interval before polling the same
+    /// code again.
+    Resume,
+}
+
+/// What [`Actor::sleep`] found.
+enum Sleep {
+    Asleep,
+    /// Commands came meanwhile: the actor, the first of them, and the closed inbox that holds
+    /// (or is about to hold) the rest.
+    Awake(Box<Actor>, Option<Command>, mpsc::Receiver<Command>),
+}
+
+/// Commands that may wait in a connection's inbox.
+pub const INBOX: usize = 64;
+
+/// A connection with no task: what its next task starts from, besides the committed machine.
+pub struct Dormant {
+    pub provider: Adapter,
+    /// A validation asked for by a sweep, until it is done.
+    pub sweep_at: Option<DateTime<Utc>>,
+}
+
+/// What `machine` needs next and when: the machine's schedule, a pending sweep, and no provider
+/// call while the provider asked for a pause. A refresh takes its slot in the provider's plan.
+pub fn next_for(
+    machine: &Machine,
+    sweep_at: Option<DateTime<Utc>>,
+    shared: &Shared,
+) -> Option<(DateTime<Utc>, Action)> {
+    let mut next = next_action(machine, &shared.policy());
+    if let Some(sweep) = sweep_at
+        && machine.state_name() == StateName::Connected
+        && next.is_none_or(|(at, _)| sweep < at)
+    {
+        next = Some((sweep, Action::Validate));
+    }
+    let (mut at, action) = next?;
+    let key = machine.key();
+    let planner = &shared.planners[&key.provider];
+    if action == Action::Refresh
+        && machine.state_name() == StateName::Connected
+        && machine.connection().next_attempt_at.is_none()
+    {
+        // Take a slot under the provider's rate, at or before the time it wants.
+        at = planner.plan(&key.to_string(), at, shared.clock.now());
+    } else {
+        planner.release(&key.to_string());
+    }
+    let calls_provider = !matches!(action, Action::ExpireFlow | Action::ExpireToken);
+    let paused = shared.gates.get(&key.provider).and_then(|g| g.paused_until());
+    Some(match paused {
+        Some(until) if calls_provider && until > at => (until, action),
+        _ => (at, action),
+    })
 }
 
 /// Added to the poll interval on each "slow down" (RFC 8628 §3.5).
@@ -49,64 +105,84 @@ pub struct Actor {
 }
 
 impl Actor {
-    pub fn new(machine: Machine, provider: Adapter, shared: Arc<Shared>, inbox: mpsc::Receiver<Command>) -> Self {
-        Self { machine, provider, shared, inbox, sweep_at: None }
+    pub fn new(machine: Machine, dormant: Dormant, shared: Arc<Shared>, inbox: mpsc::Receiver<Command>) -> Self {
+        let Dormant { provider, sweep_at } = dormant;
+        Self { machine, provider, shared, inbox, sweep_at }
     }
 
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        if self.machine.pending_flow().is_some() {
-            // Restarted mid-flow: wait one interval before polling the same code again.
-            let _ = self.apply(Event::Resumed).await;
-        }
+    /// Handle commands until the inbox is empty, then go back to sleep in the slot.
+    pub async fn run(mut self, shutdown: watch::Receiver<bool>) {
         loop {
-            self.reschedule();
-            tokio::select! {
-                biased;
-                _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
-                command = self.inbox.recv() => match command {
-                    Some(command) => {
-                        if !self.on_command(command).await {
-                            break;
+            while let Ok(command) = self.inbox.try_recv() {
+                if !self.handle(command, &shutdown).await {
+                    return;
+                }
+            }
+            self = match self.sleep() {
+                Sleep::Asleep => return,
+                Sleep::Awake(mut actor, first, mut closing) => {
+                    if let Some(command) = first
+                        && !actor.handle(command, &shutdown).await
+                    {
+                        return;
+                    }
+                    // Senders that took a place in the old inbox before it closed still deliver:
+                    // `recv` ends only when the last of them has.
+                    while let Some(command) = closing.recv().await {
+                        if !actor.handle(command, &shutdown).await {
+                            return;
                         }
                     }
-                    None => break,
-                },
-            }
-        }
-        self.shared.deadlines.set(self.machine.key(), None);
-        if let Some(planner) = self.shared.planners.get(&self.machine.key().provider) {
-            planner.release(&self.machine.key().to_string());
+                    *actor
+                }
+            };
         }
     }
 
-    /// What this connection needs next and when: the machine's schedule, a pending sweep, and
-    /// no provider call while the provider asked for a pause.
+    /// Handle one command; false when the task must end (shutdown, or the connection removed).
+    async fn handle(&mut self, command: Command, shutdown: &watch::Receiver<bool>) -> bool {
+        if *shutdown.borrow() {
+            return false;
+        }
+        let more = self.on_command(command).await;
+        self.reschedule();
+        if !more {
+            // Removed: its slot goes too, so that no command waits for it.
+            let key = self.machine.key();
+            self.shared.conns.write().unwrap().remove(key);
+            self.shared.deadlines.set(key, None);
+            self.shared.planners[&key.provider].release(&key.to_string());
+        }
+        more
+    }
+
+    /// Hand the machine back to its slot if nothing is on its way to the inbox. Otherwise stay
+    /// awake: new senders get a fresh inbox, and what is on its way to the old one is handled
+    /// first.
+    fn sleep(mut self) -> Sleep {
+        let shared = self.shared.clone();
+        let mut conns = shared.conns.write().unwrap();
+        let Some(slot) = conns.get_mut(self.machine.key()) else { return Sleep::Asleep };
+        self.inbox.close();
+        let first = match self.inbox.try_recv() {
+            Err(mpsc::error::TryRecvError::Disconnected) => {
+                // Closed, empty, and no sender holds a place in it. The slot holds the committed
+                // machine, which is this one: the step that changed it last published it.
+                let Actor { provider, sweep_at, .. } = self;
+                slot.owner = Owner::Asleep(Box::new(Dormant { provider, sweep_at }));
+                return Sleep::Asleep;
+            }
+            Ok(command) => Some(command),
+            Err(mpsc::error::TryRecvError::Empty) => None, // one is on its way
+        };
+        let (tx, inbox) = mpsc::channel(INBOX);
+        slot.owner = Owner::Awake(tx);
+        let closing = std::mem::replace(&mut self.inbox, inbox);
+        Sleep::Awake(Box::new(self), first, closing)
+    }
+
     fn next(&self) -> Option<(DateTime<Utc>, Action)> {
-        let mut next = next_action(&self.machine, &self.shared.policy());
-        if let Some(sweep) = self.sweep_at
-            && self.machine.state_name() == StateName::Connected
-            && next.is_none_or(|(at, _)| sweep < at)
-        {
-            next = Some((sweep, Action::Validate));
-        }
-        let (mut at, action) = next?;
-        let key = self.machine.key();
-        let planner = &self.shared.planners[&key.provider];
-        if action == Action::Refresh
-            && self.machine.state_name() == StateName::Connected
-            && self.machine.connection().next_attempt_at.is_none()
-        {
-            // Take a slot under the provider's rate, at or before the time it wants.
-            at = planner.plan(&key.to_string(), at, self.shared.clock.now());
-        } else {
-            planner.release(&key.to_string());
-        }
-        let calls_provider = !matches!(action, Action::ExpireFlow | Action::ExpireToken);
-        let paused = self.shared.gates.get(&self.machine.key().provider).and_then(|g| g.paused_until());
-        Some(match paused {
-            Some(until) if calls_provider && until > at => (until, action),
-            _ => (at, action),
-        })
+        next_for(&self.machine, self.sweep_at, &self.shared)
     }
 
     async fn on_wake(&mut self) {
@@ -181,6 +257,11 @@ impl Actor {
             }
             Command::Wake => self.on_wake().await,
             Command::SweepAt(at) => self.sweep_at = Some(at),
+            Command::Resume => {
+                if self.machine.pending_flow().is_some() {
+                    let _ = self.apply(Event::Resumed).await;
+                }
+            }
         }
         true
     }

@@ -2,6 +2,7 @@
 //! just the connections it affects, and makes the daemon's own edits (profiles, write-back).
 //! A file that does not load changes nothing: the last good config stays in force.
 
+use super::Extras;
 use super::schedules::Schedules;
 use super::{Command, Shared};
 use crate::config::{self, Change, Config, ConfigError, ProfileSettings, credential_digest, profile_number};
@@ -54,6 +55,9 @@ pub struct ConfigOwner {
     /// The bad text last reported: seeing it again (one save can wake the watcher twice) is
     /// not a new error.
     rejected: Option<String>,
+    last_extras: Extras,
+    /// The adapter made last, whose immutable settings the next one shares if they are equal.
+    last_adapter: Option<Adapter>,
     schedules: Schedules,
 }
 
@@ -82,7 +86,19 @@ impl ConfigOwner {
         let http = providers::http_client(config.settings.http_timeout());
         let schedules = Schedules::new().await;
         let (text, rejected) = if good { (text, None) } else { (None, text) };
-        let mut owner = Self { path, text, config, shared, http, gone: false, rejected, schedules };
+        let last_extras = Extras::default();
+        let mut owner = Self {
+            path,
+            text,
+            config,
+            shared,
+            http,
+            gone: false,
+            rejected,
+            last_extras,
+            last_adapter: None,
+            schedules,
+        };
         owner.schedules.apply(&owner.config.settings, &owner.shared).await;
 
         let now = owner.shared.clock.now();
@@ -98,7 +114,7 @@ impl ConfigOwner {
                     if good {
                         gone.push(key.clone()); // removed from the config while the daemon was down
                     }
-                    ProfileSettings::Trakt(Default::default())
+                    Arc::new(ProfileSettings::Trakt(Default::default()))
                 }
                 None => {
                     warn!(connection = %key, "stored connection for a provider this build does not know; left alone");
@@ -106,7 +122,8 @@ impl ConfigOwner {
                 }
             };
             let adapter = owner.adapter(&key, &profile);
-            owner.shared.spawn_actor(machine, adapter);
+            let extras = owner.extras(&adapter);
+            owner.shared.add_connection(machine, adapter, extras);
         }
         for key in gone {
             owner.remove(&key).await;
@@ -260,7 +277,9 @@ impl ConfigOwner {
                 Change::Added => {
                     let profile = self.config.profiles[&key].clone();
                     let machine = Machine::new(key.clone(), self.shared.clock.now());
-                    self.shared.spawn_actor(machine, self.adapter(&key, &profile));
+                    let adapter = self.adapter(&key, &profile);
+                    let extras = self.extras(&adapter);
+                    self.shared.add_connection(machine, adapter, extras);
                     self.import(&key).await;
                     true
                 }
@@ -270,8 +289,10 @@ impl ConfigOwner {
                 }
                 Change::Changed { app, credential } => {
                     if app {
-                        let adapter = self.adapter(&key, &self.config.profiles[&key]);
-                        self.shared.set_extras(&key, adapter.token_extras());
+                        let profile = self.config.profiles[&key].clone();
+                        let adapter = self.adapter(&key, &profile);
+                        let extras = self.extras(&adapter);
+                        self.shared.set_extras(&key, extras);
                         let _ = self.shared.ask(&key, |reply| Command::Reconfigure(adapter, reply)).await;
                     }
                     let imported = credential && self.import(&key).await;
@@ -298,7 +319,9 @@ impl ConfigOwner {
         let seen = tokio::task::spawn_blocking(move || store.config_seen(&k)).await.ok().and_then(Result::ok).flatten();
         let held = self
             .shared
-            .lookup(&key.provider, &key.profile, |s| s.entry.credentials.as_ref().map(|c| c.access_token.clone()))
+            .lookup(&key.provider, &key.profile, |s| {
+                s.committed.connection().credentials.as_ref().map(|c| c.access_token.clone())
+            })
             .ok()
             .flatten();
         let new = seen.as_deref() != Some(digest.as_slice()) && held.as_ref() != Some(&credentials.access_token);
@@ -312,9 +335,24 @@ impl ConfigOwner {
         new
     }
 
-    fn adapter(&self, key: &ConnKey, profile: &ProfileSettings) -> Adapter {
+    /// The extra token fields `adapter` gives, shared with the previous connection's when they
+    /// are the same (profiles usually inherit one app from the base block).
+    fn extras(&mut self, adapter: &Adapter) -> Extras {
+        let extras = adapter.token_extras();
+        if *self.last_extras != extras {
+            self.last_extras = Arc::new(extras);
+        }
+        self.last_extras.clone()
+    }
+
+    fn adapter(&mut self, key: &ConnKey, profile: &ProfileSettings) -> Adapter {
         let gate = self.shared.gates[&key.provider].clone();
-        Adapter::new(key, profile, &self.config.settings, &self.http, gate)
+        let mut adapter = Adapter::new(key, profile, &self.config.settings, &self.http, gate);
+        if let Some(last) = &self.last_adapter {
+            adapter.share_with(last);
+        }
+        self.last_adapter = Some(adapter.clone());
+        adapter
     }
 
     async fn remember(&self, key: &ConnKey, digest: Vec<u8>) {

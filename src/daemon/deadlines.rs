@@ -95,12 +95,12 @@ impl Deadlines {
                 self.idle_wakes.fetch_add(1, Ordering::Relaxed);
             }
             for key in due {
-                let tx = shared.conns.read().unwrap().get(&key).map(|s| s.tx.clone());
-                if let Some(tx) = tx
-                    && tx.try_send(Command::Wake).is_err()
-                {
+                match shared.try_send(&key, Command::Wake) {
+                    Ok(()) => {}
+                    // Removed meanwhile: nothing to wake.
+                    Err(e) if e.status == axum::http::StatusCode::NOT_FOUND => {}
                     // Its inbox is full: it is busy; look again in a second.
-                    self.set(&key, Some(now + TimeDelta::seconds(1)));
+                    Err(_) => self.set(&key, Some(now + TimeDelta::seconds(1))),
                 }
             }
             let cap = now + TimeDelta::from_std(MAX_SLEEP).expect("a minute fits");

@@ -8,7 +8,7 @@ mod config_owner;
 mod deadlines;
 mod schedules;
 
-pub use actor::Command;
+pub use actor::{Command, Dormant};
 pub use committer::Committer;
 pub use config_owner::ConfigCommand;
 pub use deadlines::{Deadlines, Stats as SchedulerStats};
@@ -21,12 +21,12 @@ use crate::limits::{Gate, Limits, RefreshPlanner};
 /// The share of a provider's global rate that refreshes plan on; the rest is headroom for
 /// validations, polls and user commands.
 pub const REFRESH_SHARE: f64 = 0.8;
-use crate::providers::{self, Adapter, Provider};
+use crate::providers::{self, Adapter};
 use crate::socket::ControlSocket;
 use crate::wire::{ApiError, ConnectionView, WireEvent};
-use actor::Actor;
+use actor::{Actor, INBOX};
 use anyhow::Context;
-use authkeeper_state::{ConnKey, Credentials, Machine, Policy, Store, Transition};
+use authkeeper_state::{ConnKey, Machine, Policy, Store, Transition};
 use chrono::{DateTime, Utc};
 use config_owner::ConfigOwner;
 use std::collections::BTreeMap;
@@ -37,17 +37,30 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
-/// What a read (`status`, `token`) needs, updated after each commit.
-#[derive(Clone)]
-pub struct Entry {
-    pub view: ConnectionView,
-    pub credentials: Option<Credentials>,
-    pub extras: serde_json::Map<String, serde_json::Value>,
+/// Who holds a connection's machine.
+pub enum Owner {
+    /// Its task, which takes commands through this inbox.
+    Awake(mpsc::Sender<Command>),
+    /// Nobody: nothing is asked of it; the next command starts a task with this.
+    Asleep(Box<Dormant>),
 }
 
+/// Extra fields of a token answer (a Trakt client id, say), shared by every connection whose
+/// settings give the same ones.
+pub type Extras = Arc<serde_json::Map<String, serde_json::Value>>;
+
+/// A connection as reads (`status`, `token`) see it, and who owns it.
 pub struct Slot {
-    pub tx: mpsc::Sender<Command>,
-    pub entry: Entry,
+    /// The machine as last committed; replaced after each commit.
+    pub committed: Arc<Machine>,
+    pub extras: Extras,
+    pub owner: Owner,
+}
+
+impl Slot {
+    pub fn view(&self, policy: &Policy) -> ConnectionView {
+        ConnectionView::of(&self.committed, policy)
+    }
 }
 
 /// The last config load's outcome, for `/v1/health`.
@@ -78,6 +91,11 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Connections with a running task (busy); the rest cost no task.
+    pub fn awake(&self) -> usize {
+        self.actors.len()
+    }
+
     pub fn policy(&self) -> Policy {
         *self.policy.read().unwrap()
     }
@@ -87,15 +105,15 @@ impl Shared {
     }
 
     pub fn update_view(&self, key: &ConnKey, machine: &Machine) {
+        let committed = Arc::new(machine.clone());
         if let Some(slot) = self.conns.write().unwrap().get_mut(key) {
-            slot.entry.view = ConnectionView::of(machine, &self.policy());
-            slot.entry.credentials = machine.connection().credentials.clone();
+            slot.committed = committed;
         }
     }
 
-    pub fn set_extras(&self, key: &ConnKey, extras: serde_json::Map<String, serde_json::Value>) {
+    pub fn set_extras(&self, key: &ConnKey, extras: Extras) {
         if let Some(slot) = self.conns.write().unwrap().get_mut(key) {
-            slot.entry.extras = extras;
+            slot.extras = extras;
         }
     }
 
@@ -132,30 +150,78 @@ impl Shared {
         Ok(f(slot))
     }
 
-    /// Give `machine` its actor and a slot in the read view.
-    fn spawn_actor(self: &Arc<Self>, machine: Machine, provider: Adapter) {
-        let (tx, inbox) = mpsc::channel(64);
-        let entry = Entry {
-            view: ConnectionView::of(&machine, &self.policy()),
-            credentials: machine.connection().credentials.clone(),
-            extras: provider.token_extras(),
-        };
-        self.conns.write().unwrap().insert(machine.key().clone(), Slot { tx, entry });
-        let actor = Actor::new(machine, provider, self.clone(), inbox);
-        self.actors.spawn(actor.run(self.shutdown.clone()));
+    /// Give `machine` a slot in the read view and its first deadline. It starts asleep: a
+    /// task runs only when a command or a deadline comes.
+    fn add_connection(self: &Arc<Self>, machine: Machine, provider: Adapter, extras: Extras) {
+        let key = machine.key().clone();
+        let resume = machine.pending_flow().is_some();
+        let next = actor::next_for(&machine, None, self).map(|(at, _)| at);
+        let owner = Owner::Asleep(Box::new(Dormant { provider, sweep_at: None }));
+        let slot = Slot { committed: Arc::new(machine), extras, owner };
+        self.conns.write().unwrap().insert(key.clone(), slot);
+        self.deadlines.set(&key, next);
+        if resume {
+            let _ = self.try_send(&key, Command::Resume);
+        }
     }
 
-    /// Ask a connection's actor something and wait for the answer.
+    /// The inbox of `key`'s task, starting the task if the connection is asleep.
+    fn inbox(self: &Arc<Self>, key: &ConnKey) -> Result<mpsc::Sender<Command>, ApiError> {
+        let awake = self.lookup(&key.provider, &key.profile, |s| match &s.owner {
+            Owner::Awake(tx) => Some(tx.clone()),
+            Owner::Asleep(_) => None,
+        })?;
+        if let Some(tx) = awake {
+            return Ok(tx);
+        }
+        let mut conns = self.conns.write().unwrap();
+        let slot = conns.get_mut(key).ok_or_else(|| ApiError::unknown_profile(&key.provider, &key.profile))?;
+        match &slot.owner {
+            Owner::Awake(tx) => Ok(tx.clone()),
+            Owner::Asleep(_) => {
+                let (tx, inbox) = mpsc::channel(INBOX);
+                let Owner::Asleep(dormant) = std::mem::replace(&mut slot.owner, Owner::Awake(tx.clone())) else {
+                    unreachable!("matched above")
+                };
+                let machine = Machine::clone(&slot.committed);
+                self.actors.spawn(Actor::new(machine, *dormant, self.clone(), inbox).run(self.shutdown.clone()));
+                Ok(tx)
+            }
+        }
+    }
+
+    /// Hand `command` to `key`'s task, waiting while its inbox is full.
+    pub async fn send(self: &Arc<Self>, key: &ConnKey, mut command: Command) -> Result<(), ApiError> {
+        loop {
+            match self.inbox(key)?.send(command).await {
+                Ok(()) => return Ok(()),
+                // The task went to sleep after we took its inbox: wake it again.
+                Err(mpsc::error::SendError(c)) if !*self.shutdown.borrow() => command = c,
+                Err(_) => return Err(ApiError::unavailable("the daemon is shutting down")),
+            }
+        }
+    }
+
+    /// Hand `command` to `key`'s task unless its inbox is full (it is busy).
+    pub fn try_send(self: &Arc<Self>, key: &ConnKey, mut command: Command) -> Result<(), ApiError> {
+        loop {
+            match self.inbox(key)?.try_send(command) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::TrySendError::Closed(c)) if !*self.shutdown.borrow() => command = c,
+                Err(_) => return Err(ApiError::unavailable("busy")),
+            }
+        }
+    }
+
+    /// Ask a connection something and wait for the answer.
     pub async fn ask<T>(
-        &self,
+        self: &Arc<Self>,
         key: &ConnKey,
         make: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, ApiError>>) -> Command,
     ) -> Result<T, ApiError> {
-        let tx = self.lookup(&key.provider, &key.profile, |s| s.tx.clone())?;
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let gone = || ApiError::unavailable("the daemon is shutting down");
-        tx.send(make(reply)).await.map_err(|_| gone())?;
-        answer.await.map_err(|_| gone())?
+        self.send(key, make(reply)).await?;
+        answer.await.map_err(|_| ApiError::unavailable("the daemon is shutting down"))?
     }
 }
 

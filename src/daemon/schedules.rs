@@ -95,15 +95,15 @@ async fn run(shared: &Arc<Shared>, name: &'static str, retention_days: u64) {
                 .read()
                 .unwrap()
                 .iter()
-                .filter(|(_, s)| s.entry.view.state == StateName::Connected)
-                .map(|(k, s)| (k.clone(), s.tx.clone()))
+                .filter(|(_, s)| s.committed.state_name() == StateName::Connected)
+                .map(|(k, _)| k.clone())
                 .collect();
             let n = targets.len().max(1) as f64;
-            for (i, (key, tx)) in targets.iter().enumerate() {
+            for (i, key) in targets.iter().enumerate() {
                 let per_second = shared.gates.get(&key.provider).map_or(10.0, |g| g.limits().per_second);
                 let window_ms = n / (per_second * 0.5) * 1000.0;
                 let at = now + TimeDelta::milliseconds((window_ms * i as f64 / n) as i64);
-                let _ = tx.send(Command::SweepAt(at)).await;
+                let _ = shared.send(key, Command::SweepAt(at)).await;
             }
             format!("{} connections to validate", targets.len())
         }

@@ -62,6 +62,7 @@ pub trait Provider: Send + Sync + 'static {
 }
 
 /// The adapter of any provider this build connects, chosen by the connection's provider.
+#[derive(Clone)]
 pub enum Adapter {
     Trakt(trakt::Trakt),
 }
@@ -83,6 +84,15 @@ impl Adapter {
                 settings.base_url.get("trakt").map(String::as_str),
                 block,
             )),
+        }
+    }
+}
+
+impl Adapter {
+    /// Share `other`'s immutable settings where they are the same (profiles are many; apps few).
+    pub fn share_with(&mut self, other: &Adapter) {
+        match (self, other) {
+            (Self::Trakt(a), Self::Trakt(b)) => a.share_app(b),
         }
     }
 }

@@ -23,11 +23,19 @@ pub fn manifest() -> Manifest {
     }
 }
 
+#[derive(Clone)]
 pub struct Trakt {
     http: reqwest::Client,
     gate: Arc<Gate>,
     /// Whose limits a call counts against (Trakt limits per user).
     account: String,
+    app: Arc<App>,
+}
+
+/// Where a profile's API lives and its app's credentials. Profiles that inherit one app from
+/// the base block can share one copy ([`Trakt::share_app`]).
+#[derive(PartialEq)]
+struct App {
     api: String,
     client_id: Option<String>,
     client_secret: Option<Secret>,
@@ -75,18 +83,23 @@ impl Trakt {
         base_url: Option<&str>,
         block: &TraktBlock,
     ) -> Self {
-        Self {
-            http,
-            gate,
-            account,
+        let app = App {
             api: base_url.unwrap_or(API).trim_end_matches('/').to_owned(),
             client_id: block.client_id.clone().filter(|s| !s.is_empty()),
             client_secret: block.client_secret.as_deref().filter(|s| !s.is_empty()).map(Secret::new),
+        };
+        Self { http, gate, account, app: Arc::new(app) }
+    }
+
+    /// Use `other`'s copy of the app when it is the same one.
+    pub fn share_app(&mut self, other: &Trakt) {
+        if self.app == other.app {
+            self.app = other.app.clone();
         }
     }
 
     fn app(&self) -> Result<(&str, &Secret), String> {
-        match (&self.client_id, &self.client_secret) {
+        match (&self.app.client_id, &self.app.client_secret) {
             (Some(id), Some(secret)) => Ok((id, secret)),
             _ => Err("the trakt block of config.json needs client_id and client_secret".into()),
         }
@@ -94,7 +107,7 @@ impl Trakt {
 
     fn request(&self, method: reqwest::Method, path: &str, client_id: &str) -> RequestBuilder {
         self.http
-            .request(method, format!("{}{path}", self.api))
+            .request(method, format!("{}{path}", self.app.api))
             .header("trakt-api-key", client_id)
             .header("trakt-api-version", "2")
     }
@@ -270,7 +283,7 @@ impl Provider for Trakt {
 
     fn token_extras(&self) -> serde_json::Map<String, serde_json::Value> {
         let mut extras = serde_json::Map::new();
-        if let Some(id) = &self.client_id {
+        if let Some(id) = &self.app.client_id {
             extras.insert("client_id".into(), id.clone().into());
         }
         extras

@@ -80,7 +80,8 @@ pub struct Connection {
     pub next_attempt_at: Option<DateTime<Utc>>,
     /// Set exactly while pending on an interactive flow; stored in the `flows` table.
     #[serde(skip)]
-    pub flow: Option<DeviceFlow>,
+    /// Boxed: most connections have none, and they are many.
+    pub flow: Option<Box<DeviceFlow>>,
     /// When the flow was last polled; in memory only (after a restart: one interval from then).
     #[serde(skip)]
     pub last_poll_at: Option<DateTime<Utc>>,
@@ -469,7 +470,7 @@ impl Connection {
     }
 
     fn start_flow(&mut self, context: &mut Ctx, flow: &DeviceFlow) -> Outcome<State> {
-        self.flow = Some(flow.clone());
+        self.flow = Some(Box::new(flow.clone()));
         self.last_poll_at = None;
         self.clear_errors();
         context.record(Cause::ConnectRequested, None);
@@ -532,7 +533,7 @@ impl Machine {
     /// Rebuild a machine from its stored row and flow.
     pub fn restore(row: &[u8], flow: Option<DeviceFlow>) -> Result<Self, serde_json::Error> {
         let mut sm: UninitializedStateMachine<Connection> = serde_json::from_slice(row)?;
-        sm.inner_mut().flow = flow;
+        sm.inner_mut().flow = flow.map(Box::new);
         let now = sm.inner().since;
         let sm = sm.init_with_context(&mut Ctx::new(now, Policy::default(), 0.0));
         Ok(Self { sm })
@@ -567,7 +568,7 @@ impl Machine {
     /// Pending on an interactive flow (as opposed to validating a supplied credential).
     pub fn pending_flow(&self) -> Option<&DeviceFlow> {
         match self.sm.state() {
-            State::Pending { kind: PendingKind::Flow } => self.connection().flow.as_ref(),
+            State::Pending { kind: PendingKind::Flow } => self.connection().flow.as_deref(),
             _ => None,
         }
     }

@@ -57,6 +57,11 @@ pub struct Store {
     db: Arc<Database>,
 }
 
+/// redb's page cache. Its default (a gigabyte) would keep every page read at start-up resident
+/// for good; the daemon reads the whole store once, then serves reads from memory, so a small
+/// cache costs nothing and keeps memory flat as connections grow.
+const CACHE_BYTES: usize = 8 << 20;
+
 impl Store {
     /// Open (or create, mode 0600) the database at `path` and migrate it.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -69,7 +74,7 @@ impl Store {
             .open(path)
             .map_err(|source| StoreError::File { path: path.display().to_string(), source })?;
         let backend = redb::backends::FileBackend::new(file).map_err(db)?;
-        let db = Database::builder().create_with_backend(backend).map_err(db)?;
+        let db = Database::builder().set_cache_size(CACHE_BYTES).create_with_backend(backend).map_err(db)?;
         Self::init(db)
     }
 

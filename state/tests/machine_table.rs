@@ -170,7 +170,7 @@ fn invariants(m: &Machine, ctx: &str) {
         _ => {}
     }
     // Restoring from the stored row and flow gives back the same machine.
-    let restored = Machine::restore(&m.to_row(), c.flow.clone()).unwrap();
+    let restored = Machine::restore(&m.to_row(), c.flow.as_deref().cloned()).unwrap();
     assert_eq!(restored.state(), m.state(), "{ctx}: restore keeps the state");
     assert_eq!(restored.to_row(), m.to_row(), "{ctx}: restore keeps the data");
 }

@@ -12,6 +12,8 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod process;
+
 #[derive(Parser)]
 #[command(about = "authkeeper benchmarks: each figure beside a baseline measured in the same run")]
 struct Args {
@@ -40,6 +42,44 @@ enum Scenario {
         /// Transitions in the one-per-transaction baseline
         #[arg(long, default_value_t = 300)]
         baseline: usize,
+    },
+    /// Token lookups over the socket with 1, 8, 32 and 128 clients, against a bare hyper server
+    /// answering the same bytes (and through `oha`, when it is installed)
+    Tokens {
+        /// Seconds each load run lasts
+        #[arg(long, default_value_t = 2.0)]
+        secs: f64,
+        /// Runs of each (server, clients) pair, alternating; the median is reported
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32,128")]
+        clients: Vec<usize>,
+    },
+    /// Cold start and resident memory of the daemon with 0, 10,000 and 100,000 connections, and
+    /// the memory `GET /v1/connections` costs at the largest size
+    Scale {
+        #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
+        sizes: Vec<usize>,
+    },
+    /// The release binary's size and the daemon's idle memory with no connections
+    Startup,
+    /// Write a store of N connected connections and a config naming them into DIR, to profile
+    /// the daemon by hand: `authkeeper --config DIR/config.json --state-dir DIR/state daemon`
+    Prepare {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+    },
+    /// (internal) the baseline server: answer every request with the file's bytes
+    #[command(hide = true)]
+    BareServer {
+        #[arg(long)]
+        socket: std::path::PathBuf,
+        #[arg(long)]
+        body_file: std::path::PathBuf,
+        #[arg(long)]
+        content_type: String,
     },
     /// 100,000 connections: rebuilding every deadline against reading the rows, the deadline
     /// queue's memory, and the scheduler's wakeups in an idle minute
@@ -146,43 +186,14 @@ async fn scheduler(n: usize, idle_secs: u64) -> anyhow::Result<()> {
     use authkeeper::daemon::Deadlines;
     use authkeeper::limits::RefreshPlanner;
     use authkeeper_state::schedule::next_action;
-    use authkeeper_state::{Account, Commit, ConnKey, Credentials, Event, Machine, Policy, Secret, Store};
+    use authkeeper_state::{Policy, Store};
     use chrono::{TimeDelta, Utc};
 
     let dir = tempfile::tempdir()?;
     let db = dir.path().join("bench.redb");
     let now = Utc::now();
     let policy = Policy { validate_every: TimeDelta::days(7), ..Policy::default() };
-    {
-        let store = Store::open(&db)?;
-        let mut batch = Vec::new();
-        for i in 0..n {
-            // Connected, with tokens that live a week, issued over the past day.
-            let issued = now - TimeDelta::seconds((i % 86_400) as i64);
-            let credentials = Credentials {
-                access_token: Secret::new(format!("access-{i:08}-0123456789abcdef0123456789abcdef")),
-                refresh_token: Some(Secret::new(format!("refresh-{i:08}-0123456789abcdef0123456789abcdef"))),
-                token_type: "bearer".into(),
-                scope: Some("public".into()),
-                issued_at: issued,
-                expires_at: Some(issued + TimeDelta::days(7)),
-            };
-            let mut m = Machine::new(ConnKey::new("trakt", format!("TRAKT-P{:02}", i + 1)), issued);
-            m.handle(&Event::CredentialsSupplied { credentials }, issued, policy, 0.0);
-            let step = m.handle(
-                &Event::Validated { account: Account { name: format!("user{i}"), id: None } },
-                issued,
-                policy,
-                0.0,
-            );
-            batch.push(Commit { machine: m, transition: step.transition });
-            if batch.len() == 10_000 {
-                store.commit(&batch)?;
-                batch.clear();
-            }
-        }
-        store.commit(&batch)?;
-    }
+    drop(process::populate(&db, n, now)?);
     println!("scheduler: {n} connected connections in {}", db.display());
 
     // Rebuild on restart, against a bare read of the same rows, alternating, median of 5.
@@ -236,13 +247,7 @@ async fn scheduler(n: usize, idle_secs: u64) -> anyhow::Result<()> {
     drop((deadlines, planner, plans));
 
     // An idle daemon holding all of them: how often does its scheduler wake in a minute?
-    let instances: serde_json::Map<String, Value> =
-        (0..n).map(|i| (format!("TRAKT-P{:02}", i + 1), json!({}))).collect();
-    let config = json!({
-        "trakt": {"client_id": "c", "client_secret": "s", "instances": instances},
-        "authkeeper": {"base_url": {"trakt": "http://127.0.0.1:9"}, "validate_every_secs": 7 * 86_400},
-    });
-    std::fs::write(dir.path().join("config.json"), config.to_string())?;
+    std::fs::write(dir.path().join("config.json"), process::config(n).to_string())?;
     let paths = Paths {
         config: dir.path().join("config.json"),
         state_dir: dir.path().join("state"),
@@ -340,6 +345,195 @@ async fn commits(connections: usize, each: usize, baseline: usize) -> anyhow::Re
     Ok(())
 }
 
+/// A daemon process on a fresh store of `n` connected connections (and the config naming them).
+fn daemon_with(binary: &std::path::Path, dir: &std::path::Path, n: usize) -> anyhow::Result<process::Server> {
+    process::prepare(dir, n)?;
+    process::Server::daemon(binary, dir)
+}
+
+async fn tokens(length: Duration, rounds: usize, clients: &[usize]) -> anyhow::Result<()> {
+    let binary = process::authkeeper_binary()?;
+    let dir = tempfile::tempdir()?;
+    let mut daemon = daemon_with(&binary, dir.path(), 1_000)?;
+    process::wait_ready(&mut daemon, 1_000, Instant::now()).await?;
+    let path = format!("/v1/connections/trakt/{}/token", process::profile(0));
+    let (status, content_type, body) = process::Connection::open(&daemon.socket).await?.get(&path).await?;
+    anyhow::ensure!(status == 200, "the token lookup answered {status}");
+    let mut bare = process::Server::bare(dir.path(), &body, &content_type)?;
+    bare.wait_listening().await?;
+    println!("tokens: GET {path} ({} bytes) from a daemon holding 1,000 connections", body.len());
+    println!("  baseline: a bare hyper server in its own process answering the same bytes from memory");
+    println!("  {} s per run, {rounds} alternating runs each, median", length.as_secs_f64());
+    println!(
+        "  {:>7} | {:>12} {:>12} {:>6} | {:>10} {:>10} {:>6} | {:>9}",
+        "clients", "base req/s", "daemon req/s", "ratio", "base p99", "daemon p99", "ratio", "daemon p50"
+    );
+    for &n in clients {
+        let (mut base, mut ours) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            base.push(process::load(&bare.socket, &path, n, length, &body).await?);
+            ours.push(process::load(&daemon.socket, &path, n, length, &body).await?);
+        }
+        let med = |v: &[process::Load], f: fn(&process::Load) -> f64| {
+            let mut x: Vec<f64> = v.iter().map(f).collect();
+            x.sort_by(f64::total_cmp);
+            x[x.len() / 2]
+        };
+        let (b_rps, o_rps) = (med(&base, |l| l.per_sec), med(&ours, |l| l.per_sec));
+        let (b_p99, o_p99) = (med(&base, |l| l.p99_us), med(&ours, |l| l.p99_us));
+        println!(
+            "  {n:>7} | {b_rps:>12.0} {o_rps:>12.0} {:>5.2}× | {b_p99:>8.0}µs {o_p99:>8.0}µs {:>5.2}× | {:>7.0}µs",
+            o_rps / b_rps,
+            o_p99 / b_p99,
+            med(&ours, |l| l.p50_us)
+        );
+    }
+    match oha() {
+        Some(oha) => {
+            println!("  oha ({}), {} s per run:", oha.display(), length.as_secs_f64());
+            for &n in clients {
+                let base = run_oha(&oha, &bare.socket, &path, n, length)?;
+                let ours = run_oha(&oha, &daemon.socket, &path, n, length)?;
+                println!(
+                    "  {n:>7} | {:>12.0} {:>12.0} {:>5.2}× | {:>8.0}µs {:>8.0}µs {:>5.2}× |",
+                    base.per_sec,
+                    ours.per_sec,
+                    ours.per_sec / base.per_sec,
+                    base.p99_us,
+                    ours.p99_us,
+                    ours.p99_us / base.p99_us
+                );
+            }
+        }
+        None => println!("  oha not found (cargo install oha --locked); skipped"),
+    }
+    Ok(())
+}
+
+fn oha() -> Option<std::path::PathBuf> {
+    let home = std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cargo/bin/oha"));
+    let on_path =
+        std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join("oha")).find(|p| p.is_file()));
+    on_path.or(home.filter(|p| p.is_file()))
+}
+
+fn run_oha(
+    oha: &std::path::Path,
+    socket: &std::path::Path,
+    path: &str,
+    clients: usize,
+    length: Duration,
+) -> anyhow::Result<process::Load> {
+    let out = std::process::Command::new(oha)
+        .args(["--no-tui", "--output-format", "json", "-c", &clients.to_string()])
+        .args(["-z", &format!("{}ms", length.as_millis())])
+        .arg("--unix-socket")
+        .arg(socket)
+        .arg(format!("http://localhost{path}"))
+        .output()?;
+    anyhow::ensure!(out.status.success(), "oha failed: {}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    let codes = &v["statusCodeDistribution"];
+    anyhow::ensure!(
+        codes.as_object().is_some_and(|c| c.keys().all(|k| k == "200")),
+        "oha saw answers other than 200: {codes}"
+    );
+    Ok(process::Load {
+        per_sec: v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
+        p50_us: v["latencyPercentiles"]["p50"].as_f64().unwrap_or(0.0) * 1e6,
+        p99_us: v["latencyPercentiles"]["p99"].as_f64().unwrap_or(0.0) * 1e6,
+    })
+}
+
+async fn scale(sizes: &[usize]) -> anyhow::Result<()> {
+    let binary = process::authkeeper_binary()?;
+    println!("scale: the release daemon on a store of N connected connections (and a config naming them)");
+    // Idle memory is read after the daemon has been ready for a while, so that start-up's
+    // transient allocations do not count.
+    let settle = Duration::from_secs(3);
+    let dir = tempfile::tempdir()?;
+    let mut empty = daemon_with(&binary, dir.path(), 0)?;
+    let t = Instant::now();
+    let cold0 = process::wait_ready(&mut empty, 0, t).await?;
+    tokio::time::sleep(settle).await;
+    let mem0 = empty.memory();
+    drop(empty);
+    println!("  {:>7} | {:>10} | {:>10} {:>14}", "N", "cold start", "idle RSS", "above empty");
+    println!("  {:>7} | {:>8.0}ms | {:>7} KiB {:>14}", 0, ms(cold0), mem0.rss_kib, "");
+    let mut colds = Vec::new();
+    let mut last = None;
+    for &n in sizes {
+        let dir = tempfile::tempdir()?;
+        let mut daemon = daemon_with(&binary, dir.path(), n)?;
+        let t = Instant::now();
+        let cold = process::wait_ready(&mut daemon, n, t).await?;
+        tokio::time::sleep(settle).await;
+        let mem = daemon.memory();
+        let above = mem.rss_kib.saturating_sub(mem0.rss_kib);
+        let health: Value =
+            serde_json::from_slice(&process::Connection::open(&daemon.socket).await?.get("/v1/health").await?.2)?;
+        anyhow::ensure!(health["connections"]["busy"] == 0, "idle means no task runs: {health}");
+        println!(
+            "  {n:>7} | {:>8.0}ms | {:>7} KiB {:>7} B/conn",
+            ms(cold),
+            mem.rss_kib,
+            above * 1024 / n.max(1) as u64
+        );
+        colds.push((n, cold, mem.rss_kib));
+        last = Some((n, daemon, dir, mem));
+    }
+    if let [(n0, c0, r0), .., (n1, c1, r1)] = colds[..] {
+        println!(
+            "  cold start grows {:.2}× for {:.0}× the connections (target ≤ 12×)",
+            c1.as_secs_f64() / c0.as_secs_f64(),
+            n1 as f64 / n0 as f64
+        );
+        println!(
+            "  each connection from {n0} to {n1} adds {} B of RSS (target ≤ 2048)",
+            r1.saturating_sub(r0) * 1024 / (n1 - n0) as u64
+        );
+    }
+    if let Some((n, daemon, _dir, mem)) = last {
+        daemon.reset_peak();
+        let before = daemon.memory();
+        let (status, bytes, tail) =
+            process::Connection::open(&daemon.socket).await?.get_counting("/v1/connections").await?;
+        let after = daemon.memory();
+        anyhow::ensure!(status == 200 && tail.ends_with(b"]"), "GET /v1/connections answered {status}");
+        println!(
+            "  GET /v1/connections at {n}: {:.1} MiB of JSON; the daemon's peak RSS rose {} KiB above {} KiB \
+             ({:.1}% of its idle RSS)",
+            bytes as f64 / (1 << 20) as f64,
+            after.peak_kib.saturating_sub(before.rss_kib),
+            before.rss_kib,
+            after.peak_kib.saturating_sub(before.rss_kib) as f64 * 100.0 / mem.rss_kib as f64
+        );
+    }
+    Ok(())
+}
+
+async fn startup() -> anyhow::Result<()> {
+    let binary = process::authkeeper_binary()?;
+    let size = std::fs::metadata(&binary)?.len();
+    let dir = tempfile::tempdir()?;
+    let stripped = dir.path().join("authkeeper.stripped");
+    let strip = std::process::Command::new("strip").arg("-o").arg(&stripped).arg(&binary).status();
+    let stripped = strip.ok().filter(|s| s.success()).and_then(|_| std::fs::metadata(&stripped).ok()).map(|m| m.len());
+    let mut daemon = daemon_with(&binary, dir.path(), 0)?;
+    let t = Instant::now();
+    let ready = process::wait_ready(&mut daemon, 0, t).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mem = daemon.memory();
+    println!("startup: {}", binary.display());
+    println!("  binary    {:.1} MiB as built (line tables for backtraces)", size as f64 / (1 << 20) as f64);
+    if let Some(s) = stripped {
+        println!("            {:.1} MiB stripped", s as f64 / (1 << 20) as f64);
+    }
+    println!("  ready     {:.0} ms from spawn to a socket that answers, with 0 connections", ms(ready));
+    println!("  idle RSS  {} KiB (peak {} KiB)", mem.rss_kib, mem.peak_kib);
+    Ok(())
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -350,5 +544,12 @@ async fn main() -> anyhow::Result<()> {
         Scenario::ConfigReload { profiles, rounds } => config_reload(profiles, rounds).await,
         Scenario::Scheduler { connections, idle_secs } => scheduler(connections, idle_secs).await,
         Scenario::Commits { connections, each, baseline } => commits(connections, each, baseline).await,
+        Scenario::Tokens { secs, rounds, clients } => tokens(Duration::from_secs_f64(secs), rounds, &clients).await,
+        Scenario::Scale { sizes } => scale(&sizes).await,
+        Scenario::Startup => startup().await,
+        Scenario::Prepare { dir, connections } => process::prepare(&dir, connections),
+        Scenario::BareServer { socket, body_file, content_type } => {
+            process::bare_server(&socket, std::fs::read(body_file)?.into(), content_type).await
+        }
     }
 }
