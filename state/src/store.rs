@@ -4,12 +4,14 @@
 //! carrying any number of connections' new states and history rows, so the daemon can group
 //! commits. Nothing is acknowledged before `commit` returns.
 
+use crate::machine::StateName;
 use crate::machine::{ConnKey, DeviceFlow, Machine, Transition};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// `provider/profile` → the machine's JSON row (state and shared data, flow excluded).
 const CONNECTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("connections");
@@ -55,6 +57,9 @@ pub struct Commit {
 #[derive(Clone)]
 pub struct Store {
     db: Arc<Database>,
+    /// Each connection's history bounds (oldest sequence, next sequence) as committed, learned
+    /// on its first append, so that an append is an insert rather than a range scan.
+    bounds: Arc<Mutex<HashMap<String, (u64, u64)>>>,
 }
 
 /// redb's page cache. Its default (a gigabyte) would keep every page read at start-up resident
@@ -85,7 +90,7 @@ impl Store {
     }
 
     fn init(db: Database) -> Result<Self, StoreError> {
-        let store = Self { db: Arc::new(db) };
+        let store = Self { db: Arc::new(db), bounds: Arc::default() };
         store.migrate()?;
         Ok(store)
     }
@@ -125,6 +130,8 @@ impl Store {
 
     /// Commit a batch of connections' changes in one durable write transaction.
     pub fn commit(&self, batch: &[Commit]) -> Result<(), StoreError> {
+        let mut bounds = self.bounds.lock().unwrap();
+        let mut appended: HashMap<String, (u64, u64)> = HashMap::new();
         let mut txn = self.db.begin_write().map_err(db)?;
         txn.set_durability(Durability::Immediate).map_err(db)?;
         {
@@ -139,16 +146,21 @@ impl Store {
                         let row = serde_json::to_vec(flow).expect("a flow always serializes");
                         flows.insert(key.as_str(), row.as_slice()).map_err(db)?;
                     }
-                    None => {
+                    // A flow ends only with a step out of pending.
+                    None if c.transition.as_ref().is_some_and(|t| t.from == StateName::Pending) => {
                         flows.remove(key.as_str()).map_err(db)?;
                     }
+                    None => {}
                 }
                 if let Some(t) = &c.transition {
-                    append_history(&mut history, &key, t)?;
+                    let known = appended.get(&key).or_else(|| bounds.get(&key)).copied();
+                    let after = append_history(&mut history, &key, t, known)?;
+                    appended.insert(key, after);
                 }
             }
         }
         txn.commit().map_err(db)?;
+        bounds.extend(appended);
         Ok(())
     }
 
@@ -231,6 +243,7 @@ impl Store {
     /// Drop history rows older than `cutoff`, keeping each connection's newest row. Returns
     /// how many rows went.
     pub fn compact_history(&self, cutoff: chrono::DateTime<chrono::Utc>) -> Result<u64, StoreError> {
+        let mut bounds = self.bounds.lock().unwrap();
         let txn = self.db.begin_write().map_err(db)?;
         let removed = {
             let mut table = txn.open_table(HISTORY).map_err(db)?;
@@ -257,6 +270,7 @@ impl Store {
             doomed.len() as u64
         };
         txn.commit().map_err(db)?;
+        bounds.clear(); // oldest sequences moved; each is learned again on its next append
         Ok(removed)
     }
 
@@ -290,20 +304,30 @@ impl Store {
     }
 }
 
-fn append_history(history: &mut redb::Table<(&str, u64), &[u8]>, key: &str, t: &Transition) -> Result<(), StoreError> {
-    let (first, next) = {
-        let mut range = history.range((key, 0)..=(key, u64::MAX)).map_err(db)?;
-        let first = range.next().transpose().map_err(db)?.map(|(k, _)| k.value().1);
-        let last = range.next_back().transpose().map_err(db)?.map(|(k, _)| k.value().1);
-        (first, last.or(first).map_or(0, |l| l + 1))
+/// Append `t` to `key`'s history and drop rows beyond the limit. `known` are the bounds
+/// (oldest, next) if already known; they are read from the table otherwise. Returns the new
+/// bounds.
+fn append_history(
+    history: &mut redb::Table<(&str, u64), &[u8]>,
+    key: &str,
+    t: &Transition,
+    known: Option<(u64, u64)>,
+) -> Result<(u64, u64), StoreError> {
+    let (first, next) = match known {
+        Some(bounds) => bounds,
+        None => {
+            let mut range = history.range((key, 0)..=(key, u64::MAX)).map_err(db)?;
+            let first = range.next().transpose().map_err(db)?.map(|(k, _)| k.value().1);
+            let last = range.next_back().transpose().map_err(db)?.map(|(k, _)| k.value().1);
+            let next = last.or(first).map_or(0, |l| l + 1);
+            (first.unwrap_or(next), next)
+        }
     };
     let row = serde_json::to_vec(t).expect("a transition always serializes");
     history.insert((key, next), row.as_slice()).map_err(db)?;
-    if let Some(first) = first {
-        let keep_from = (next + 1).saturating_sub(HISTORY_LIMIT);
-        for seq in first..keep_from {
-            history.remove((key, seq)).map_err(db)?;
-        }
+    let keep_from = (next + 1).saturating_sub(HISTORY_LIMIT);
+    for seq in first..keep_from {
+        history.remove((key, seq)).map_err(db)?;
     }
-    Ok(())
+    Ok((first.max(keep_from), next + 1))
 }

@@ -215,3 +215,33 @@ fn compacting_history_drops_old_rows_but_keeps_each_connections_newest() {
     assert_eq!(b_rows.len(), 1, "B keeps its newest row even though it is old");
     assert_eq!(b_rows[0].at, at(2));
 }
+
+/// The store remembers where each history ends so that an append does not scan; the sequence
+/// must carry on across a reopen (nothing remembered), a compaction (oldest rows moved) and a
+/// batch that holds the same connection twice.
+#[test]
+fn history_sequences_carry_on_across_reopen_compaction_and_repeats_in_a_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("authkeeper.redb");
+    let mut m = Machine::new(ConnKey::new("trakt", "default"), Utc::now());
+    let causes = |store: &Store, m: &Machine| -> String {
+        let h = store.history(m.key()).unwrap();
+        assert!(h.windows(2).all(|w| w[0].at <= w[1].at), "oldest first");
+        serde_json::to_string(&h.iter().map(|t| t.cause).collect::<Vec<_>>()).unwrap()
+    };
+    {
+        let store = Store::open(&path).unwrap();
+        store.commit(&[step(&mut m, Event::ConnectRequested { flow: flow() })]).unwrap();
+        store.commit(&[step(&mut m, Event::Cancel)]).unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    store.commit(&[step(&mut m, Event::ConnectRequested { flow: flow() })]).unwrap();
+    assert_eq!(causes(&store, &m), r#"["connect_requested","cancelled","connect_requested"]"#);
+
+    let removed = store.compact_history(Utc::now() + TimeDelta::days(1)).unwrap();
+    assert_eq!(removed, 2, "all but the newest row");
+    let batch = [step(&mut m, Event::Cancel), step(&mut m, Event::ConnectRequested { flow: flow() })];
+    store.commit(&batch).unwrap();
+    assert_eq!(causes(&store, &m), r#"["connect_requested","cancelled","connect_requested"]"#);
+    assert_eq!(store.load_all().unwrap()[0].connection().flow.as_deref(), Some(&flow()), "the flow row is kept");
+}
