@@ -2,7 +2,6 @@
 //! just the connections it affects, and makes the daemon's own edits (profiles, write-back).
 //! A file that does not load changes nothing: the last good config stays in force.
 
-use super::Extras;
 use super::schedules::Schedules;
 use super::{Command, Shared};
 use crate::config::{self, Change, Config, ConfigError, ProfileSettings, credential_digest, profile_number};
@@ -55,7 +54,6 @@ pub struct ConfigOwner {
     /// The bad text last reported: seeing it again (one save can wake the watcher twice) is
     /// not a new error.
     rejected: Option<String>,
-    last_extras: Extras,
     /// The adapter made last, whose immutable settings the next one shares if they are equal.
     last_adapter: Option<Adapter>,
     schedules: Schedules,
@@ -86,19 +84,7 @@ impl ConfigOwner {
         let http = providers::http_client(config.settings.http_timeout());
         let schedules = Schedules::new().await;
         let (text, rejected) = if good { (text, None) } else { (None, text) };
-        let last_extras = Extras::default();
-        let mut owner = Self {
-            path,
-            text,
-            config,
-            shared,
-            http,
-            gone: false,
-            rejected,
-            last_extras,
-            last_adapter: None,
-            schedules,
-        };
+        let mut owner = Self { path, text, config, shared, http, gone: false, rejected, last_adapter: None, schedules };
         owner.schedules.apply(&owner.config.settings, &owner.shared).await;
 
         let now = owner.shared.clock.now();
@@ -122,8 +108,7 @@ impl ConfigOwner {
                 }
             };
             let adapter = owner.adapter(&key, &profile);
-            let extras = owner.extras(&adapter);
-            owner.shared.add_connection(machine, adapter, extras);
+            owner.shared.add_connection(machine, adapter);
         }
         for key in gone {
             owner.remove(&key).await;
@@ -278,8 +263,7 @@ impl ConfigOwner {
                     let profile = self.config.profiles[&key].clone();
                     let machine = Machine::new(key.clone(), self.shared.clock.now());
                     let adapter = self.adapter(&key, &profile);
-                    let extras = self.extras(&adapter);
-                    self.shared.add_connection(machine, adapter, extras);
+                    self.shared.add_connection(machine, adapter);
                     self.import(&key).await;
                     true
                 }
@@ -291,8 +275,7 @@ impl ConfigOwner {
                     if app {
                         let profile = self.config.profiles[&key].clone();
                         let adapter = self.adapter(&key, &profile);
-                        let extras = self.extras(&adapter);
-                        self.shared.set_extras(&key, extras);
+                        self.shared.set_extras(&key, adapter.token_extras());
                         let _ = self.shared.ask(&key, |reply| Command::Reconfigure(adapter, reply)).await;
                     }
                     let imported = credential && self.import(&key).await;
@@ -333,16 +316,6 @@ impl ConfigOwner {
         }
         self.remember(key, digest).await;
         new
-    }
-
-    /// The extra token fields `adapter` gives, shared with the previous connection's when they
-    /// are the same (profiles usually inherit one app from the base block).
-    fn extras(&mut self, adapter: &Adapter) -> Extras {
-        let extras = adapter.token_extras();
-        if *self.last_extras != extras {
-            self.last_extras = Arc::new(extras);
-        }
-        self.last_extras.clone()
     }
 
     fn adapter(&mut self, key: &ConnKey, profile: &ProfileSettings) -> Adapter {

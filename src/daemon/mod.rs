@@ -21,7 +21,7 @@ use crate::limits::{Gate, Limits, RefreshPlanner};
 /// The share of a provider's global rate that refreshes plan on; the rest is headroom for
 /// validations, polls and user commands.
 pub const REFRESH_SHARE: f64 = 0.8;
-use crate::providers::{self, Adapter};
+use crate::providers::{self, Adapter, Extras, Provider};
 use crate::socket::ControlSocket;
 use crate::wire::{ApiError, ConnectionView, WireEvent};
 use actor::{Actor, INBOX};
@@ -44,10 +44,6 @@ pub enum Owner {
     /// Nobody: nothing is asked of it; the next command starts a task with this.
     Asleep(Box<Dormant>),
 }
-
-/// Extra fields of a token answer (a Trakt client id, say), shared by every connection whose
-/// settings give the same ones.
-pub type Extras = Arc<serde_json::Map<String, serde_json::Value>>;
 
 /// A connection as reads (`status`, `token`) see it, and who owns it.
 pub struct Slot {
@@ -152,8 +148,9 @@ impl Shared {
 
     /// Give `machine` a slot in the read view and its first deadline. It starts asleep: a
     /// task runs only when a command or a deadline comes.
-    fn add_connection(self: &Arc<Self>, machine: Machine, provider: Adapter, extras: Extras) {
+    fn add_connection(self: &Arc<Self>, machine: Machine, provider: Adapter) {
         let key = machine.key().clone();
+        let extras = provider.token_extras();
         let resume = machine.pending_flow().is_some();
         let next = actor::next_for(&machine, None, self).map(|(at, _)| at);
         let owner = Owner::Asleep(Box::new(Dormant { provider, sweep_at: None }));

@@ -58,8 +58,12 @@ pub trait Provider: Send + Sync + 'static {
     /// Revoke upstream, best effort.
     fn revoke(&self, credentials: &Credentials) -> impl Future<Output = Result<(), String>> + Send;
     /// What a consumer needs besides the token (Trakt: the `trakt-api-key` client id).
-    fn token_extras(&self) -> serde_json::Map<String, serde_json::Value>;
+    fn token_extras(&self) -> Extras;
 }
+
+/// Extra fields of a token answer (a Trakt client id, say). Shared, like the app settings they
+/// come from, by every profile of the same app.
+pub type Extras = std::sync::Arc<serde_json::Map<String, serde_json::Value>>;
 
 /// The adapter of any provider this build connects, chosen by the connection's provider.
 #[derive(Clone)]
@@ -123,7 +127,7 @@ impl Provider for Adapter {
             Self::Trakt(p) => p.revoke(credentials).await,
         }
     }
-    fn token_extras(&self) -> serde_json::Map<String, serde_json::Value> {
+    fn token_extras(&self) -> Extras {
         match self {
             Self::Trakt(p) => p.token_extras(),
         }

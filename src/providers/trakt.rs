@@ -1,6 +1,6 @@
 //! Trakt: device-code flow, rotating refresh tokens, revoke, whoami via `/users/settings`.
 
-use super::{FlowManifest, Manifest, Poll, Provider, StartError, Verdict, transport_error};
+use super::{Extras, FlowManifest, Manifest, Poll, Provider, StartError, Verdict, transport_error};
 use crate::config::TraktBlock;
 use crate::limits::{Gate, Kind};
 use authkeeper_state::{Account, Credentials, DeviceFlow, Secret};
@@ -39,6 +39,8 @@ struct App {
     api: String,
     client_id: Option<String>,
     client_secret: Option<Secret>,
+    /// What a token answer carries besides the token: the client id, which Trakt's API needs.
+    extras: Extras,
 }
 
 #[derive(Deserialize)]
@@ -83,10 +85,16 @@ impl Trakt {
         base_url: Option<&str>,
         block: &TraktBlock,
     ) -> Self {
+        let client_id = block.client_id.clone().filter(|s| !s.is_empty());
+        let mut extras = serde_json::Map::new();
+        if let Some(id) = &client_id {
+            extras.insert("client_id".into(), id.clone().into());
+        }
         let app = App {
             api: base_url.unwrap_or(API).trim_end_matches('/').to_owned(),
-            client_id: block.client_id.clone().filter(|s| !s.is_empty()),
+            client_id,
             client_secret: block.client_secret.as_deref().filter(|s| !s.is_empty()).map(Secret::new),
+            extras: Arc::new(extras),
         };
         Self { http, gate, account, app: Arc::new(app) }
     }
@@ -281,11 +289,7 @@ impl Provider for Trakt {
         if resp.status().is_success() { Ok(()) } else { Err(unknown_status(resp.status())) }
     }
 
-    fn token_extras(&self) -> serde_json::Map<String, serde_json::Value> {
-        let mut extras = serde_json::Map::new();
-        if let Some(id) = &self.app.client_id {
-            extras.insert("client_id".into(), id.clone().into());
-        }
-        extras
+    fn token_extras(&self) -> Extras {
+        self.app.extras.clone()
     }
 }

@@ -14,6 +14,44 @@ use std::time::{Duration, Instant};
 
 mod process;
 
+/// The system allocator, counting the bytes live, so that a structure's memory is measured
+/// exactly rather than read off RSS (which freed memory that is reused hides).
+struct Counting;
+
+static LIVE_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+// SAFETY: every call is passed to `System` unchanged; the counter has no effect on allocation.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let p = unsafe { std::alloc::System.alloc(layout) };
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(layout.size(), std::sync::atomic::Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        unsafe { std::alloc::System.dealloc(ptr, layout) };
+        LIVE_BYTES.fetch_sub(layout.size(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { std::alloc::System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(new_size, std::sync::atomic::Ordering::Relaxed);
+            LIVE_BYTES.fetch_sub(layout.size(), std::sync::atomic::Ordering::Relaxed);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+fn live_bytes() -> usize {
+    LIVE_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 #[derive(Parser)]
 #[command(about = "authkeeper benchmarks: each figure beside a baseline measured in the same run")]
 struct Args {
@@ -179,12 +217,6 @@ async fn config_reload(profiles: usize, rounds: usize) -> anyhow::Result<()> {
 }
 
 /// Resident set size of this process, in KiB.
-fn rss_kib() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
-    pages * 4
-}
-
 async fn scheduler(n: usize, idle_secs: u64) -> anyhow::Result<()> {
     use authkeeper::daemon::Deadlines;
     use authkeeper::limits::RefreshPlanner;
@@ -229,7 +261,7 @@ async fn scheduler(n: usize, idle_secs: u64) -> anyhow::Result<()> {
     let machines = store.load_all()?;
     let plans: Vec<_> = machines.iter().map(|m| (m.key().clone(), next_action(m, &policy))).collect();
     drop(machines);
-    let before = rss_kib();
+    let before = live_bytes();
     let deadlines = Deadlines::default();
     let planner = RefreshPlanner::new(8.0);
     for (key, next) in &plans {
@@ -241,11 +273,11 @@ async fn scheduler(n: usize, idle_secs: u64) -> anyhow::Result<()> {
             );
         deadlines.set(key, at);
     }
-    let after = rss_kib();
+    let grown = live_bytes().saturating_sub(before);
     println!(
-        "  memory    deadline queue + refresh plan: {} KiB for {n} connections ({} bytes each)",
-        after.saturating_sub(before),
-        after.saturating_sub(before) * 1024 / n as u64
+        "  memory    deadline queue + refresh plan: {} KiB for {n} connections ({} bytes each, live heap)",
+        grown / 1024,
+        grown / n
     );
     drop((deadlines, planner, plans));
 
@@ -381,40 +413,44 @@ async fn tokens(length: Duration, rounds: usize, clients: &[usize]) -> anyhow::R
             base.push(process::load(&bare.socket, &path, n, length, &body).await?);
             ours.push(process::load(&daemon.socket, &path, n, length, &body).await?);
         }
-        let med = |v: &[process::Load], f: fn(&process::Load) -> f64| {
-            let mut x: Vec<f64> = v.iter().map(f).collect();
-            x.sort_by(f64::total_cmp);
-            x[x.len() / 2]
-        };
-        let (b_rps, o_rps) = (med(&base, |l| l.per_sec), med(&ours, |l| l.per_sec));
-        let (b_p99, o_p99) = (med(&base, |l| l.p99_us), med(&ours, |l| l.p99_us));
-        println!(
-            "  {n:>7} | {b_rps:>12.0} {o_rps:>12.0} {:>5.2}× | {b_p99:>8.0}µs {o_p99:>8.0}µs {:>5.2}× | {:>7.0}µs",
-            o_rps / b_rps,
-            o_p99 / b_p99,
-            med(&ours, |l| l.p50_us)
-        );
+        print_row(n, &base, &ours);
     }
     match oha() {
         Some(oha) => {
-            println!("  oha ({}), {} s per run:", oha.display(), length.as_secs_f64());
+            println!(
+                "  oha ({}), {} s per run, {rounds} alternating runs each, median:",
+                oha.display(),
+                length.as_secs_f64()
+            );
             for &n in clients {
-                let base = run_oha(&oha, &bare.socket, &path, n, length)?;
-                let ours = run_oha(&oha, &daemon.socket, &path, n, length)?;
-                println!(
-                    "  {n:>7} | {:>12.0} {:>12.0} {:>5.2}× | {:>8.0}µs {:>8.0}µs {:>5.2}× |",
-                    base.per_sec,
-                    ours.per_sec,
-                    ours.per_sec / base.per_sec,
-                    base.p99_us,
-                    ours.p99_us,
-                    ours.p99_us / base.p99_us
-                );
+                let (mut base, mut ours) = (Vec::new(), Vec::new());
+                for _ in 0..rounds {
+                    base.push(run_oha(&oha, &bare.socket, &path, n, length)?);
+                    ours.push(run_oha(&oha, &daemon.socket, &path, n, length)?);
+                }
+                print_row(n, &base, &ours);
             }
         }
         None => println!("  oha not found (cargo install oha --locked); skipped"),
     }
     Ok(())
+}
+
+/// One row of the token table: medians of the runs, and the daemon's over the baseline's.
+fn print_row(clients: usize, base: &[process::Load], ours: &[process::Load]) {
+    let med = |v: &[process::Load], f: fn(&process::Load) -> f64| {
+        let mut x: Vec<f64> = v.iter().map(f).collect();
+        x.sort_by(f64::total_cmp);
+        x[x.len() / 2]
+    };
+    let (b_rps, o_rps) = (med(base, |l| l.per_sec), med(ours, |l| l.per_sec));
+    let (b_p99, o_p99) = (med(base, |l| l.p99_us), med(ours, |l| l.p99_us));
+    println!(
+        "  {clients:>7} | {b_rps:>12.0} {o_rps:>12.0} {:>5.2}× | {b_p99:>8.0}µs {o_p99:>8.0}µs {:>5.2}× | {:>7.0}µs",
+        o_rps / b_rps,
+        o_p99 / b_p99,
+        med(ours, |l| l.p50_us)
+    );
 }
 
 fn oha() -> Option<std::path::PathBuf> {
