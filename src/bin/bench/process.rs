@@ -76,8 +76,9 @@ pub fn config(n: usize) -> Value {
 pub fn authkeeper_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let release = exe.parent().is_some_and(|d| d.ends_with("release"));
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut build = Command::new(cargo);
+    // `cargo` from PATH, as the user ran it: `$CARGO` names the toolchain's own cargo, whose
+    // builds fingerprint differently from rustup's proxy and rebuild everything once each.
+    let mut build = Command::new("cargo");
     build.args(["build", "--quiet", "--bin", "authkeeper"]);
     if release {
         build.arg("--release");
