@@ -165,16 +165,16 @@ impl Shared {
     /// The inbox of `key`'s task, starting the task if the connection is asleep.
     fn inbox(self: &Arc<Self>, key: &ConnKey) -> Result<mpsc::Sender<Command>, ApiError> {
         let awake = self.lookup(&key.provider, &key.profile, |s| match &s.owner {
-            Owner::Awake(tx) => Some(tx.clone()),
+            Owner::Awake(tx) => Some(self.open(tx.clone())),
             Owner::Asleep(_) => None,
         })?;
-        if let Some(tx) = awake {
-            return Ok(tx);
+        if let Some(inbox) = awake {
+            return inbox;
         }
         let mut conns = self.conns.write().unwrap();
         let slot = conns.get_mut(key).ok_or_else(|| ApiError::unknown_profile(&key.provider, &key.profile))?;
         match &slot.owner {
-            Owner::Awake(tx) => Ok(tx.clone()),
+            Owner::Awake(tx) => self.open(tx.clone()),
             Owner::Asleep(_) => {
                 let (tx, inbox) = mpsc::channel(INBOX);
                 let Owner::Asleep(dormant) = std::mem::replace(&mut slot.owner, Owner::Awake(tx.clone())) else {
@@ -183,6 +183,18 @@ impl Shared {
                 let machine = Machine::clone(&slot.committed);
                 self.actors.spawn(Actor::new(machine, *dormant, self.clone(), inbox).run(self.shutdown.clone()));
                 Ok(tx)
+            }
+        }
+    }
+
+    /// `tx` if its task still takes commands. Called under the map's lock, under which a task
+    /// going to sleep also swaps its inbox: a closed one in a slot means the task is gone.
+    fn open(&self, tx: mpsc::Sender<Command>) -> Result<mpsc::Sender<Command>, ApiError> {
+        match (tx.is_closed(), *self.shutdown.borrow()) {
+            (false, _) => Ok(tx),
+            (true, true) => Err(ApiError::unavailable("the daemon is shutting down")),
+            (true, false) => {
+                Err(ApiError::internal("this connection's owner stopped unexpectedly; see the daemon's log"))
             }
         }
     }
