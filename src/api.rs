@@ -1,19 +1,18 @@
 //! The control socket's HTTP API (the contract in ARCHITECTURE.md). Handlers read from the
 //! shared view or hand a command to the connection's actor and wait for its reply.
 
-use crate::daemon::{Command, ConfigCommand, Shared};
-use crate::providers;
+use crate::daemon::{Command, ConfigCommand, DaemonError, Shared};
+use crate::providers::{self, Input};
 use crate::wire::{ApiError, ConnectionView, WireEvent};
-use authkeeper_state::{Machine, StateName};
+use authkeeper_state::{Machine, Secret, StateName};
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
 use tokio::sync::oneshot;
@@ -63,6 +62,11 @@ async fn health(State(shared): App) -> Response {
         "connections": {"total": shared.conns.read().unwrap().len(), "busy": shared.awake()},
         "schedules": *shared.schedules.read().unwrap(),
         "providers_paused_until": paused,
+        "store": match shared.store_health.status() {
+            None => json!({"ok": true}),
+            Some((since, error)) => json!({"ok": false, "failing_since": since, "error": error,
+                "message": "the store refuses writes: new work is refused until it takes them again"}),
+        },
     }))
     .into_response()
 }
@@ -71,25 +75,28 @@ async fn list_providers() -> Response {
     Json(providers::manifests()).into_response()
 }
 
+/// A connection's view, with its warning, from a snapshot of the read side.
+type Snapshot = (Arc<Machine>, Option<Arc<str>>);
+
 /// Views written per chunk of the `GET /v1/connections` stream.
 const LIST_CHUNK: usize = 256;
 
 /// Streamed: the list is written a chunk at a time as the client reads it, from a snapshot of
 /// pointers to the committed machines, so a list of 100,000 never sits whole in memory.
 async fn list_connections(State(shared): App) -> Response {
-    let machines: Arc<Vec<Arc<Machine>>> =
-        Arc::new(shared.conns.read().unwrap().values().map(|s| s.committed.clone()).collect());
+    let machines: Arc<Vec<Snapshot>> =
+        Arc::new(shared.conns.read().unwrap().values().map(|s| (s.committed.clone(), s.warning.clone())).collect());
     let policy = shared.policy();
     let n = machines.len();
     let chunks = futures_util::stream::iter((0..n.max(1)).step_by(LIST_CHUNK)).map(move |start| {
         let end = (start + LIST_CHUNK).min(n);
         let mut out = Vec::with_capacity((end - start) * 320 + 2);
         out.push(if start == 0 { b'[' } else { b',' });
-        for (i, machine) in machines[start..end].iter().enumerate() {
+        for (i, (machine, warning)) in machines[start..end].iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            serde_json::to_writer(&mut out, &ConnectionView::of(machine, &policy))?;
+            serde_json::to_writer(&mut out, &ConnectionView::with_warning(machine, &policy, warning.as_deref()))?;
         }
         if end == n {
             out.push(b']');
@@ -104,25 +111,24 @@ async fn connection(State(shared): App, Path((provider, profile)): Key) -> Resul
     Ok(Json(view).into_response())
 }
 
-/// Hand `make(reply)` to the connection's actor and wait for its answer.
+/// Hand new work `make(reply)` to the connection's actor and wait for its answer.
 async fn ask<T>(
     shared: &Arc<Shared>,
     provider: &str,
     profile: &str,
-    make: impl FnOnce(oneshot::Sender<Result<T, ApiError>>) -> Command,
+    make: impl FnOnce(oneshot::Sender<Result<T, DaemonError>>) -> Command,
 ) -> Result<T, ApiError> {
-    shared.ask(&authkeeper_state::ConnKey::new(provider, profile), make).await
+    Ok(shared.ask_new(&authkeeper_state::ConnKey::new(provider, profile), make).await?)
 }
 
 /// Hand a request to the config owner and wait for its answer.
 async fn ask_config<T>(
     shared: &Shared,
-    make: impl FnOnce(oneshot::Sender<Result<T, ApiError>>) -> ConfigCommand,
+    make: impl FnOnce(oneshot::Sender<Result<T, DaemonError>>) -> ConfigCommand,
 ) -> Result<T, ApiError> {
     let (reply, answer) = oneshot::channel();
-    let gone = || ApiError::unavailable("the daemon is shutting down");
-    shared.config_tx.send(make(reply)).await.map_err(|_| gone())?;
-    answer.await.map_err(|_| gone())?
+    shared.config_tx.send(make(reply)).await.map_err(|_| DaemonError::ShuttingDown)?;
+    Ok(answer.await.map_err(|_| DaemonError::ShuttingDown)??)
 }
 
 async fn add_profile(State(shared): App, Path(provider): Path<String>) -> Result<Response, ApiError> {
@@ -138,26 +144,42 @@ async fn remove_profile(State(shared): App, Path((provider, profile)): Key) -> R
 #[derive(Deserialize)]
 struct ConnectBody {
     flow: Option<String>,
+    /// The flow's input fields (`username`, `password`, `api_key`, …), as strings.
+    #[serde(flatten)]
+    fields: serde_json::Map<String, serde_json::Value>,
 }
 
 async fn connect(State(shared): App, Path((provider, profile)): Key, body: Bytes) -> Result<Response, ApiError> {
     let body: ConnectBody = if body.iter().all(u8::is_ascii_whitespace) {
-        ConnectBody { flow: None }
+        ConnectBody { flow: None, fields: Default::default() }
     } else {
         serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?
     };
     shared.lookup(&provider, &profile, |_| ())?;
-    let manifest = providers::manifests().into_iter().find(|m| m.name == provider).expect("looked up");
-    if let Some(flow) = &body.flow
-        && !manifest.flows.iter().any(|f| f.flow == flow)
-    {
-        let known: Vec<_> = manifest.flows.iter().map(|f| f.flow).collect();
-        return Err(ApiError::bad_request(format!(
-            "{provider} has no flow {flow:?}; it supports: {}",
-            known.join(", ")
-        )));
+    let manifest = providers::find(&provider).expect("looked up").manifest();
+    let flow = match &body.flow {
+        None => &manifest.flows[0],
+        Some(flow) => manifest.flows.iter().find(|f| f.flow == flow).ok_or_else(|| {
+            let known: Vec<_> = manifest.flows.iter().map(|f| f.flow).collect();
+            ApiError::bad_request(format!("{provider} has no flow {flow:?}; it supports: {}", known.join(", ")))
+        })?,
+    };
+    let mut input = Input::new();
+    for (name, value) in body.fields {
+        if !flow.fields.contains(&name.as_str()) {
+            return Err(ApiError::bad_request(format!(
+                "the {} flow takes no field {name:?} (it takes: {})",
+                flow.flow,
+                if flow.fields.is_empty() { "none".to_owned() } else { flow.fields.join(", ") }
+            )));
+        }
+        let serde_json::Value::String(value) = value else {
+            return Err(ApiError::bad_request(format!("the field {name:?} must be a string")));
+        };
+        input.insert(name, Secret::new(value));
     }
-    let reply = ask(&shared, &provider, &profile, Command::Connect).await?;
+    let reply =
+        ask(&shared, &provider, &profile, |reply| Command::Connect(Some(flow.flow.to_owned()), input, reply)).await?;
     Ok((StatusCode::ACCEPTED, Json(reply)).into_response())
 }
 
@@ -177,35 +199,15 @@ async fn disconnect(State(shared): App, Path((provider, profile)): Key) -> Resul
     Ok(Json(ask(&shared, &provider, &profile, Command::Disconnect).await?).into_response())
 }
 
-/// The answer to a token lookup: the provider's extra fields beside the credential.
-#[derive(Serialize)]
-struct TokenAnswer<'a> {
-    #[serde(flatten)]
-    extras: &'a serde_json::Map<String, serde_json::Value>,
-    access_token: &'a str,
-    token_type: &'a str,
-    expires_at: Option<DateTime<Utc>>,
-    scope: Option<&'a str>,
-    account: Option<&'a str>,
-}
-
-/// The hot path of every consumer: written straight from the committed machine under the read
-/// lock, with nothing cloned.
+/// The hot path of every consumer: the committed machine is read under the read lock.
 async fn token(State(shared): App, Path((provider, profile)): Key) -> Result<Response, ApiError> {
     let now = shared.clock.now();
     let answer = shared.lookup(&provider, &profile, |s| {
         let c = s.committed.connection();
         let live = s.committed.state_name() == StateName::Connected;
-        match c.credentials.as_ref().filter(|c| live && c.expires_at.is_none_or(|at| at > now)) {
-            Some(credentials) => Ok(serde_json::to_vec(&TokenAnswer {
-                extras: &s.extras,
-                access_token: credentials.access_token.expose(),
-                token_type: &credentials.token_type,
-                expires_at: credentials.expires_at,
-                scope: credentials.scope.as_deref(),
-                account: c.account.as_ref().map(|a| a.name.as_str()),
-            })),
-            None => Err(s.committed.clone()),
+        match c.grant.as_ref().filter(|g| live && g.expires_at.is_none_or(|at| at > now)) {
+            Some(grant) => Ok(serde_json::to_vec(&s.adapter.token(grant, c.account.as_ref().map(|a| a.name.as_str())))),
+            None => Err(Box::new(s.view(&shared.policy()))),
         }
     })?;
     match answer {
@@ -213,7 +215,7 @@ async fn token(State(shared): App, Path((provider, profile)): Key) -> Result<Res
             Ok(([(header::CONTENT_TYPE, "application/json")], body.map_err(|e| ApiError::internal(e.to_string()))?)
                 .into_response())
         }
-        Err(machine) => Err(ApiError::not_connected(&ConnectionView::of(&machine, &shared.policy()))),
+        Err(view) => Err(DaemonError::NotConnected(view).into()),
     }
 }
 
@@ -227,7 +229,7 @@ async fn history(State(shared): App, Path((provider, profile)): Key) -> Result<R
         .map_err(|e| ApiError::internal(e.to_string()))?
         .map_err(|e| ApiError::internal(e.to_string()))?;
     match known {
-        Err(e) if rows.is_empty() => Err(e),
+        Err(e) if rows.is_empty() => Err(e.into()),
         _ => Ok(Json(rows).into_response()),
     }
 }

@@ -87,9 +87,17 @@ pub enum Cmd {
     Connect {
         #[command(flatten)]
         target: Target,
-        /// The flow to use (see `authkeeper providers`); the provider's default otherwise
+        /// The flow to use (see `authkeeper providers`); the provider's first otherwise
         #[arg(long)]
         flow: Option<String>,
+        /// A field the flow needs, e.g. `--field username=sean` (secrets are prompted for with no
+        /// echo, or read with --stdin: never from the command line)
+        #[arg(long = "field", value_name = "NAME=VALUE")]
+        fields: Vec<String>,
+        /// Read the flow's fields as one JSON object on standard input, e.g.
+        /// `{"username": "sean", "password": "…"}`
+        #[arg(long)]
+        stdin: bool,
         /// Print what to do and return without waiting for the outcome
         #[arg(long)]
         no_wait: bool,
@@ -144,7 +152,7 @@ pub async fn run_client(global: &Global, command: Cmd) -> i32 {
                 println!("{body}");
             }
             eprintln!("authkeeper: {e}");
-            1
+            if matches!(e, ClientError::Usage(_)) { 2 } else { 1 }
         }
     }
 }
@@ -170,25 +178,31 @@ async fn client_command(client: &Client, json: bool, command: Cmd) -> Result<i32
             }
             Ok(0)
         }
-        Cmd::Connect { target, flow, no_wait } => {
+        Cmd::Connect { target, flow, fields, stdin, no_wait } => {
             let path = connection_path(&target.provider, &target.profile);
+            let body = crate::cli_input::connect_body(client, &target.provider, flow, &fields, stdin).await?;
             if no_wait {
-                let body = flow.map(|f| serde_json::json!({ "flow": f }));
-                let reply: Value = client.post(&format!("{path}/connect"), body).await?;
+                let reply: Value = client.post(&format!("{path}/connect"), Some(body)).await?;
                 if json {
                     print_json(&reply);
+                } else if let Some(url) = reply["authorize_url"].as_str() {
+                    println!("open {url}");
+                } else if let Some(code) = reply["user_code"].as_str() {
+                    println!(
+                        "open {} and enter {code}",
+                        reply["verification_url"].as_str().unwrap_or("the provider's page")
+                    );
                 } else {
-                    println!("open {} and enter {}", reply["verification_url"], reply["user_code"]);
+                    println!("{}", reply["connection"]["state"].as_str().unwrap_or("?"));
                 }
                 return Ok(0);
             }
-            let view =
-                client::connect_and_wait(client, &target.provider, &target.profile, flow.as_deref(), json, |r| {
-                    if json {
-                        println!("{}", serde_json::to_string(r).expect("serializable"));
-                    }
-                })
-                .await?;
+            let view = client::connect_and_wait(client, &target.provider, &target.profile, body, json, |r| {
+                if json {
+                    println!("{}", serde_json::to_string(r).expect("serializable"));
+                }
+            })
+            .await?;
             if json {
                 println!("{}", serde_json::to_string(&view).expect("serializable"));
             } else if view.state == StateName::Connected {
@@ -303,7 +317,12 @@ fn print_status(views: &[ConnectionView]) {
         let name = format!("{}/{}", v.provider, v.profile);
         let expires = v.expires_at.map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string()).unwrap_or_else(|| "-".into());
         let note = match (&v.pending, &v.last_error) {
-            (Some(p), _) => format!("enter {} at {}", p.user_code, p.verification_url),
+            (Some(p), _) => match (&p.authorize_url, &p.user_code, &p.verification_url) {
+                (Some(url), _, _) => format!("open {url}"),
+                (None, Some(code), Some(url)) => format!("enter {code} at {url}"),
+                (None, Some(code), None) => format!("enter {code}"),
+                _ => format!("pending ({})", p.flow),
+            },
             (None, Some(e)) => {
                 let next =
                     v.next_attempt_at.map(|t| format!("; retry at {}", t.format("%H:%M:%S"))).unwrap_or_default();

@@ -1,6 +1,7 @@
 //! The socket client the CLI (and the demo) use: the same HTTP API any script can call.
 
 use crate::wire::{ConnectReply, ConnectionView, WireEvent};
+use authkeeper_state::StateName;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -18,6 +19,9 @@ pub enum ClientError {
     Transport(String),
     #[error("unexpected answer from the daemon: {0}")]
     Protocol(String),
+    /// The command line or its input is wrong (exit status 2).
+    #[error("{0}")]
+    Usage(String),
 }
 
 pub struct Client {
@@ -164,37 +168,56 @@ pub async fn connect_and_wait(
     client: &Client,
     provider: &str,
     profile: &str,
-    flow: Option<&str>,
+    body: serde_json::Value,
     quiet: bool,
     on_start: impl FnOnce(&ConnectReply),
 ) -> Result<ConnectionView, ClientError> {
     let mut events = client.events().await?;
     let path = connection_path(provider, profile);
-    let body = flow.map(|f| serde_json::json!({ "flow": f }));
-    let reply: ConnectReply = client.post(&format!("{path}/connect"), body).await?;
+    let reply: ConnectReply = client.post(&format!("{path}/connect"), Some(body)).await?;
     on_start(&reply);
+    let (Some(pending), true) = (&reply.pending, reply.connection.state == StateName::Pending) else {
+        // Nothing for the user to do: the input was exchanged and validated already.
+        return client.get(&path).await;
+    };
+    let (code, expires_at) = (pending.user_code.clone().unwrap_or_default(), pending.expires_at);
     if !quiet {
         eprintln!("To connect {provider} (profile {profile}):");
-        eprintln!("  1. open   {}", reply.verification_url);
-        eprintln!("  2. enter  {}", reply.user_code);
+        match (&pending.verification_url, &pending.user_code, &pending.authorize_url) {
+            (_, _, Some(url)) => eprintln!("  open   {url}"),
+            (Some(url), Some(code), _) => {
+                eprintln!("  1. open   {url}");
+                eprintln!("  2. enter  {code}");
+            }
+            (None, Some(code), _) => eprintln!("  enter  {code}"),
+            _ => {}
+        }
     }
     let spinner = if quiet { ProgressBar::hidden() } else { ProgressBar::new_spinner() };
     spinner.set_style(ProgressStyle::with_template("{spinner} {msg}").expect("valid template"));
     let tty = std::io::stderr().is_terminal();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut ticks = 0u64;
+    // An approval is saved first and validated after: wait for that verdict too, so that the
+    // account is known.
+    let mut approved = false;
     loop {
         tokio::select! {
             event = events.next() => match event {
                 Some(Ok(e @ WireEvent::Transition { .. })) => {
-                    let WireEvent::Transition { provider: p, profile: q, from, to, .. } = &e else { unreachable!() };
+                    let WireEvent::Transition { provider: p, profile: q, from, to, cause, .. } = &e else { unreachable!() };
                     if p == provider && q == profile {
                         spinner.suspend(|| if !quiet { eprintln!("{}", describe(&e)) });
-                        if *from == authkeeper_state::StateName::Pending && *to != authkeeper_state::StateName::Pending {
-                            break;
+                        if approved || (*from == StateName::Pending && *to != StateName::Pending) {
+                            if *cause != authkeeper_state::Cause::Approved {
+                                break;
+                            }
+                            approved = true;
                         }
                     }
                 }
+                Some(Ok(WireEvent::Warning { provider: Some(p), profile: Some(q), .. }))
+                    if approved && p == provider && q == profile => break,
                 Some(Ok(_)) => {}
                 Some(Err(e)) => { spinner.finish_and_clear(); return Err(e) }
                 None => {
@@ -203,8 +226,8 @@ pub async fn connect_and_wait(
                 }
             },
             _ = tick.tick() => {
-                let left = (reply.expires_at - chrono::Utc::now()).num_seconds().max(0);
-                let msg = format!("waiting for approval of {} — {}:{:02} left", reply.user_code, left / 60, left % 60);
+                let left = (expires_at - chrono::Utc::now()).num_seconds().max(0);
+                let msg = format!("waiting for approval of {code} — {}:{:02} left", left / 60, left % 60);
                 if tty || quiet {
                     spinner.set_message(msg);
                     spinner.tick();

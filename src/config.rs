@@ -3,18 +3,23 @@
 //! never rewritten.
 
 use crate::limits::{Limits, Rate};
-use authkeeper_state::{ConnKey, Credentials, Policy, Secret};
-use chrono::{DateTime, TimeDelta, Utc};
+use crate::providers::{self, Manifest, Profile, Provider};
+use authkeeper_state::{ConnKey, Grant, Policy};
+use chrono::TimeDelta;
 use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Provider blocks of the CrossWatch layout. Only these may be named under `"authkeeper"`.
+/// Providers of the CrossWatch layout, by their names on the socket (TMDB's block is
+/// `tmdb_sync`). Only these may be named under `"authkeeper"`; blocks of those this build does
+/// not connect yet are preserved and ignored, like any other key it does not know.
 pub const LAYOUT_PROVIDERS: &[&str] =
-    &["plex", "trakt", "simkl", "anilist", "jellyfin", "emby", "mdblist", "tautulli", "tmdb_sync"];
+    &["plex", "trakt", "simkl", "anilist", "jellyfin", "emby", "mdblist", "tautulli", "tmdb", "tmdb_sync"];
 
 /// The `"authkeeper"` block.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -78,7 +83,7 @@ impl Settings {
 
     /// The effective rate limits of `provider`.
     pub fn limits(&self, provider: &str) -> Limits {
-        let mut limits = Limits::for_provider(provider);
+        let mut limits = providers::find(provider).map_or_else(Limits::default, |p| p.limits());
         if let Some(o) = self.rate_limits.get(provider) {
             limits.per_second = o.per_second.unwrap_or(limits.per_second);
             limits.burst = o.burst.unwrap_or(limits.burst);
@@ -90,75 +95,6 @@ impl Settings {
 
     pub fn http_timeout(&self) -> Duration {
         Duration::from_secs(self.http_timeout_secs.max(1))
-    }
-}
-
-/// Declares the typed block of each provider in the CrossWatch layout. Every key is optional;
-/// a key of the wrong type is a config error (with its line and column); unknown keys are
-/// ignored. Each block's `instances` hold profiles of the same shape.
-macro_rules! layout {
-    ($($field:ident => $ty:ident { $($key:ident: $kty:ty),* $(,)? })*) => {
-        $(
-            #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-            pub struct $ty {
-                $(pub $key: Option<$kty>,)*
-                #[serde(default)]
-                pub instances: BTreeMap<String, $ty>,
-            }
-
-            impl $ty {
-                /// A profile's effective settings: this base block overlaid with the profile's own.
-                pub fn merged_with(&self, own: &Self) -> Self {
-                    Self { $($key: own.$key.clone().or_else(|| self.$key.clone()),)* instances: BTreeMap::new() }
-                }
-            }
-        )*
-
-        #[derive(Debug, Default, Deserialize)]
-        struct Layout {
-            #[serde(default)]
-            authkeeper: Settings,
-            $(#[serde(default)] $field: Option<$ty>,)*
-        }
-
-        impl Layout {
-            /// Every profile id under every known provider's `instances`.
-            fn instance_ids(&self) -> impl Iterator<Item = (&'static str, &String)> {
-                std::iter::empty()
-                    $(.chain(self.$field.iter().flat_map(|b| b.instances.keys()).map(|id| (stringify!($field), id))))*
-            }
-        }
-    };
-}
-
-layout! {
-    plex => PlexBlock { account_token: String, client_id: String, server_url: String, machine_id: String,
-                        username: String, account_id: serde_json::Value, pms_token: String }
-    trakt => TraktBlock { client_id: String, client_secret: String, access_token: String, refresh_token: String,
-                          scope: String, token_type: String, expires_at: f64 }
-    simkl => SimklBlock { client_id: String, client_secret: String, access_token: String }
-    anilist => AnilistBlock { client_id: String, client_secret: String, access_token: String,
-                              user: serde_json::Map<String, serde_json::Value> }
-    jellyfin => JellyfinBlock { server: String, access_token: String, user_id: String, username: String,
-                                device_id: String, verify_ssl: bool }
-    emby => EmbyBlock { server: String, access_token: String, user_id: String, device_id: String }
-    mdblist => MdblistBlock { api_key: String, access_token: String, refresh_token: String, expires_at: f64 }
-    tautulli => TautulliBlock { server_url: String, api_key: String }
-    tmdb_sync => TmdbBlock { api_key: String, session_id: String, account_id: serde_json::Value, username: String }
-}
-
-impl TraktBlock {
-    /// The credential CrossWatch keeps in this block, if any.
-    pub fn credentials(&self, now: DateTime<Utc>) -> Option<Credentials> {
-        let access = self.access_token.as_deref().filter(|t| !t.is_empty())?;
-        Some(Credentials {
-            access_token: Secret::new(access),
-            refresh_token: self.refresh_token.as_deref().filter(|t| !t.is_empty()).map(Secret::new),
-            token_type: self.token_type.clone().unwrap_or_else(|| "bearer".into()),
-            scope: self.scope.clone(),
-            issued_at: now,
-            expires_at: self.expires_at.and_then(|s| DateTime::from_timestamp(s as i64, 0)),
-        })
     }
 }
 
@@ -178,7 +114,7 @@ pub enum Change {
 /// The profiles that differ between `old` and `new`, in key order. Cost: one pass over both.
 pub fn diff(old: &Config, new: &Config) -> Vec<(ConnKey, Change)> {
     use std::cmp::Ordering;
-    let reach = |s: &Settings, provider: &str| (s.base_url.get(provider).cloned(), s.http_timeout());
+    let timeout_changed = old.settings.http_timeout() != new.settings.http_timeout();
     let mut out = Vec::new();
     let (mut a, mut b) = (old.profiles.iter().peekable(), new.profiles.iter().peekable());
     loop {
@@ -193,12 +129,12 @@ pub fn diff(old: &Config, new: &Config) -> Vec<(ConnKey, Change)> {
             Ordering::Greater => out.push((b.next().unwrap().0.clone(), Change::Added)),
             Ordering::Equal => {
                 let ((key, before), (_, after)) = (a.next().unwrap(), b.next().unwrap());
-                if before == after && reach(&old.settings, &key.provider) == reach(&new.settings, &key.provider) {
+                let same = Arc::ptr_eq(before, after) || before == after;
+                if same && !timeout_changed {
                     continue;
                 }
-                let app = before.app() != after.app()
-                    || reach(&old.settings, &key.provider) != reach(&new.settings, &key.provider);
-                let credential = before.credential_fields() != after.credential_fields();
+                let app = timeout_changed || before.app_differs(after);
+                let credential = before.credential_differs(after);
                 if app || credential {
                     out.push((key.clone(), Change::Changed { app, credential }));
                 }
@@ -208,49 +144,33 @@ pub fn diff(old: &Config, new: &Config) -> Vec<(ConnKey, Change)> {
     out
 }
 
-/// A digest of the credential fields a config block holds, to tell whether the user changed
-/// them since the daemon last read or wrote the file. Empty when there is no credential.
-pub fn credential_digest(c: Option<&Credentials>) -> Vec<u8> {
-    let Some(c) = c else { return Vec::new() };
+/// A digest of a credential, to tell whether the user changed the one in the file since the
+/// daemon last read or wrote it. Empty when there is no credential.
+pub fn credential_digest(g: Option<&Grant>) -> Vec<u8> {
+    let Some(g) = g else { return Vec::new() };
     let mut h = Sha256::new();
-    h.update(c.access_token.expose());
+    h.update(g.access_token.expose());
     h.update([0]);
-    h.update(c.refresh_token.as_ref().map_or("", |t| t.expose()));
+    h.update(g.refresh_token.as_ref().map_or("", |t| t.expose()));
     h.update([0]);
-    h.update(c.expires_at.map_or(0, |t| t.timestamp()).to_le_bytes());
+    h.update(g.expires_at.map_or(0, |t| t.timestamp()).to_le_bytes());
+    for (name, secret) in &g.secrets {
+        h.update([0]);
+        h.update(name);
+        h.update([0]);
+        h.update(secret.expose());
+    }
     h.finalize().to_vec()
 }
 
-/// A profile's effective provider settings.
-#[derive(Clone, Debug, PartialEq)]
-pub enum ProfileSettings {
-    Trakt(TraktBlock),
-}
-
-impl ProfileSettings {
-    /// The app settings (not the credential).
-    pub fn app(&self) -> (Option<&str>, Option<&str>) {
-        match self {
-            Self::Trakt(b) => (b.client_id.as_deref(), b.client_secret.as_deref()),
-        }
-    }
-
-    /// The credential fields, as written in the file.
-    pub fn credential_fields(&self) -> (Option<&str>, Option<&str>, Option<f64>) {
-        match self {
-            Self::Trakt(b) => (b.access_token.as_deref(), b.refresh_token.as_deref(), b.expires_at),
-        }
-    }
-}
-
 /// A loaded, validated config.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default)]
 pub struct Config {
     pub settings: Settings,
     /// Every profile of every provider this build connects.
     /// Equal settings are shared: a hundred thousand profiles that inherit one app from the
     /// base block hold one copy of it.
-    pub profiles: BTreeMap<ConnKey, Arc<ProfileSettings>>,
+    pub profiles: BTreeMap<ConnKey, Arc<Profile>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -292,12 +212,12 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let layout: Layout = serde_json::from_str(text).map_err(|e| ConfigError::Parse {
-            message: e.to_string().split(" at line ").next().unwrap_or_default().to_owned(),
-            line: e.line(),
-            column: e.column(),
-        })?;
-        for name in layout.authkeeper.base_url.keys().chain(layout.authkeeper.rate_limits.keys()) {
+        let top: BTreeMap<String, &RawValue> = serde_json::from_str(text).map_err(|e| parse_error(&e, (1, 0)))?;
+        let settings: Settings = match top.get("authkeeper") {
+            Some(raw) => serde_json::from_str(raw.get()).map_err(|e| located(text, raw, &e))?,
+            None => Settings::default(),
+        };
+        for name in settings.base_url.keys().chain(settings.rate_limits.keys()) {
             if !LAYOUT_PROVIDERS.contains(&name.as_str()) {
                 return Err(ConfigError::Invalid(format!(
                     "authkeeper names an unknown provider {name:?} (known: {})",
@@ -305,7 +225,7 @@ impl Config {
                 )));
             }
         }
-        for (name, expr) in &layout.authkeeper.schedules {
+        for (name, expr) in &settings.schedules {
             if !SCHEDULES.contains(&name.as_str()) {
                 return Err(ConfigError::Invalid(format!(
                     "authkeeper.schedules has an unknown schedule {name:?} (known: {})",
@@ -318,27 +238,16 @@ impl Config {
                 )));
             }
         }
-        for (provider, id) in layout.instance_ids() {
-            check_profile_id(provider, id)?;
-        }
         let mut profiles = BTreeMap::new();
-        let trakt = layout.trakt.unwrap_or_default();
-        let mut last = Arc::new(ProfileSettings::Trakt(trakt.merged_with(&TraktBlock::default())));
-        profiles.insert(ConnKey::new("trakt", "default"), last.clone());
-        for (id, own) in &trakt.instances {
-            let settings = ProfileSettings::Trakt(trakt.merged_with(own));
-            if *last != settings {
-                last = Arc::new(settings);
-            }
-            profiles.insert(ConnKey::new("trakt", id), last.clone());
+        for &provider in providers::REGISTRY {
+            let raw = top.get(provider.manifest().block).filter(|r| r.get() != "null");
+            parse_block(text, raw.copied(), provider, &settings, &mut profiles)?;
         }
-        Ok(Self { settings: layout.authkeeper, profiles })
+        Ok(Self { settings, profiles })
     }
 
-    pub fn trakt(&self, key: &ConnKey) -> Option<&TraktBlock> {
-        match &**self.profiles.get(key)? {
-            ProfileSettings::Trakt(block) => Some(block),
-        }
+    pub fn profile(&self, key: &ConnKey) -> Option<&Arc<Profile>> {
+        self.profiles.get(key)
     }
 
     /// The highest `PROVIDER-P##` number among `provider`'s profiles.
@@ -362,9 +271,103 @@ pub fn profile_number(id: &str) -> Option<u64> {
     id.rsplit_once("-P")?.1.parse().ok()
 }
 
+/// One provider's block: its `default` profile and every profile under `instances`, each the
+/// base block deep-merged with its own. A key of the wrong type is an error at its position.
+fn parse_block(
+    text: &str,
+    raw: Option<&RawValue>,
+    provider: &'static dyn Provider,
+    settings: &Settings,
+    profiles: &mut BTreeMap<ConnKey, Arc<Profile>>,
+) -> Result<(), ConfigError> {
+    let m = provider.manifest();
+    let base_url = settings.base_url.get(m.name).cloned();
+    let Some(raw) = raw else {
+        let profile = Profile::new(provider, Map::new(), base_url).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        profiles.insert(ConnKey::new(m.name, "default"), Arc::new(profile));
+        return Ok(());
+    };
+    let mut base: Map<String, Value> = serde_json::from_str(raw.get()).map_err(|e| located(text, raw, &e))?;
+    let instances = match base.remove("instances") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(instances)) => instances,
+        Some(_) => return Err(ConfigError::Invalid(format!("{}.instances must be an object", m.block))),
+    };
+    let typed_error = |e: serde_json::Error| typed_error(text, raw, provider, e);
+    let default = Arc::new(Profile::new(provider, base.clone(), base_url.clone()).map_err(typed_error)?);
+    profiles.insert(ConnKey::new(m.name, "default"), default.clone());
+    let mut last = default.clone();
+    for (id, own) in instances {
+        check_profile_id(m, &id)?;
+        let Value::Object(own) = own else {
+            return Err(ConfigError::Invalid(format!("{}.instances.{id} must be an object", m.block)));
+        };
+        let profile = if own.is_empty() {
+            default.clone()
+        } else {
+            let mut block = base.clone();
+            deep_merge(&mut block, own);
+            if block != last.block {
+                last = Arc::new(Profile::new(provider, block, base_url.clone()).map_err(typed_error)?);
+            }
+            last.clone()
+        };
+        profiles.insert(ConnKey::new(m.name, id), profile);
+    }
+    Ok(())
+}
+
+/// Overlay `own` on `base`, recursing into objects both hold.
+fn deep_merge(base: &mut Map<String, Value>, own: Map<String, Value>) {
+    for (k, v) in own {
+        match (base.get_mut(&k), v) {
+            (Some(Value::Object(b)), Value::Object(o)) => deep_merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+fn parse_error(e: &serde_json::Error, (line, column): (usize, usize)) -> ConfigError {
+    let message = e.to_string().split(" at line ").next().unwrap_or_default().to_owned();
+    // A position inside a nested value is relative to where that value starts in the file.
+    let column = if e.line() == 1 { column + e.column() } else { e.column() };
+    ConfigError::Parse { message, line: line + e.line() - 1, column }
+}
+
+/// `e`, raised while parsing `raw` (a slice of `text`), at its position in the whole file.
+fn located(text: &str, raw: &RawValue, e: &serde_json::Error) -> ConfigError {
+    let offset = (raw.get().as_ptr() as usize).saturating_sub(text.as_ptr() as usize).min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count());
+    parse_error(e, (line, column))
+}
+
+/// Find where a profile's settings have the wrong type: the base block, else the profile's own.
+fn typed_error(text: &str, raw: &RawValue, provider: &dyn Provider, e: serde_json::Error) -> ConfigError {
+    if let Err(found) = provider.check(raw.get()) {
+        return located(text, raw, &found);
+    }
+    #[derive(serde::Deserialize)]
+    struct Instances<'a> {
+        #[serde(borrow, default)]
+        instances: BTreeMap<String, &'a RawValue>,
+    }
+    if let Ok(block) = serde_json::from_str::<Instances>(raw.get()) {
+        for own in block.instances.values() {
+            if let Err(found) = provider.check(own.get()) {
+                return located(text, own, &found);
+            }
+        }
+    }
+    ConfigError::Invalid(format!("{}: {e}", provider.manifest().block))
+}
+
 /// Profile ids are `PROVIDER-P##`: `TRAKT-P01`.
-fn check_profile_id(provider: &str, id: &str) -> Result<(), ConfigError> {
-    let prefix = format!("{}-P", provider.to_ascii_uppercase());
+fn check_profile_id(m: &Manifest, id: &str) -> Result<(), ConfigError> {
+    let (provider, prefix) = (m.block, format!("{}-P", m.name.to_ascii_uppercase()));
     let ok = id.strip_prefix(&prefix).is_some_and(|n| n.len() >= 2 && n.bytes().all(|b| b.is_ascii_digit()));
     if ok {
         Ok(())
@@ -405,6 +408,19 @@ impl Paths {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::providers::trakt::Block as TraktBlock;
+
+    #[test]
+    fn profiles_deep_merge_nested_objects_and_share_equal_settings() {
+        let cfg = Config::parse(
+            r#"{"trakt": {"client_id": "c", "client_secret": "s", "extra": {"a": 1, "b": {"c": 2}},
+                "instances": {"TRAKT-P01": {"extra": {"b": {"d": 3}}}, "TRAKT-P02": {}, "TRAKT-P03": {}}}}"#,
+        )
+        .unwrap();
+        let p = |id: &str| cfg.profile(&ConnKey::new("trakt", id)).unwrap().clone();
+        assert_eq!(p("TRAKT-P01").block["extra"], serde_json::json!({"a": 1, "b": {"c": 2, "d": 3}}));
+        assert!(Arc::ptr_eq(&p("TRAKT-P02"), &p("default")) && Arc::ptr_eq(&p("TRAKT-P03"), &p("default")));
+    }
 
     #[test]
     fn a_crosswatch_file_gives_default_and_instance_profiles_with_merged_settings() {
@@ -419,10 +435,11 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.settings.refresh_margin_secs, 7);
         assert_eq!(cfg.settings.http_timeout_secs, 30, "defaults fill the rest");
-        let p1 = cfg.trakt(&ConnKey::new("trakt", "TRAKT-P01")).unwrap();
+        let trakt = |p: &str| cfg.profile(&ConnKey::new("trakt", p)).unwrap().typed::<TraktBlock>().clone();
+        let p1 = trakt("TRAKT-P01");
         assert_eq!(p1.client_id.as_deref(), Some("cid-2"));
         assert_eq!(p1.client_secret.as_deref(), Some("sec"), "inherited from the base block");
-        assert!(cfg.trakt(&ConnKey::new("trakt", "default")).is_some());
+        assert_eq!(trakt("default").client_id.as_deref(), Some("cid"));
     }
 
     #[test]

@@ -2,9 +2,8 @@
 //! (unknown sections, formatting, key order) stays as the user wrote it. Writes are atomic
 //! (temp file, fsync, rename) and keep the file's mode.
 
-use authkeeper_state::{ConnKey, Credentials};
 use jsonc_parser::ParseOptions;
-use jsonc_parser::cst::{CstObject, CstRootNode};
+use jsonc_parser::cst::{CstInputValue, CstObject, CstRootNode};
 use jsonc_parser::json;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -55,30 +54,43 @@ pub fn remove_profile(text: &str, provider: &str, id: &str) -> Result<String, Ed
     Ok(root.to_string())
 }
 
-/// Write the keys CrossWatch reads for this connection's credential into its block (the base
-/// block for `default`, else its instance); `None` removes them.
-pub fn write_credentials(text: &str, key: &ConnKey, credentials: Option<&Credentials>) -> Result<String, EditError> {
+/// Write `keys` into the block of `profile` under the provider block `block` (the base block
+/// for `default`, else its instance): each key is set to its value, or removed for `None`.
+pub fn write_keys(
+    text: &str,
+    block: &str,
+    profile: &str,
+    keys: &[(&str, Option<serde_json::Value>)],
+) -> Result<String, EditError> {
     let root = parse(text)?;
-    let mut block = object(&root.object_value_or_set(), &key.provider, &key.provider)?;
-    if key.profile != "default" {
-        let instances = object(&block, "instances", &format!("{}.instances", key.provider))?;
-        block = object(&instances, &key.profile, &format!("{}.instances.{}", key.provider, key.profile))?;
+    let mut target = object(&root.object_value_or_set(), block, block)?;
+    if profile != "default" {
+        let instances = object(&target, "instances", &format!("{block}.instances"))?;
+        target = object(&instances, profile, &format!("{block}.instances.{profile}"))?;
     }
-    let set = |name: &str, value: Option<jsonc_parser::cst::CstInputValue>| match (block.get(name), value) {
-        (Some(prop), Some(v)) => prop.set_value(v),
-        (None, Some(v)) => {
-            block.append(name, v);
+    for (name, value) in keys {
+        match (target.get(name), value.clone().map(cst)) {
+            (Some(prop), Some(v)) => prop.set_value(v),
+            (None, Some(v)) => {
+                target.append(name, v);
+            }
+            (Some(prop), None) => prop.remove(),
+            (None, None) => {}
         }
-        (Some(prop), None) => prop.remove(),
-        (None, None) => {}
-    };
-    let c = credentials;
-    set("access_token", c.map(|c| c.access_token.expose().into()));
-    set("refresh_token", c.and_then(|c| c.refresh_token.as_ref()).map(|t| t.expose().into()));
-    set("token_type", c.map(|c| c.token_type.clone().into()));
-    set("scope", c.and_then(|c| c.scope.clone()).map(Into::into));
-    set("expires_at", c.and_then(|c| c.expires_at).map(|t| t.timestamp().into()));
+    }
     Ok(root.to_string())
+}
+
+fn cst(v: serde_json::Value) -> CstInputValue {
+    use serde_json::Value;
+    match v {
+        Value::Null => CstInputValue::Null,
+        Value::Bool(b) => CstInputValue::Bool(b),
+        Value::Number(n) => CstInputValue::Number(n.to_string()),
+        Value::String(s) => CstInputValue::String(s),
+        Value::Array(a) => CstInputValue::Array(a.into_iter().map(cst).collect()),
+        Value::Object(o) => CstInputValue::Object(o.into_iter().map(|(k, v)| (k, cst(v))).collect()),
+    }
 }
 
 /// Replace `path` with `text` atomically. An existing file keeps its mode; a new one is 0600.
@@ -107,8 +119,6 @@ pub fn write_atomically(path: &Path, text: &str, secret: bool) -> Result<(), Edi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use authkeeper_state::Secret;
-    use chrono::{TimeZone, Utc};
 
     const FILE: &str = r#"{
   "pairs": [ {"source": "plex", "target": "trakt", "mode": "two-way"} ],
@@ -141,23 +151,21 @@ mod tests {
 
     #[test]
     fn credentials_are_written_where_crosswatch_reads_them_and_removed_on_disconnect() {
-        let creds = Credentials {
-            access_token: Secret::new("at-1"),
-            refresh_token: Some(Secret::new("rt-1")),
-            token_type: "bearer".into(),
-            scope: Some("public".into()),
-            issued_at: Utc::now(),
-            expires_at: Some(Utc.timestamp_opt(1_900_000_000, 0).unwrap()),
-        };
-        let key = ConnKey::new("trakt", "TRAKT-P01");
-        let text = write_credentials(&add_profile(FILE, "trakt", "TRAKT-P01").unwrap(), &key, Some(&creds)).unwrap();
+        let keys = [
+            ("access_token", Some("at-1".into())),
+            ("refresh_token", Some("rt-1".into())),
+            ("expires_at", Some(1_900_000_000.into())),
+        ];
+        let added = add_profile(FILE, "trakt", "TRAKT-P01").unwrap();
+        let text = write_keys(&added, "trakt", "TRAKT-P01", &keys).unwrap();
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         let block = &v["trakt"]["instances"]["TRAKT-P01"];
         assert_eq!(block["access_token"], "at-1");
         assert_eq!(block["refresh_token"], "rt-1");
         assert_eq!(block["expires_at"], 1_900_000_000);
         assert!(v["trakt"].get("access_token").is_none(), "the base block is untouched");
-        let cleared = write_credentials(&text, &key, None).unwrap();
+        let none: Vec<_> = keys.iter().map(|(k, _)| (*k, None)).collect();
+        let cleared = write_keys(&text, "trakt", "TRAKT-P01", &none).unwrap();
         let v: serde_json::Value = serde_json::from_str(&cleared).unwrap();
         assert!(v["trakt"]["instances"]["TRAKT-P01"].get("access_token").is_none());
         assert!(text.contains("\"sync\": {\"interval\": 3600}"));

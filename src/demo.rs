@@ -51,7 +51,7 @@ pub async fn run() -> anyhow::Result<()> {
     let path = connection_path("trakt", "default");
 
     println!("1. Connect Trakt with a device code (the emulator approves it after {} s):", APPROVE_AFTER.as_secs());
-    let view = client::connect_and_wait(&client, "trakt", "default", None, false, |_| {}).await?;
+    let view = client::connect_and_wait(&client, "trakt", "default", serde_json::json!({}), false, |_| {}).await?;
     if view.account.is_none() {
         bail!("connect ended {}, not connected", view.state.as_str());
     }

@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod cli_input;
 pub mod client;
 pub mod clock;
 pub mod config;

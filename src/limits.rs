@@ -41,26 +41,6 @@ impl Limits {
         let burst = self.burst.max(1);
         Rate { count: burst, per_secs: burst as f64 / self.per_second.max(0.001) }
     }
-
-    /// The defaults for a provider, from what it documents (PROVIDERS.md).
-    pub fn for_provider(provider: &str) -> Self {
-        match provider {
-            "trakt" => Self {
-                per_second: 10.0,
-                burst: 1,
-                account_reads: Some(Rate { count: 1000, per_secs: 300.0 }),
-                account_writes: Some(Rate { count: 1, per_secs: 1.0 }),
-            },
-            "simkl" => Self {
-                per_second: 10.0,
-                burst: 1,
-                account_reads: Some(Rate { count: 10, per_secs: 1.0 }),
-                account_writes: Some(Rate { count: 1, per_secs: 1.0 }),
-            },
-            "anilist" => Self { per_second: 0.5, ..Self::default() },
-            _ => Self::default(),
-        }
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -241,7 +221,7 @@ mod tests {
 
     #[tokio::test]
     async fn retry_after_pauses_every_call_until_it_passes() {
-        let (clock, gate) = gate(Limits::for_provider("trakt"));
+        let (clock, gate) = gate(crate::providers::find("trakt").unwrap().limits());
         gate.pause_for(30);
         let start = clock.now();
         assert_eq!(gate.paused_until(), Some(start + TimeDelta::seconds(30)));

@@ -3,7 +3,7 @@
 //! connecting, and removes its file when dropped.
 
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::warn;
@@ -20,17 +20,24 @@ pub enum SocketError {
     AlreadyRunning(PathBuf),
     #[error("cannot use the socket path {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    #[error("{0} exists and is not a socket; refusing to replace it (check --socket)")]
+    NotASocket(PathBuf),
 }
 
 impl ControlSocket {
     pub async fn bind(path: &Path) -> Result<Self, SocketError> {
         let io_err = |source| SocketError::Io { path: path.to_owned(), source };
-        if path.exists() {
-            if UnixStream::connect(path).await.is_ok() {
-                return Err(SocketError::AlreadyRunning(path.to_owned()));
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if !meta.file_type().is_socket() => return Err(SocketError::NotASocket(path.to_owned())),
+            Ok(_) => {
+                if UnixStream::connect(path).await.is_ok() {
+                    return Err(SocketError::AlreadyRunning(path.to_owned()));
+                }
+                // A stale socket from a daemon that died without cleaning up.
+                std::fs::remove_file(path).map_err(io_err)?;
             }
-            // A stale file from a daemon that died without cleaning up.
-            std::fs::remove_file(path).map_err(io_err)?;
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(e)),
         }
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
             std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io_err)?;

@@ -1,13 +1,17 @@
 //! What crosses the control socket: the connection view, events, errors. Shared by the daemon
 //! and the CLI so the two cannot drift. Errors are mapped to statuses here and only here.
 
+use crate::config_edit::EditError;
+use crate::daemon::DaemonError;
+use crate::providers::FlowError;
 use authkeeper_state::schedule::next_action;
-use authkeeper_state::{Cause, Machine, Policy, StateName};
+use authkeeper_state::{Cause, Machine, PendingFlow, Policy, StateName};
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// A connection as status output shows it. Never carries a secret.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -24,19 +28,47 @@ pub struct ConnectionView {
     /// or a retry after backoff).
     pub next_attempt_at: Option<DateTime<Utc>>,
     pub warnings: Vec<String>,
+    /// Provider facts that are not secret: a server's name and URL, a user id.
+    #[serde(default)]
+    pub facts: BTreeMap<String, String>,
     /// While pending on a flow: what the user must do.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<PendingView>,
 }
 
+/// What the user must do to finish a pending flow.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PendingView {
-    pub user_code: String,
-    pub verification_url: String,
+    pub flow: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorize_url: Option<String>,
     pub expires_at: DateTime<Utc>,
 }
 
+impl PendingView {
+    pub fn of(f: &PendingFlow) -> Self {
+        Self {
+            flow: f.kind.clone(),
+            user_code: f.user_code.clone(),
+            verification_url: f.verification_url.clone(),
+            authorize_url: f.authorize_url.clone(),
+            expires_at: f.expires_at,
+        }
+    }
+}
+
 impl ConnectionView {
+    /// The view of `machine`, with `warning` (settings not from a good config, say) if any.
+    pub fn with_warning(machine: &Machine, policy: &Policy, warning: Option<&str>) -> Self {
+        let mut view = Self::of(machine, policy);
+        view.warnings.extend(warning.map(str::to_owned));
+        view
+    }
+
     pub fn of(machine: &Machine, policy: &Policy) -> Self {
         let c = machine.connection();
         Self {
@@ -44,29 +76,35 @@ impl ConnectionView {
             profile: c.key.profile.clone(),
             state: machine.state_name(),
             since: c.since,
-            expires_at: c.credentials.as_ref().and_then(|c| c.expires_at),
+            expires_at: c.grant.as_ref().and_then(|c| c.expires_at),
             validated_at: c.validated_at,
             account: c.account.as_ref().map(|a| a.name.clone()),
             last_error: c.last_error.clone(),
             next_attempt_at: next_action(machine, policy).map(|(at, _)| at),
             warnings: Vec::new(),
-            pending: machine.pending_flow().map(|f| PendingView {
-                user_code: f.user_code.clone(),
-                verification_url: f.verification_url.clone(),
-                expires_at: f.expires_at,
-            }),
+            facts: c.grant.as_ref().map(|g| g.facts.clone()).unwrap_or_default(),
+            pending: machine.pending_flow().map(PendingView::of),
         }
     }
 }
 
-/// The 202 answer to `connect`.
+/// The 202 answer to `connect`: what the user must do (nothing more for a flow that exchanged
+/// its input at once), and the connection.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ConnectReply {
-    pub user_code: String,
-    pub verification_url: String,
-    pub expires_at: DateTime<Utc>,
-    pub interval: u64,
+    /// `user_code`, `verification_url`, `authorize_url`, `expires_at`, at the top level.
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<PendingView>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<u64>,
     pub connection: ConnectionView,
+}
+
+impl ConnectReply {
+    /// The code the user enters, for flows that have one.
+    pub fn user_code(&self) -> Option<&str> {
+        self.pending.as_ref()?.user_code.as_deref()
+    }
 }
 
 /// One line of `GET /v1/events`.
@@ -121,43 +159,14 @@ impl ApiError {
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
-    pub fn unknown_provider(name: &str) -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            "unknown_provider",
-            format!("no provider named {name:?}; see `authkeeper providers`"),
-        )
-    }
-    pub fn unknown_profile(provider: &str, profile: &str) -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            "unknown_profile",
-            format!(
-                "{provider} has no profile {profile:?}; profiles live under \"{provider}\": {{\"instances\": …}} in config.json"
-            ),
-        )
-    }
     pub fn not_found() -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see the API in ARCHITECTURE.md")
     }
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, "conflict", message)
     }
-    pub fn not_connected(view: &ConnectionView) -> Self {
-        let mut e = Self::new(
-            StatusCode::CONFLICT,
-            "not_connected",
-            format!(
-                "{}/{} is {}: log in first with `authkeeper connect {} --profile {}`",
-                view.provider,
-                view.profile,
-                view.state.as_str(),
-                view.provider,
-                view.profile
-            ),
-        );
-        e.extra.insert("state".into(), view.state.as_str().into());
-        e
+    pub fn rejected(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "rejected", message)
     }
     pub fn provider_unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_GATEWAY, "provider_unavailable", message)
@@ -167,6 +176,30 @@ impl ApiError {
     }
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+}
+
+/// The one place where the daemon's errors become HTTP statuses.
+impl From<DaemonError> for ApiError {
+    fn from(e: DaemonError) -> Self {
+        use DaemonError as E;
+        let message = e.to_string();
+        match e {
+            E::UnknownProvider(_) => Self::new(StatusCode::NOT_FOUND, "unknown_provider", message),
+            E::UnknownProfile { .. } => Self::new(StatusCode::NOT_FOUND, "unknown_profile", message),
+            E::Conflict(_) | E::ConfigBroken(_) => Self::conflict(message),
+            E::NotConnected(view) => {
+                let mut err = Self::new(StatusCode::CONFLICT, "not_connected", message);
+                err.extra.insert("state".into(), view.state.as_str().into());
+                err
+            }
+            E::BadRequest(_) | E::Flow(FlowError::Input(_) | FlowError::Config(_)) => Self::bad_request(message),
+            E::Flow(FlowError::Rejected(_)) => Self::rejected(message),
+            E::Flow(FlowError::Unavailable(_)) => Self::provider_unavailable(message),
+            E::Edit(EditError::Io(..)) | E::Store(_) | E::OwnerGone | E::Internal(_) => Self::internal(message),
+            E::Edit(_) => Self::conflict(message),
+            E::StoreUnwritable(_) | E::ShuttingDown | E::Busy => Self::unavailable(message),
+        }
     }
 }
 

@@ -70,11 +70,12 @@ async fn refresh_runs_at_expiry_minus_lead_and_expiry_without_refresh_is_expired
     // Connect; the first poll is due one interval after the code was issued, on this clock.
     let reply: ConnectReply = client.post(&format!("{PATH}/connect"), None).await.unwrap();
     assert_eq!(next_transition(&mut events).await.0, Cause::ConnectRequested);
-    emulator.approve(&reply.user_code);
-    clock.advance(TimeDelta::seconds(reply.interval as i64));
+    emulator.approve(reply.user_code().unwrap());
+    clock.advance(TimeDelta::seconds(reply.interval.unwrap() as i64));
     emulator.log().wait_for_calls("/oauth/device/token", 1).await;
     let (cause, to, _) = next_transition(&mut events).await;
     assert_eq!((cause, to), (Cause::Approved, StateName::Connected));
+    assert_eq!(next_transition(&mut events).await.0, Cause::Validated, "then whose token it is");
     assert_eq!(polls(), 1);
 
     // The refresh is scheduled at expires_at − lead (lead = 10 % of an hour here), minus at

@@ -276,7 +276,7 @@ async fn a_bad_file_changes_nothing_and_is_reported_with_its_position() {
     let mut events = connect_approved(&h).await;
     let before: Vec<ConnectionView> = client.get("/v1/connections").await.unwrap();
 
-    let wrong_type = good.replace("\"dry_run\": false", "\"dry_run\": false}, \"jellyfin\": {\"verify_ssl\": \"yes\"");
+    let wrong_type = good.replace("\"client_id\": \"emulator-client-id\"", "\"client_id\": 42");
     let bad_cases = [
         ("invalid JSON", good.replace("\"ui\"", "ui"), Some(true)),
         ("half written", good[..good.len() / 2].to_owned(), Some(true)),

@@ -22,11 +22,11 @@ async fn a_pending_flow_survives_kill_9_and_polling_resumes_on_the_same_code() {
     let mut events = client.events().await.unwrap();
     let view: ConnectionView = client.get("/v1/connections/trakt/default").await.unwrap();
     assert_eq!(view.state, StateName::Pending);
-    assert_eq!(view.pending.unwrap().user_code, reply.user_code, "the same code is still shown");
+    assert_eq!(view.pending.unwrap().user_code.as_deref(), reply.user_code(), "the same code is still shown");
 
     // Polling resumes by itself on the stored code; once approved, the restarted daemon connects.
     h.emulator.log().wait_for_calls("/oauth/device/token", polls_before + 1).await;
-    assert!(h.emulator.approve(&reply.user_code));
+    assert!(h.emulator.approve(reply.user_code().unwrap()));
     let (from, to, _) = wait_transition(&mut events, Cause::Approved).await;
     assert_eq!((from, to), (StateName::Pending, StateName::Connected));
     assert_eq!(h.emulator.device_codes_issued(), 1, "no second code was requested");

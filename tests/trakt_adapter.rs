@@ -2,23 +2,43 @@
 //! refresh rotation, rejection versus unknown.
 
 use authkeeper::clock::SystemClock;
-use authkeeper::config::TraktBlock;
 use authkeeper::limits::{Gate, Limits};
-use authkeeper::providers::trakt::Trakt;
-use authkeeper::providers::{Poll, Provider, StartError, Verdict, http_client};
+use authkeeper::providers::{Adapter, Begun, FlowError, Input, Poll, Profile, Verdict, find, http_client};
 use authkeeper_fixtures::{Fault, TraktEmulator, TraktOptions};
+use authkeeper_state::{Grant, PendingFlow};
 use chrono::Utc;
+use serde_json::{Value, json};
+use std::sync::Arc;
 use std::time::Duration;
 
-async fn setup(opts: TraktOptions) -> (TraktEmulator, Trakt) {
+/// The adapter of `trakt/default` with `block` as its settings, reaching `url`.
+fn adapter(block: Value, url: &str) -> Adapter {
+    let profile = Profile::new(find("trakt").unwrap(), block.as_object().unwrap().clone(), Some(url.into())).unwrap();
+    Adapter {
+        profile: Arc::new(profile),
+        state: Arc::default(),
+        http: http_client(Duration::from_secs(2)),
+        gate: open_gate(),
+        account: "trakt/default".into(),
+    }
+}
+
+async fn setup(opts: TraktOptions) -> (TraktEmulator, Adapter) {
     let emulator = TraktEmulator::start(opts.clone()).await.unwrap();
-    let block = TraktBlock {
-        client_id: Some(opts.client_id),
-        client_secret: Some(opts.client_secret),
-        ..TraktBlock::default()
-    };
-    let url = emulator.url();
-    (emulator, Trakt::new(http_client(Duration::from_secs(2)), open_gate(), "trakt/default".into(), Some(&url), &block))
+    let block = json!({"client_id": opts.client_id, "client_secret": opts.client_secret});
+    let trakt = adapter(block, &emulator.url());
+    (emulator, trakt)
+}
+
+async fn start_flow(trakt: &Adapter) -> Result<PendingFlow, FlowError> {
+    match trakt.begin("device_pin", Input::new(), Utc::now()).await? {
+        Begun::Pending(flow) => Ok(flow),
+        Begun::Granted(_) => panic!("a device flow waits for the user"),
+    }
+}
+
+fn code(flow: &PendingFlow) -> &str {
+    flow.user_code.as_deref().unwrap()
 }
 
 /// No limits worth the name: these tests provoke each answer in turn.
@@ -35,23 +55,23 @@ fn fast() -> TraktOptions {
 #[tokio::test]
 async fn every_device_token_status_maps_to_its_outcome() {
     let (emulator, trakt) = setup(fast()).await;
-    let flow = trakt.start_flow(Utc::now()).await.unwrap();
-    assert_eq!(flow.user_code.len(), 8);
-    assert_eq!(flow.verification_url, "https://trakt.tv/activate");
+    let flow = start_flow(&trakt).await.unwrap();
+    assert_eq!(code(&flow).len(), 8);
+    assert_eq!(flow.verification_url.as_deref(), Some("https://trakt.tv/activate"));
     assert!(flow.expires_at > Utc::now() + chrono::TimeDelta::seconds(590));
 
     assert!(matches!(trakt.poll(&flow, Utc::now()).await, Poll::Pending), "400 = pending");
-    emulator.approve(&flow.user_code);
+    emulator.approve(code(&flow));
     let Poll::Approved(creds) = trakt.poll(&flow, Utc::now()).await else { panic!("200 = approved") };
     assert!(creds.refresh_token.is_some() && creds.expires_at.is_some());
     assert!(matches!(trakt.poll(&flow, Utc::now()).await, Poll::Gone(d) if d.contains("409")), "409 = already used");
 
-    let denied = trakt.start_flow(Utc::now()).await.unwrap();
-    emulator.deny(&denied.user_code);
+    let denied = start_flow(&trakt).await.unwrap();
+    emulator.deny(code(&denied));
     assert!(matches!(trakt.poll(&denied, Utc::now()).await, Poll::Denied), "418 = denied");
 
     let mut unknown = denied.clone();
-    unknown.device_code = authkeeper_state::Secret::new("no-such-code");
+    unknown.secrets.insert("device_code".into(), authkeeper_state::Secret::new("no-such-code"));
     assert!(matches!(trakt.poll(&unknown, Utc::now()).await, Poll::Gone(d) if d.contains("404")), "404 = invalid code");
 
     emulator.log().inject("/oauth/device/token", Fault::RetryAfter(1), 1);
@@ -63,12 +83,12 @@ async fn every_device_token_status_maps_to_its_outcome() {
 #[tokio::test]
 async fn an_expired_code_is_410_and_polling_too_fast_is_429() {
     let (emulator, trakt) = setup(fast()).await;
-    let flow = trakt.start_flow(Utc::now()).await.unwrap();
+    let flow = start_flow(&trakt).await.unwrap();
     emulator.expire_device_codes();
     assert!(matches!(trakt.poll(&flow, Utc::now()).await, Poll::Gone(d) if d.contains("410")));
 
     let (_emulator, trakt) = setup(TraktOptions { interval: 5, ..TraktOptions::default() }).await;
-    let flow = trakt.start_flow(Utc::now()).await.unwrap();
+    let flow = start_flow(&trakt).await.unwrap();
     assert!(matches!(trakt.poll(&flow, Utc::now()).await, Poll::Pending));
     assert!(matches!(trakt.poll(&flow, Utc::now()).await, Poll::SlowDown), "a second poll inside the interval");
 }
@@ -76,12 +96,12 @@ async fn an_expired_code_is_410_and_polling_too_fast_is_429() {
 #[tokio::test]
 async fn refresh_rotates_and_a_used_or_revoked_token_is_rejected() {
     let (emulator, trakt) = setup(fast()).await;
-    let flow = trakt.start_flow(Utc::now()).await.unwrap();
-    emulator.approve(&flow.user_code);
+    let flow = start_flow(&trakt).await.unwrap();
+    emulator.approve(code(&flow));
     let Poll::Approved(first) = trakt.poll(&flow, Utc::now()).await else { panic!() };
 
-    let Verdict::Valid(account) = trakt.validate(&first).await else { panic!("a fresh token validates") };
-    assert_eq!(account.name, "sean");
+    let Verdict::Valid(who) = trakt.validate(&first).await else { panic!("a fresh token validates") };
+    assert_eq!(who.account.name, "sean");
 
     let Verdict::Valid(second) = trakt.refresh(&first, Utc::now()).await else { panic!("refresh works once") };
     assert_ne!(second.refresh_token, first.refresh_token, "the refresh token rotated");
@@ -99,21 +119,11 @@ async fn refresh_rotates_and_a_used_or_revoked_token_is_rejected() {
 async fn missing_app_credentials_are_a_config_error_not_a_rejection() {
     let emulator = TraktEmulator::start(fast()).await.unwrap();
     let url = emulator.url();
-    let trakt =
-        Trakt::new(http_client(Duration::from_secs(2)), open_gate(), "a".into(), Some(&url), &TraktBlock::default());
-    assert!(matches!(trakt.start_flow(Utc::now()).await, Err(StartError::Config(m)) if m.contains("client_id")));
+    let trakt = adapter(json!({}), &url);
+    assert!(matches!(start_flow(&trakt).await, Err(FlowError::Config(m)) if m.contains("client_id")));
 
-    let wrong =
-        TraktBlock { client_id: Some("wrong".into()), client_secret: Some("x".into()), ..TraktBlock::default() };
-    let trakt_wrong = Trakt::new(http_client(Duration::from_secs(2)), open_gate(), "a".into(), Some(&url), &wrong);
-    let creds = authkeeper_state::Credentials {
-        access_token: authkeeper_state::Secret::new("whatever"),
-        refresh_token: None,
-        token_type: "bearer".into(),
-        scope: None,
-        issued_at: Utc::now(),
-        expires_at: None,
-    };
+    let trakt_wrong = adapter(json!({"client_id": "wrong", "client_secret": "x"}), &url);
+    let creds = Grant::bearer("whatever", Utc::now());
     assert!(
         matches!(trakt_wrong.validate(&creds).await, Verdict::Unknown(m) if m.contains("403")),
         "a bad API key says nothing about the user's token"

@@ -22,18 +22,21 @@ async fn connect_refresh_revoke_disconnect_and_history() {
     // 1. connect → pending, with what the user must do.
     let reply: ConnectReply =
         client.post(&format!("{path}/connect"), Some(json!({"flow": "device_pin"}))).await.unwrap();
-    assert_eq!(reply.user_code.len(), 8);
-    assert_eq!(reply.verification_url, "https://trakt.tv/activate");
+    assert_eq!(reply.user_code().unwrap().len(), 8);
+    assert_eq!(reply.pending.as_ref().unwrap().verification_url.as_deref().unwrap(), "https://trakt.tv/activate");
     assert_eq!(reply.connection.state, StateName::Pending);
     let (from, to, _) = wait_transition(&mut events, Cause::ConnectRequested).await;
     assert_eq!((from, to), (StateName::Disconnected, StateName::Pending));
     let view: ConnectionView = client.get(path).await.unwrap();
-    assert_eq!(view.pending.as_ref().unwrap().user_code, reply.user_code);
+    assert_eq!(view.pending.as_ref().unwrap().user_code.as_deref(), reply.user_code());
 
-    // 2. The user approves → connected, with the account name.
-    assert!(h.emulator.approve(&reply.user_code));
+    // 2. The user approves → connected; the approval is saved first, then the new token is
+    //    validated, which tells whose account it is.
+    assert!(h.emulator.approve(reply.user_code().unwrap()));
     let (from, to, _) = wait_transition(&mut events, Cause::Approved).await;
     assert_eq!((from, to), (StateName::Pending, StateName::Connected));
+    let (from, to, _) = wait_transition(&mut events, Cause::Validated).await;
+    assert_eq!((from, to), (StateName::Connected, StateName::Connected));
     h.emulator.set_token_lifetime(3600); // only the first token is short-lived
     let view: ConnectionView = client.get(path).await.unwrap();
     assert_eq!(view.state, StateName::Connected);
@@ -86,6 +89,7 @@ async fn connect_refresh_revoke_disconnect_and_history() {
         [
             (Disconnected, Pending, Cause::ConnectRequested),
             (Pending, Connected, Cause::Approved),
+            (Connected, Connected, Cause::Validated),
             (Connected, Connected, Cause::Refreshed),
             (Connected, Expired, Cause::RefreshRejected),
             (Expired, Disconnected, Cause::Disconnected),

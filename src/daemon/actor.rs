@@ -4,27 +4,30 @@
 //! connection. When its inbox is empty it hands the machine back to the slot and ends, so an
 //! idle connection costs neither a task nor an inbox; the next command starts a new task.
 
-use super::{ConfigCommand, Owner, Shared};
-use crate::providers::{Adapter, Poll, Provider, StartError, Verdict};
-use crate::wire::{ApiError, ConnectReply, ConnectionView};
+use super::{DaemonError, Owner, Shared};
+use crate::providers::{Adapter, Begun, Identity, Input, Poll, Verdict};
+use crate::wire::{ConnectReply, ConnectionView, PendingView};
+use authkeeper_state::records::encode_connection;
 use authkeeper_state::schedule::{Action, next_action};
-use authkeeper_state::{Cause, Commit, Credentials, Effect, Event, Machine, Refusal, StateName, Step};
-use chrono::{DateTime, Utc};
+use authkeeper_state::{Cause, Commit, Effect, Event, Grant, Machine, Refusal, StateName, Step};
+use chrono::{DateTime, TimeDelta, Utc};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
-pub type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
+pub type Reply<T> = oneshot::Sender<Result<T, DaemonError>>;
 
 /// What the socket asks of a connection; each carries its reply.
 pub enum Command {
-    Connect(Reply<ConnectReply>),
+    /// Begin a flow (`None`: the provider's first) with the user's input.
+    Connect(Option<String>, Input, Reply<ConnectReply>),
     Cancel(Reply<ConnectionView>),
     Validate(Reply<ConnectionView>),
     Refresh(Reply<ConnectionView>),
     Disconnect(Reply<ConnectionView>),
     /// A credential the user put in the config file.
-    Import(Credentials, Reply<ConnectionView>),
+    Import(Grant, Reply<ConnectionView>),
     /// The profile's provider settings changed: use this adapter, and revalidate.
     Reconfigure(Adapter, Reply<ConnectionView>),
     /// The profile left the config: disconnect and stop.
@@ -49,9 +52,9 @@ enum Sleep {
 /// Commands that may wait in a connection's inbox.
 pub const INBOX: usize = 64;
 
-/// A connection with no task: what its next task starts from, besides the committed machine.
+/// A connection with no task: what its next task starts from, besides the committed machine
+/// and the slot's adapter.
 pub struct Dormant {
-    pub provider: Adapter,
     /// A validation asked for by a sweep, until it is done.
     pub sweep_at: Option<DateTime<Utc>>,
 }
@@ -92,8 +95,10 @@ pub fn next_for(
 
 /// Added to the poll interval on each "slow down" (RFC 8628 §3.5).
 const SLOW_DOWN_SECS: u64 = 5;
-/// Attempts at a commit before giving up on it.
-const COMMIT_ATTEMPTS: u32 = 3;
+/// The longest wait between attempts at a commit the store refused.
+const COMMIT_RETRY_CAP: Duration = Duration::from_secs(5);
+/// How long scheduled provider calls wait while the store refuses writes.
+const STORE_DOWN_DEFER: TimeDelta = TimeDelta::seconds(5);
 
 pub struct Actor {
     machine: Machine,
@@ -105,9 +110,14 @@ pub struct Actor {
 }
 
 impl Actor {
-    pub fn new(machine: Machine, dormant: Dormant, shared: Arc<Shared>, inbox: mpsc::Receiver<Command>) -> Self {
-        let Dormant { provider, sweep_at } = dormant;
-        Self { machine, provider, shared, inbox, sweep_at }
+    pub fn new(
+        machine: Machine,
+        provider: Adapter,
+        dormant: Dormant,
+        shared: Arc<Shared>,
+        inbox: mpsc::Receiver<Command>,
+    ) -> Self {
+        Self { machine, provider, shared, inbox, sweep_at: dormant.sweep_at }
     }
 
     /// Handle commands until the inbox is empty, then go back to sleep in the slot.
@@ -168,8 +178,7 @@ impl Actor {
             Err(mpsc::error::TryRecvError::Disconnected) => {
                 // Closed, empty, and no sender holds a place in it. The slot holds the committed
                 // machine, which is this one: the step that changed it last published it.
-                let Actor { provider, sweep_at, .. } = self;
-                slot.owner = Owner::Asleep(Box::new(Dormant { provider, sweep_at }));
+                slot.owner = Owner::Asleep(Box::new(Dormant { sweep_at: self.sweep_at }));
                 return Sleep::Asleep;
             }
             Ok(command) => Some(command),
@@ -188,10 +197,16 @@ impl Actor {
     async fn on_wake(&mut self) {
         let now = self.shared.clock.now();
         let Some((at, action)) = self.next() else { return };
+        let key = self.machine.key();
+        let calls_provider = !matches!(action, Action::ExpireFlow | Action::ExpireToken);
+        if at <= now && calls_provider && self.shared.store_health.failing().is_some() {
+            // An answer that cannot be saved (a rotated token, say) must not be asked for.
+            self.shared.deadlines.set(key, Some(now + STORE_DOWN_DEFER));
+            return;
+        }
         if at <= now {
             return self.on_action(action).await;
         }
-        let key = self.machine.key();
         let paused = self.shared.gates.get(&key.provider).and_then(|g| g.paused_until());
         if paused == Some(at) {
             self.reschedule();
@@ -211,25 +226,25 @@ impl Actor {
     /// Handle one command; false when the connection is done (removed).
     async fn on_command(&mut self, command: Command) -> bool {
         match command {
-            Command::Connect(reply) => {
-                let _ = reply.send(self.connect().await);
+            Command::Connect(flow, input, reply) => {
+                let _ = reply.send(self.connect(flow, input).await);
             }
             Command::Cancel(reply) => {
                 let r = self.apply(Event::Cancel).await.map(|_| self.view());
                 let _ = reply.send(r);
             }
             Command::Validate(reply) => {
-                let r = match self.machine.connection().credentials {
-                    None => Err(ApiError::not_connected(&self.view())),
+                let r = match self.machine.connection().grant {
+                    None => Err(DaemonError::not_connected(self.view())),
                     Some(_) => self.validate_now().await.map(|_| self.view()),
                 };
                 let _ = reply.send(r);
             }
             Command::Refresh(reply) => {
-                let r = match self.machine.connection().credentials.as_ref() {
-                    None => Err(ApiError::not_connected(&self.view())),
+                let r = match self.machine.connection().grant.as_ref() {
+                    None => Err(DaemonError::not_connected(self.view())),
                     Some(c) if c.refresh_token.is_none() => {
-                        Err(ApiError::conflict("this connection has no refresh token"))
+                        Err(DaemonError::Conflict("this connection has no refresh token".into()))
                     }
                     Some(_) => self.refresh_now().await.map(|_| self.view()),
                 };
@@ -239,8 +254,8 @@ impl Actor {
                 let r = self.apply(Event::Disconnect).await.map(|_| self.view());
                 let _ = reply.send(r);
             }
-            Command::Import(credentials, reply) => {
-                let r = self.apply(Event::CredentialsSupplied { credentials }).await.map(|_| self.view());
+            Command::Import(grant, reply) => {
+                let r = self.apply(Event::CredentialsSupplied { grant }).await.map(|_| self.view());
                 let _ = reply.send(r);
             }
             Command::Reconfigure(provider, reply) => {
@@ -266,29 +281,33 @@ impl Actor {
         true
     }
 
-    async fn connect(&mut self) -> Result<ConnectReply, ApiError> {
+    async fn connect(&mut self, flow: Option<String>, input: Input) -> Result<ConnectReply, DaemonError> {
         match self.machine.state_name() {
             StateName::Pending => {
-                return Err(ApiError::conflict("a connect is already pending; cancel it first"));
+                return Err(DaemonError::Conflict("a connect is already pending; cancel it first".into()));
             }
             StateName::Connected => {
-                return Err(ApiError::conflict("already connected; disconnect first"));
+                return Err(DaemonError::Conflict("already connected; disconnect first".into()));
             }
             StateName::Disconnected | StateName::Expired => {}
         }
-        let flow = self.provider.start_flow(self.shared.clock.now()).await.map_err(|e| match e {
-            StartError::Config(m) => ApiError::bad_request(m),
-            StartError::Unavailable(m) => ApiError::provider_unavailable(m),
-        })?;
-        let reply = ConnectReply {
-            user_code: flow.user_code.clone(),
-            verification_url: flow.verification_url.clone(),
-            expires_at: flow.expires_at,
-            interval: flow.interval_secs,
-            connection: self.view(),
-        };
-        self.apply(Event::ConnectRequested { flow }).await?;
-        Ok(ConnectReply { connection: self.view(), ..reply })
+        let manifest = self.provider.provider().manifest();
+        let flow = flow.unwrap_or_else(|| manifest.flows[0].flow.to_owned());
+        // The input (a password, say) is moved into the call and dropped with it.
+        let begun = self.provider.begin(&flow, input, self.shared.clock.now()).await?;
+        let mut reply = ConnectReply { pending: None, interval: None, connection: self.view() };
+        match begun {
+            Begun::Pending(pending) => {
+                reply.pending = Some(PendingView::of(&pending));
+                reply.interval = pending.interval_secs;
+                self.apply(Event::ConnectRequested { flow: pending }).await?;
+            }
+            Begun::Granted(grant) => {
+                self.apply(Event::CredentialsSupplied { grant }).await?;
+            }
+        }
+        reply.connection = self.view();
+        Ok(reply)
     }
 
     async fn on_action(&mut self, action: Action) {
@@ -303,24 +322,20 @@ impl Actor {
             Action::ExpireToken => self.apply(Event::ExpiryPassed).await.map(drop),
         };
         if let Err(e) = result {
-            warn!(connection = %self.machine.key(), error = %e.message, "scheduled work failed");
+            warn!(connection = %self.machine.key(), error = %e, "scheduled work failed");
         }
     }
 
-    async fn poll(&mut self) -> Result<(), ApiError> {
+    async fn poll(&mut self) -> Result<(), DaemonError> {
         let Some(flow) = self.machine.pending_flow().cloned() else {
             return Ok(());
         };
         let event = match self.provider.poll(&flow, self.shared.clock.now()).await {
             Poll::Pending => Event::FlowPending,
-            Poll::SlowDown => Event::FlowSlowDown { interval_secs: flow.interval_secs + SLOW_DOWN_SECS },
-            Poll::Approved(credentials) => {
-                let account = match self.provider.validate(&credentials).await {
-                    Verdict::Valid(account) => Some(account),
-                    _ => None,
-                };
-                Event::Approved { credentials, account }
-            }
+            Poll::SlowDown => Event::FlowSlowDown { interval_secs: flow.interval_secs.unwrap_or(0) + SLOW_DOWN_SECS },
+            // Committed before any other call: who it belongs to is asked afterwards, by the
+            // `Validate` effect of the approval.
+            Poll::Approved(grant) => return self.apply(Event::Approved { grant }).await.map(drop),
             Poll::Gone(detail) => Event::FlowExpired { detail },
             Poll::Denied => Event::Denied,
             Poll::Unknown(error) => Event::Unknown { error },
@@ -328,16 +343,16 @@ impl Actor {
         self.step(event).await.map(drop)
     }
 
-    async fn validate_now(&mut self) -> Result<(), ApiError> {
+    async fn validate_now(&mut self) -> Result<(), DaemonError> {
         self.sweep_at = None;
-        let Some(credentials) = self.machine.connection().credentials.clone() else {
+        let Some(grant) = self.machine.connection().grant.clone() else {
             return Ok(());
         };
-        let event = match self.provider.validate(&credentials).await {
-            Verdict::Valid(account) => Event::Validated { account },
+        let event = match self.provider.validate(&grant).await {
+            Verdict::Valid(Identity { account, grant }) => Event::Validated { account, grant },
             Verdict::Rejected(detail) => {
                 // A refresh may still save a credential whose access token was rejected.
-                if credentials.refresh_token.is_some() {
+                if grant.refresh_token.is_some() {
                     return self.refresh_now().await;
                 }
                 Event::Rejected { detail }
@@ -347,13 +362,13 @@ impl Actor {
         self.step(event).await.map(drop)
     }
 
-    async fn refresh_now(&mut self) -> Result<(), ApiError> {
+    async fn refresh_now(&mut self) -> Result<(), DaemonError> {
         self.sweep_at = None;
-        let Some(credentials) = self.machine.connection().credentials.clone() else {
+        let Some(grant) = self.machine.connection().grant.clone() else {
             return Ok(());
         };
-        let event = match self.provider.refresh(&credentials, self.shared.clock.now()).await {
-            Verdict::Valid(credentials) => Event::Refreshed { credentials },
+        let event = match self.provider.refresh(&grant, self.shared.clock.now()).await {
+            Verdict::Valid(grant) => Event::Refreshed { grant },
             Verdict::Rejected(detail) => Event::RefreshRejected { detail },
             Verdict::Unknown(error) => Event::Unknown { error },
         };
@@ -361,13 +376,13 @@ impl Actor {
     }
 
     /// [`Self::step`], then the step's effects.
-    async fn apply(&mut self, event: Event) -> Result<Step, ApiError> {
+    async fn apply(&mut self, event: Event) -> Result<Step, DaemonError> {
         let step = self.step(event).await?;
         for effect in &step.effects {
             match effect {
                 Effect::Validate => self.validate_now().await?,
-                Effect::Revoke(credentials) => {
-                    if let Err(error) = self.provider.revoke(credentials).await {
+                Effect::Revoke(grant) => {
+                    if let Err(error) = self.provider.revoke(grant).await {
                         warn!(connection = %self.machine.key(), %error, "could not revoke upstream");
                     }
                 }
@@ -379,7 +394,7 @@ impl Actor {
     /// Event → machine → durable commit → publish. Nothing is published or acted on before its
     /// commit; a refused or failed step leaves the machine as it was. Provider answers come
     /// through here: they never carry effects.
-    async fn step(&mut self, event: Event) -> Result<Step, ApiError> {
+    async fn step(&mut self, event: Event) -> Result<Step, DaemonError> {
         if matches!(event, Event::Unknown { .. }) && *self.shared.shutdown.borrow() {
             return Ok(Step::default()); // a call abandoned for shutdown says nothing about the provider
         }
@@ -387,11 +402,11 @@ impl Actor {
         let mut next = self.machine.clone();
         let step = next.handle(&event, now, self.shared.policy(), fastrand::f64());
         if let Some(Refusal::Conflict(message)) = step.refusal {
-            return Err(ApiError::conflict(message));
+            return Err(DaemonError::Conflict(message));
         }
         let changed = step.transition.is_some()
             || next.connection().flow != self.machine.connection().flow
-            || next.to_row() != self.machine.to_row();
+            || encode_connection(&next) != encode_connection(&self.machine);
         if changed {
             self.commit(&next, &step).await?;
         }
@@ -402,21 +417,33 @@ impl Actor {
         Ok(step)
     }
 
-    async fn commit(&self, next: &Machine, step: &Step) -> Result<(), ApiError> {
-        let mut attempt = 0;
+    /// Commit durably. A refused commit is retried with backoff until it goes through (or the
+    /// daemon stops): the step may carry a credential the provider has just replaced, so the
+    /// machine never goes on without it. Meanwhile `/v1/health` says the store is failing and
+    /// new work is refused.
+    async fn commit(&self, next: &Machine, step: &Step) -> Result<(), DaemonError> {
+        let mut attempt: u32 = 0;
         loop {
-            attempt += 1;
             let commit = Commit { machine: next.clone(), transition: step.transition.clone() };
-            match self.shared.committer.commit(commit).await {
+            let outcome = self.shared.committer.commit(commit).await;
+            self.shared
+                .store_health
+                .record(outcome.as_ref().map(drop).map_err(String::as_str), self.shared.clock.now());
+            let error = match outcome {
                 Ok(()) => return Ok(()),
-                Err(error) if attempt < COMMIT_ATTEMPTS => {
-                    warn!(connection = %next.key(), %error, attempt, "commit failed; retrying");
-                    tokio::task::yield_now().await;
-                }
-                Err(error) => {
-                    tracing::error!(connection = %next.key(), %error, "commit failed; the change is dropped");
-                    return Err(ApiError::internal(format!("could not save the change: {error}")));
-                }
+                Err(error) => error,
+            };
+            attempt += 1;
+            if *self.shared.shutdown.borrow() {
+                error!(connection = %next.key(), %error, "commit failed at shutdown; this change is not saved");
+                return Err(DaemonError::Store(error));
+            }
+            let wait = COMMIT_RETRY_CAP.min(Duration::from_millis(50) * 2u32.saturating_pow(attempt.min(10)));
+            warn!(connection = %next.key(), %error, attempt, retry_in_ms = wait.as_millis() as u64, "commit failed; retrying");
+            let mut stop = self.shared.shutdown.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.wait_for(|s| *s) => {}
             }
         }
     }
@@ -425,9 +452,8 @@ impl Actor {
         let key = self.machine.key();
         self.shared.update_view(key, &self.machine);
         if let Some(t) = &step.transition {
-            if matches!(t.cause, Cause::Approved | Cause::Refreshed | Cause::Disconnected) {
-                let credentials = self.machine.connection().credentials.clone();
-                let _ = self.shared.config_tx.try_send(ConfigCommand::WriteBack { key: key.clone(), credentials });
+            if matches!(t.cause, Cause::Approved | Cause::Refreshed | Cause::Disconnected | Cause::Validated) {
+                self.shared.write_backs.push(key.clone(), self.machine.connection().grant.clone());
             }
             info!(connection = %key, from = t.from.as_str(), to = t.to.as_str(), cause = ?t.cause, detail = t.detail.as_deref(), "transition");
             self.shared.publish_transition(key, t);

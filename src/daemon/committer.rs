@@ -2,7 +2,8 @@
 //! wakes goes into one durable redb transaction; each sender hears back only after that
 //! transaction has committed.
 
-use authkeeper_state::{Commit, Store};
+use authkeeper_state::{Commit, ConnectionStore};
+use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use tokio::sync::oneshot;
@@ -23,7 +24,7 @@ pub struct Committer {
 impl Committer {
     /// Start the commit thread. It ends when every `Committer` clone is dropped, after
     /// committing what was queued.
-    pub fn spawn(store: Store) -> (Self, JoinHandle<()>) {
+    pub fn spawn(store: Arc<dyn ConnectionStore>) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("authkeeper-commit".into())

@@ -98,7 +98,7 @@ impl Deadlines {
                 match shared.try_send(&key, Command::Wake) {
                     Ok(()) => {}
                     // Removed meanwhile: nothing to wake.
-                    Err(e) if e.status == axum::http::StatusCode::NOT_FOUND => {}
+                    Err(super::DaemonError::UnknownProfile { .. } | super::DaemonError::UnknownProvider(_)) => {}
                     // Its inbox is full: it is busy; look again in a second.
                     Err(_) => self.set(&key, Some(now + TimeDelta::seconds(1))),
                 }

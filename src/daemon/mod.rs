@@ -6,27 +6,31 @@ mod actor;
 mod committer;
 mod config_owner;
 mod deadlines;
+mod error;
 mod schedules;
+mod write_back;
 
 pub use actor::{Command, Dormant};
 pub use committer::Committer;
 pub use config_owner::ConfigCommand;
 pub use deadlines::{Deadlines, Stats as SchedulerStats};
+pub use error::DaemonError;
+pub use write_back::{StoreHealth, WriteBacks};
 
 use crate::api;
 use crate::clock::Clock;
 use crate::config::Paths;
-use crate::limits::{Gate, Limits, RefreshPlanner};
+use crate::limits::{Gate, RefreshPlanner};
 
 /// The share of a provider's global rate that refreshes plan on; the rest is headroom for
 /// validations, polls and user commands.
 pub const REFRESH_SHARE: f64 = 0.8;
-use crate::providers::{self, Adapter, Extras, Provider};
+use crate::providers::{self, Adapter};
 use crate::socket::ControlSocket;
-use crate::wire::{ApiError, ConnectionView, WireEvent};
+use crate::wire::{ConnectionView, WireEvent};
 use actor::{Actor, INBOX};
 use anyhow::Context;
-use authkeeper_state::{ConnKey, Machine, Policy, Store, Transition};
+use authkeeper_state::{ConnKey, ConnectionStore, Machine, Policy, Store, Transition};
 use chrono::{DateTime, Utc};
 use config_owner::ConfigOwner;
 use std::collections::BTreeMap;
@@ -49,13 +53,16 @@ pub enum Owner {
 pub struct Slot {
     /// The machine as last committed; replaced after each commit.
     pub committed: Arc<Machine>,
-    pub extras: Extras,
+    /// Its provider, with the settings in force (for token payloads).
+    pub adapter: Adapter,
+    /// Why its settings are not the config's (no good config was read), if so.
+    pub warning: Option<Arc<str>>,
     pub owner: Owner,
 }
 
 impl Slot {
     pub fn view(&self, policy: &Policy) -> ConnectionView {
-        ConnectionView::of(&self.committed, policy)
+        ConnectionView::with_warning(&self.committed, policy, self.warning.as_deref())
     }
 }
 
@@ -70,7 +77,11 @@ pub struct Shared {
     pub clock: Arc<dyn Clock>,
     policy: RwLock<Policy>,
     pub committer: Committer,
-    pub store: Store,
+    pub store: Arc<dyn ConnectionStore>,
+    /// Whether the store takes writes, for `/v1/health` and to refuse new work when it does not.
+    pub store_health: StoreHealth,
+    /// Credentials to mirror into config.json (`write_back`): the latest of each connection.
+    pub write_backs: WriteBacks,
     pub events: broadcast::Sender<WireEvent>,
     pub conns: RwLock<BTreeMap<ConnKey, Slot>>,
     pub config: RwLock<ConfigHealth>,
@@ -107,9 +118,11 @@ impl Shared {
         }
     }
 
-    pub fn set_extras(&self, key: &ConnKey, extras: Extras) {
+    /// Use `adapter` (new settings) for `key`'s reads, and say why if they are not the config's.
+    pub fn set_adapter(&self, key: &ConnKey, adapter: Adapter, warning: Option<Arc<str>>) {
         if let Some(slot) = self.conns.write().unwrap().get_mut(key) {
-            slot.extras = extras;
+            slot.adapter = adapter;
+            slot.warning = warning;
         }
     }
 
@@ -136,25 +149,25 @@ impl Shared {
     }
 
     /// The slot for `provider/profile`, or the fitting 404.
-    pub fn lookup<T>(&self, provider: &str, profile: &str, f: impl FnOnce(&Slot) -> T) -> Result<T, ApiError> {
-        if !providers::manifests().iter().any(|m| m.name == provider) {
-            return Err(ApiError::unknown_provider(provider));
+    pub fn lookup<T>(&self, provider: &str, profile: &str, f: impl FnOnce(&Slot) -> T) -> Result<T, DaemonError> {
+        if providers::find(provider).is_none() {
+            return Err(DaemonError::UnknownProvider(provider.to_owned()));
         }
         let conns = self.conns.read().unwrap();
-        let slot =
-            conns.get(&ConnKey::new(provider, profile)).ok_or_else(|| ApiError::unknown_profile(provider, profile))?;
+        let slot = conns
+            .get(&ConnKey::new(provider, profile))
+            .ok_or_else(|| DaemonError::unknown_profile(provider, profile))?;
         Ok(f(slot))
     }
 
     /// Give `machine` a slot in the read view and its first deadline. It starts asleep: a
     /// task runs only when a command or a deadline comes.
-    fn add_connection(self: &Arc<Self>, machine: Machine, provider: Adapter) {
+    fn add_connection(self: &Arc<Self>, machine: Machine, adapter: Adapter, warning: Option<Arc<str>>) {
         let key = machine.key().clone();
-        let extras = provider.token_extras();
         let resume = machine.pending_flow().is_some();
         let next = actor::next_for(&machine, None, self).map(|(at, _)| at);
-        let owner = Owner::Asleep(Box::new(Dormant { provider, sweep_at: None }));
-        let slot = Slot { committed: Arc::new(machine), extras, owner };
+        let owner = Owner::Asleep(Box::new(Dormant { sweep_at: None }));
+        let slot = Slot { committed: Arc::new(machine), adapter, warning, owner };
         self.conns.write().unwrap().insert(key.clone(), slot);
         self.deadlines.set(&key, next);
         if resume {
@@ -163,7 +176,7 @@ impl Shared {
     }
 
     /// The inbox of `key`'s task, starting the task if the connection is asleep.
-    fn inbox(self: &Arc<Self>, key: &ConnKey) -> Result<mpsc::Sender<Command>, ApiError> {
+    fn inbox(self: &Arc<Self>, key: &ConnKey) -> Result<mpsc::Sender<Command>, DaemonError> {
         let awake = self.lookup(&key.provider, &key.profile, |s| match &s.owner {
             Owner::Awake(tx) => Some(self.open(tx.clone())),
             Owner::Asleep(_) => None,
@@ -172,7 +185,7 @@ impl Shared {
             return inbox;
         }
         let mut conns = self.conns.write().unwrap();
-        let slot = conns.get_mut(key).ok_or_else(|| ApiError::unknown_profile(&key.provider, &key.profile))?;
+        let slot = conns.get_mut(key).ok_or_else(|| DaemonError::unknown_profile(&key.provider, &key.profile))?;
         match &slot.owner {
             Owner::Awake(tx) => self.open(tx.clone()),
             Owner::Asleep(_) => {
@@ -181,7 +194,8 @@ impl Shared {
                     unreachable!("matched above")
                 };
                 let machine = Machine::clone(&slot.committed);
-                self.actors.spawn(Actor::new(machine, *dormant, self.clone(), inbox).run(self.shutdown.clone()));
+                let actor = Actor::new(machine, slot.adapter.clone(), *dormant, self.clone(), inbox);
+                self.actors.spawn(actor.run(self.shutdown.clone()));
                 Ok(tx)
             }
         }
@@ -189,35 +203,33 @@ impl Shared {
 
     /// `tx` if its task still takes commands. Called under the map's lock, under which a task
     /// going to sleep also swaps its inbox: a closed one in a slot means the task is gone.
-    fn open(&self, tx: mpsc::Sender<Command>) -> Result<mpsc::Sender<Command>, ApiError> {
+    fn open(&self, tx: mpsc::Sender<Command>) -> Result<mpsc::Sender<Command>, DaemonError> {
         match (tx.is_closed(), *self.shutdown.borrow()) {
             (false, _) => Ok(tx),
-            (true, true) => Err(ApiError::unavailable("the daemon is shutting down")),
-            (true, false) => {
-                Err(ApiError::internal("this connection's owner stopped unexpectedly; see the daemon's log"))
-            }
+            (true, true) => Err(DaemonError::ShuttingDown),
+            (true, false) => Err(DaemonError::OwnerGone),
         }
     }
 
     /// Hand `command` to `key`'s task, waiting while its inbox is full.
-    pub async fn send(self: &Arc<Self>, key: &ConnKey, mut command: Command) -> Result<(), ApiError> {
+    pub async fn send(self: &Arc<Self>, key: &ConnKey, mut command: Command) -> Result<(), DaemonError> {
         loop {
             match self.inbox(key)?.send(command).await {
                 Ok(()) => return Ok(()),
                 // The task went to sleep after we took its inbox: wake it again.
                 Err(mpsc::error::SendError(c)) if !*self.shutdown.borrow() => command = c,
-                Err(_) => return Err(ApiError::unavailable("the daemon is shutting down")),
+                Err(_) => return Err(DaemonError::ShuttingDown),
             }
         }
     }
 
     /// Hand `command` to `key`'s task unless its inbox is full (it is busy).
-    pub fn try_send(self: &Arc<Self>, key: &ConnKey, mut command: Command) -> Result<(), ApiError> {
+    pub fn try_send(self: &Arc<Self>, key: &ConnKey, mut command: Command) -> Result<(), DaemonError> {
         loop {
             match self.inbox(key)?.try_send(command) {
                 Ok(()) => return Ok(()),
                 Err(mpsc::error::TrySendError::Closed(c)) if !*self.shutdown.borrow() => command = c,
-                Err(_) => return Err(ApiError::unavailable("busy")),
+                Err(_) => return Err(DaemonError::Busy),
             }
         }
     }
@@ -226,11 +238,23 @@ impl Shared {
     pub async fn ask<T>(
         self: &Arc<Self>,
         key: &ConnKey,
-        make: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, ApiError>>) -> Command,
-    ) -> Result<T, ApiError> {
+        make: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, DaemonError>>) -> Command,
+    ) -> Result<T, DaemonError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.send(key, make(reply)).await?;
-        answer.await.map_err(|_| ApiError::unavailable("the daemon is shutting down"))?
+        answer.await.map_err(|_| DaemonError::ShuttingDown)?
+    }
+
+    /// New work from a user, unless the store cannot save what it would change.
+    pub async fn ask_new<T>(
+        self: &Arc<Self>,
+        key: &ConnKey,
+        make: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, DaemonError>>) -> Command,
+    ) -> Result<T, DaemonError> {
+        if let Some(error) = self.store_health.failing() {
+            return Err(DaemonError::StoreUnwritable(error));
+        }
+        self.ask(key, make).await
     }
 }
 
@@ -239,7 +263,7 @@ pub struct Options {
     pub paths: Paths,
     pub clock: Arc<dyn Clock>,
     /// A store to use instead of `<state_dir>/authkeeper.redb` (tests and benchmarks).
-    pub store: Option<Store>,
+    pub store: Option<Arc<dyn ConnectionStore>>,
 }
 
 impl Options {
@@ -296,12 +320,15 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
         .with_context(|| format!("cannot create the state directory {}", paths.state_dir.display()))?;
 
     let db_path = paths.state_dir.join("authkeeper.redb");
-    let store = match store {
+    let store: Arc<dyn ConnectionStore> = match store {
         Some(store) => store,
-        None => Store::open(&db_path)
-            .with_context(|| format!("cannot open {} (is another authkeeper using it?)", db_path.display()))?,
+        None => Arc::new(
+            Store::open(&db_path)
+                .with_context(|| format!("cannot open {} (is another authkeeper using it?)", db_path.display()))?,
+        ),
     };
     let stored = store.load_all().context("cannot load connections")?;
+    let profile_states = store.profile_states().context("cannot load provider state")?;
 
     let (committer, commit_thread) = Committer::spawn(store.clone());
     let (stop, shutdown) = watch::channel(false);
@@ -311,21 +338,23 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
         policy: RwLock::new(Policy::default()),
         committer,
         store,
+        store_health: StoreHealth::default(),
+        write_backs: WriteBacks::default(),
         events: broadcast::channel(4096).0,
         conns: RwLock::new(BTreeMap::new()),
         config: RwLock::new(ConfigHealth::default()),
         config_tx,
         shutdown: shutdown.clone(),
-        gates: providers::manifests()
+        gates: providers::REGISTRY
             .iter()
-            .map(|m| {
-                let gate = Gate::new(clock.clone(), Limits::for_provider(m.name)).with_shutdown(shutdown.clone());
-                (m.name.to_owned(), Arc::new(gate))
+            .map(|p| {
+                let gate = Gate::new(clock.clone(), p.limits()).with_shutdown(shutdown.clone());
+                (p.manifest().name.to_owned(), Arc::new(gate))
             })
             .collect(),
-        planners: providers::manifests()
+        planners: providers::REGISTRY
             .iter()
-            .map(|m| (m.name.to_owned(), RefreshPlanner::new(Limits::for_provider(m.name).per_second * REFRESH_SHARE)))
+            .map(|p| (p.manifest().name.to_owned(), RefreshPlanner::new(p.limits().per_second * REFRESH_SHARE)))
             .collect(),
         deadlines: Arc::new(Deadlines::default()),
         schedules: RwLock::new(BTreeMap::new()),
@@ -335,7 +364,7 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
 
     // Bind first, to fail fast when another daemon answers there; serve once connections exist.
     let socket = ControlSocket::bind(&paths.socket).await?;
-    let owner = ConfigOwner::start(paths.config.clone(), shared.clone(), stored).await;
+    let owner = ConfigOwner::start(paths.config.clone(), shared.clone(), stored, profile_states).await?;
     let owner = tokio::spawn(owner.run(config_rx, shutdown.clone()));
     let socket_path = socket.path().to_owned();
     let router = api::router(shared.clone());

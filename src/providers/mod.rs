@@ -1,17 +1,105 @@
-//! Provider adapters. Each turns a provider's protocol into the three-way verdicts the machine
-//! understands: valid, rejected (the provider says the credential is bad), or unknown
-//! (timeout, connection error, 5xx, 429, an unparseable body), which never changes state.
+//! Provider adapters: one module per provider behind one object-safe trait, listed once in
+//! [`registry!`]. Nothing else in the daemon names a provider.
+//!
+//! Each adapter turns its provider's protocol into what the machine understands: a pending
+//! flow or a grant, and three-way verdicts — valid, rejected (the provider says the credential
+//! is bad), or unknown (timeout, connection error, 5xx, 429, an unparseable body), which never
+//! changes state.
 
-pub mod trakt;
+mod adapter;
+mod http;
 
-use crate::config::{ProfileSettings, Settings};
-use crate::limits::Gate;
-use authkeeper_state::{Account, ConnKey, Credentials, DeviceFlow};
+pub use adapter::{Adapter, Profile};
+pub use http::{http_client, install_crypto, transport_error};
+
+use crate::limits::Limits;
+use async_trait::async_trait;
+use authkeeper_state::{Account, Grant, PendingFlow, ProfileState};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
+use serde_json::{Map, Value};
+use std::any::Any;
+use std::collections::BTreeMap;
+
+/// Declares the provider modules and the registry table: one line per provider.
+macro_rules! registry {
+    ($($module:ident => $provider:expr,)*) => {
+        $(pub mod $module;)*
+        /// Every provider this build connects.
+        pub static REGISTRY: &[&dyn Provider] = &[$(&$provider),*];
+    };
+}
+
+registry! {
+    trakt => trakt::Trakt,
+}
+
+/// The provider named `name` on the socket.
+pub fn find(name: &str) -> Option<&'static dyn Provider> {
+    REGISTRY.iter().copied().find(|p| p.manifest().name == name)
+}
+
+/// Every provider's manifest, for `GET /v1/providers`.
+pub fn manifests() -> Vec<&'static Manifest> {
+    REGISTRY.iter().map(|p| p.manifest()).collect()
+}
+
+/// A provider's entry in `GET /v1/providers`.
+#[derive(Debug, Serialize)]
+pub struct Manifest {
+    /// The name on the socket and in `base_url`: `trakt`, `plex`, `jellyfin`.
+    pub name: &'static str,
+    pub label: &'static str,
+    /// The CrossWatch block that holds its settings: usually the name (`tmdb_sync` for TMDB).
+    pub block: &'static str,
+    pub flows: Vec<FlowManifest>,
+    /// Keys the provider's config block must hold before it can connect.
+    pub config: Vec<&'static str>,
+    /// Keys of its block that hold a credential (imported, written back, never stored as
+    /// settings).
+    #[serde(skip)]
+    pub credential_keys: &'static [&'static str],
+}
+
+#[derive(Debug, Serialize)]
+pub struct FlowManifest {
+    pub flow: &'static str,
+    /// Every input field the flow needs, secret or not.
+    pub fields: Vec<&'static str>,
+    /// The fields among them that are secrets: prompted with no echo, never taken from the
+    /// command line, never logged or stored.
+    pub secret_fields: Vec<&'static str>,
+}
+
+/// What the user typed for a flow (`username`, `password`, `api_key`, …). Values are secret
+/// until the provider says otherwise; the map is dropped as soon as the flow has begun.
+pub type Input = BTreeMap<String, authkeeper_state::Secret>;
+
+/// How a connect began.
+#[derive(Debug)]
+pub enum Begun {
+    /// The user must act (enter a code, approve a PIN, follow a link).
+    Pending(PendingFlow),
+    /// The input was exchanged for a grant at once (a password, a key, a pasted token).
+    Granted(Grant),
+}
+
+/// Why a flow could not begin.
+#[derive(Debug, thiserror::Error)]
+pub enum FlowError {
+    /// The profile lacks settings the provider needs (a client id, a server URL).
+    #[error("{0}")]
+    Config(String),
+    /// The input is missing a field or is malformed.
+    #[error("{0}")]
+    Input(String),
+    /// The provider refused the input (a wrong password, a disabled feature).
+    #[error("{0}")]
+    Rejected(String),
+    /// The provider did not answer usefully.
+    #[error("{0}")]
+    Unavailable(String),
+}
 
 /// The answer to a validation or refresh.
 #[derive(Debug)]
@@ -21,166 +109,94 @@ pub enum Verdict<T> {
     Unknown(String),
 }
 
-/// The answer to one poll of a pending device-code flow.
+/// Who a credential belongs to, and the grant with facts learned on the way (a Plex server).
+#[derive(Debug)]
+pub struct Identity {
+    pub account: Account,
+    pub grant: Option<Grant>,
+}
+
+/// The answer to one poll of a pending flow.
 #[derive(Debug)]
 pub enum Poll {
     Pending,
     SlowDown,
-    Approved(Credentials),
+    Approved(Grant),
     /// The code expired, was already used, or is unknown: the flow is over.
     Gone(String),
     Denied,
     Unknown(String),
 }
 
-/// Why a flow could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// The profile lacks settings the provider needs (a client id, say).
-    #[error("{0}")]
-    Config(String),
-    /// The provider did not answer usefully.
-    #[error("{0}")]
-    Unavailable(String),
-}
-
-/// One provider's protocol, for one profile's settings.
+/// One provider's protocol. Every call gets the connection's [`Adapter`]: its settings, its
+/// per-profile state, the HTTP client and the provider's gate.
+#[async_trait]
 pub trait Provider: Send + Sync + 'static {
-    /// Ask for a device code the user can approve.
-    fn start_flow(&self, now: DateTime<Utc>) -> impl Future<Output = Result<DeviceFlow, StartError>> + Send;
-    fn poll(&self, flow: &DeviceFlow, now: DateTime<Utc>) -> impl Future<Output = Poll> + Send;
-    fn validate(&self, credentials: &Credentials) -> impl Future<Output = Verdict<Account>> + Send;
-    fn refresh(
-        &self,
-        credentials: &Credentials,
-        now: DateTime<Utc>,
-    ) -> impl Future<Output = Verdict<Credentials>> + Send;
+    fn manifest(&self) -> &'static Manifest;
+
+    /// Its default rate limits (global and per account).
+    fn limits(&self) -> Limits {
+        Limits::default()
+    }
+
+    /// Check a config block (the base block or one profile's own) against the typed block.
+    fn check(&self, block: &str) -> Result<(), serde_json::Error>;
+
+    /// The typed settings of a profile's effective block (the base deep-merged with its own).
+    fn settings(&self, block: &Map<String, Value>) -> Result<Box<dyn Any + Send + Sync>, serde_json::Error>;
+
+    /// The grant a CrossWatch block holds, if any, for import.
+    fn import(&self, profile: &Profile, now: DateTime<Utc>) -> Option<Grant>;
+
+    /// The CrossWatch keys a grant is written back as (`None`: disconnected); a `None` value
+    /// removes the key.
+    fn export(&self, grant: Option<&Grant>) -> Vec<(&'static str, Option<Value>)>;
+
+    /// Fill in the per-profile state the provider needs before its first call (a stable device
+    /// id). True when it changed, so that the caller saves it before use.
+    fn prepare(&self, _state: &mut ProfileState) -> bool {
+        false
+    }
+
+    /// Start `flow` with the user's input.
+    async fn begin(&self, cx: &Adapter, flow: &str, input: Input, now: DateTime<Utc>) -> Result<Begun, FlowError>;
+
+    /// Ask whether a polled flow was approved.
+    async fn poll(&self, _cx: &Adapter, _flow: &PendingFlow, _now: DateTime<Utc>) -> Poll {
+        Poll::Unknown("this flow is not polled".into())
+    }
+
+    /// Confirm the credential and learn whose it is.
+    async fn validate(&self, cx: &Adapter, grant: &Grant) -> Verdict<Identity>;
+
+    /// Exchange the refresh token for a new grant.
+    async fn refresh(&self, _cx: &Adapter, _grant: &Grant, _now: DateTime<Utc>) -> Verdict<Grant> {
+        Verdict::Rejected("this provider has no refresh".into())
+    }
+
     /// Revoke upstream, best effort.
-    fn revoke(&self, credentials: &Credentials) -> impl Future<Output = Result<(), String>> + Send;
-    /// What a consumer needs besides the token (Trakt: the `trakt-api-key` client id).
-    fn token_extras(&self) -> Extras;
-}
-
-/// Extra fields of a token answer (a Trakt client id, say). Shared, like the app settings they
-/// come from, by every profile of the same app.
-pub type Extras = std::sync::Arc<serde_json::Map<String, serde_json::Value>>;
-
-/// The adapter of any provider this build connects, chosen by the connection's provider.
-#[derive(Clone)]
-pub enum Adapter {
-    Trakt(trakt::Trakt),
-}
-
-impl Adapter {
-    /// The adapter for one connection's effective settings; its calls pass `gate`.
-    pub fn new(
-        key: &ConnKey,
-        profile: &ProfileSettings,
-        settings: &Settings,
-        http: &reqwest::Client,
-        gate: Arc<Gate>,
-    ) -> Self {
-        match profile {
-            ProfileSettings::Trakt(block) => Self::Trakt(trakt::Trakt::new(
-                http.clone(),
-                gate,
-                key.to_string(),
-                settings.base_url.get("trakt").map(String::as_str),
-                block,
-            )),
-        }
+    async fn revoke(&self, _cx: &Adapter, _grant: &Grant) -> Result<(), String> {
+        Ok(())
     }
+
+    /// What a consumer needs besides `access_token`, `token_type` and `expires_at`.
+    fn token(&self, cx: &Adapter, grant: &Grant, out: &mut Map<String, Value>);
 }
 
-impl Adapter {
-    /// Share `other`'s immutable settings where they are the same (profiles are many; apps few).
-    pub fn share_with(&mut self, other: &Adapter) {
-        match (self, other) {
-            (Self::Trakt(a), Self::Trakt(b)) => a.share_app(b),
-        }
-    }
+/// `check` for a provider whose block deserializes as `T`.
+pub fn check_as<T: serde::de::DeserializeOwned>(block: &str) -> Result<(), serde_json::Error> {
+    serde_json::from_str::<T>(block).map(drop)
 }
 
-impl Provider for Adapter {
-    async fn start_flow(&self, now: DateTime<Utc>) -> Result<DeviceFlow, StartError> {
-        match self {
-            Self::Trakt(p) => p.start_flow(now).await,
-        }
-    }
-    async fn poll(&self, flow: &DeviceFlow, now: DateTime<Utc>) -> Poll {
-        match self {
-            Self::Trakt(p) => p.poll(flow, now).await,
-        }
-    }
-    async fn validate(&self, credentials: &Credentials) -> Verdict<Account> {
-        match self {
-            Self::Trakt(p) => p.validate(credentials).await,
-        }
-    }
-    async fn refresh(&self, credentials: &Credentials, now: DateTime<Utc>) -> Verdict<Credentials> {
-        match self {
-            Self::Trakt(p) => p.refresh(credentials, now).await,
-        }
-    }
-    async fn revoke(&self, credentials: &Credentials) -> Result<(), String> {
-        match self {
-            Self::Trakt(p) => p.revoke(credentials).await,
-        }
-    }
-    fn token_extras(&self) -> Extras {
-        match self {
-            Self::Trakt(p) => p.token_extras(),
-        }
-    }
+/// `settings` for a provider whose block deserializes as `T`.
+pub fn settings_as<T: serde::de::DeserializeOwned + Send + Sync + 'static>(
+    block: &Map<String, Value>,
+) -> Result<Box<dyn Any + Send + Sync>, serde_json::Error> {
+    let typed: T = serde_json::from_value(Value::Object(block.clone()))?;
+    Ok(Box::new(typed))
 }
 
-/// A provider's entry in `GET /v1/providers`.
-#[derive(Clone, Debug, Serialize)]
-pub struct Manifest {
-    pub name: &'static str,
-    pub label: &'static str,
-    pub flows: Vec<FlowManifest>,
-    /// Keys the provider's config block must hold.
-    pub config: Vec<&'static str>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct FlowManifest {
-    pub flow: &'static str,
-    pub fields: Vec<&'static str>,
-}
-
-/// Every provider this build can connect.
-pub fn manifests() -> Vec<Manifest> {
-    vec![trakt::manifest()]
-}
-
-/// Make rustls usable (ring); every reqwest client needs it, TLS or not. Idempotent.
-pub fn install_crypto() {
-    // Installing the process-wide provider fails harmlessly when one is already installed.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-/// The HTTP client every adapter uses: rustls, a bounded timeout, our User-Agent.
-pub fn http_client(timeout: Duration) -> reqwest::Client {
-    install_crypto();
-    reqwest::Client::builder()
-        .timeout(timeout)
-        .connect_timeout(timeout)
-        .user_agent(concat!("authkeeper/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .expect("the HTTP client builds")
-}
-
-/// Describe a transport failure without its URL (and so without anything that could be secret).
-pub fn transport_error(e: reqwest::Error) -> String {
-    if e.is_timeout() {
-        "timed out waiting for the provider".into()
-    } else if e.is_connect() {
-        "cannot reach the provider".into()
-    } else if e.is_decode() || e.is_body() {
-        "unreadable answer from the provider".into()
-    } else {
-        format!("request failed: {}", e.without_url())
-    }
+/// A non-empty string setting.
+pub fn nonempty(v: &Option<String>) -> Option<&str> {
+    v.as_deref().filter(|s| !s.is_empty())
 }

@@ -1,46 +1,45 @@
 //! Trakt: device-code flow, rotating refresh tokens, revoke, whoami via `/users/settings`.
 
-use super::{Extras, FlowManifest, Manifest, Poll, Provider, StartError, Verdict, transport_error};
-use crate::config::TraktBlock;
-use crate::limits::{Gate, Kind};
-use authkeeper_state::{Account, Credentials, DeviceFlow, Secret};
+use super::{
+    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, check_as,
+    nonempty, settings_as,
+};
+use crate::limits::{Kind, Limits, Rate};
+use async_trait::async_trait;
+use authkeeper_state::{Account, Grant, PendingFlow, Secret};
 use chrono::{DateTime, TimeDelta, Utc};
-use reqwest::{RequestBuilder, Response, StatusCode};
+use reqwest::{RequestBuilder, StatusCode};
 use serde::Deserialize;
-use serde_json::json;
-use std::sync::Arc;
+use serde_json::{Map, Value, json};
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::sync::LazyLock;
 
 pub const API: &str = "https://api.trakt.tv";
 /// Refresh for device-flow apps uses the out-of-band redirect URI.
 const OOB: &str = "urn:ietf:wg:oauth:2.0:oob";
 
-pub fn manifest() -> Manifest {
-    Manifest {
-        name: "trakt",
-        label: "Trakt",
-        flows: vec![FlowManifest { flow: "device_pin", fields: vec![] }],
-        config: vec!["client_id", "client_secret"],
-    }
-}
+pub struct Trakt;
 
-#[derive(Clone)]
-pub struct Trakt {
-    http: reqwest::Client,
-    gate: Arc<Gate>,
-    /// Whose limits a call counts against (Trakt limits per user).
-    account: String,
-    app: Arc<App>,
-}
+static MANIFEST: LazyLock<Manifest> = LazyLock::new(|| Manifest {
+    name: "trakt",
+    label: "Trakt",
+    block: "trakt",
+    flows: vec![FlowManifest { flow: "device_pin", fields: vec![], secret_fields: vec![] }],
+    config: vec!["client_id", "client_secret"],
+    credential_keys: &["access_token", "refresh_token", "scope", "token_type", "expires_at"],
+});
 
-/// Where a profile's API lives and its app's credentials. Profiles that inherit one app from
-/// the base block can share one copy ([`Trakt::share_app`]).
-#[derive(PartialEq)]
-struct App {
-    api: String,
-    client_id: Option<String>,
-    client_secret: Option<Secret>,
-    /// What a token answer carries besides the token: the client id, which Trakt's API needs.
-    extras: Extras,
+/// The `trakt` block of CrossWatch's config.json.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+pub struct Block {
+    pub client_id: Option<String>,
+    pub client_secret: Option<String>,
+    pub access_token: Option<String>,
+    pub refresh_token: Option<String>,
+    pub scope: Option<String>,
+    pub token_type: Option<String>,
+    pub expires_at: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -77,71 +76,31 @@ struct SettingsIds {
     slug: Option<String>,
 }
 
-impl Trakt {
-    pub fn new(
-        http: reqwest::Client,
-        gate: Arc<Gate>,
-        account: String,
-        base_url: Option<&str>,
-        block: &TraktBlock,
-    ) -> Self {
-        let client_id = block.client_id.clone().filter(|s| !s.is_empty());
-        let mut extras = serde_json::Map::new();
-        if let Some(id) = &client_id {
-            extras.insert("client_id".into(), id.clone().into());
-        }
-        let app = App {
-            api: base_url.unwrap_or(API).trim_end_matches('/').to_owned(),
-            client_id,
-            client_secret: block.client_secret.as_deref().filter(|s| !s.is_empty()).map(Secret::new),
-            extras: Arc::new(extras),
-        };
-        Self { http, gate, account, app: Arc::new(app) }
+/// The app's client id and secret, which every Trakt call needs.
+fn app(cx: &Adapter) -> Result<(&str, &str), String> {
+    let block: &Block = cx.profile.typed();
+    match (nonempty(&block.client_id), nonempty(&block.client_secret)) {
+        (Some(id), Some(secret)) => Ok((id, secret)),
+        _ => Err("the trakt block of config.json needs client_id and client_secret (a Trakt API app's; \
+                  creating one needs a VIP account)"
+            .into()),
     }
+}
 
-    /// Use `other`'s copy of the app when it is the same one.
-    pub fn share_app(&mut self, other: &Trakt) {
-        if self.app == other.app {
-            self.app = other.app.clone();
-        }
-    }
+fn request(cx: &Adapter, method: reqwest::Method, path: &str, client_id: &str) -> RequestBuilder {
+    cx.http
+        .request(method, format!("{}{path}", cx.origin(API)))
+        .header("trakt-api-key", client_id)
+        .header("trakt-api-version", "2")
+}
 
-    fn app(&self) -> Result<(&str, &Secret), String> {
-        match (&self.app.client_id, &self.app.client_secret) {
-            (Some(id), Some(secret)) => Ok((id, secret)),
-            _ => Err("the trakt block of config.json needs client_id and client_secret".into()),
-        }
-    }
-
-    fn request(&self, method: reqwest::Method, path: &str, client_id: &str) -> RequestBuilder {
-        self.http
-            .request(method, format!("{}{path}", self.app.api))
-            .header("trakt-api-key", client_id)
-            .header("trakt-api-version", "2")
-    }
-
-    /// Send through the provider's gate: wait for a slot under the rate limits, and honour a
-    /// `Retry-After` for every later call.
-    async fn send(&self, kind: Kind, req: RequestBuilder) -> Result<Response, String> {
-        self.gate.acquire(&self.account, kind).await.map_err(|e| e.to_string())?;
-        let resp = req.send().await.map_err(transport_error)?;
-        if resp.status() == StatusCode::TOO_MANY_REQUESTS
-            && let Some(secs) = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()?.trim().parse().ok())
-        {
-            self.gate.pause_for(secs);
-        }
-        Ok(resp)
-    }
-
-    fn credentials(body: TokenResponse, now: DateTime<Utc>) -> Credentials {
-        Credentials {
-            access_token: Secret::new(body.access_token),
-            refresh_token: body.refresh_token.map(Secret::new),
-            token_type: body.token_type.unwrap_or_else(|| "bearer".into()),
-            scope: body.scope,
-            issued_at: now,
-            expires_at: body.expires_in.map(|s| now + TimeDelta::seconds(s)),
-        }
+fn grant(body: TokenResponse, now: DateTime<Utc>) -> Grant {
+    Grant {
+        refresh_token: body.refresh_token.map(Secret::new),
+        token_type: body.token_type.unwrap_or_else(|| "bearer".into()),
+        scope: body.scope,
+        expires_at: body.expires_in.map(|s| now + TimeDelta::seconds(s)),
+        ..Grant::bearer(body.access_token, now)
     }
 }
 
@@ -153,52 +112,90 @@ fn unknown_status(status: StatusCode) -> String {
     }
 }
 
+#[async_trait]
 impl Provider for Trakt {
-    async fn start_flow(&self, now: DateTime<Utc>) -> Result<DeviceFlow, StartError> {
-        let (client_id, _) = self.app().map_err(StartError::Config)?;
-        let resp = self
-            .send(
-                Kind::Write,
-                self.request(reqwest::Method::POST, "/oauth/device/code", client_id)
-                    .json(&json!({ "client_id": client_id })),
-            )
-            .await
-            .map_err(StartError::Unavailable)?;
-        if !resp.status().is_success() {
-            return Err(StartError::Unavailable(unknown_status(resp.status())));
+    fn manifest(&self) -> &'static Manifest {
+        &MANIFEST
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            per_second: 10.0,
+            burst: 1,
+            account_reads: Some(Rate { count: 1000, per_secs: 300.0 }),
+            account_writes: Some(Rate { count: 1, per_secs: 1.0 }),
         }
-        let body: DeviceCodeResponse =
-            resp.json().await.map_err(|_| StartError::Unavailable("unreadable device code from Trakt".into()))?;
-        Ok(DeviceFlow {
-            device_code: Secret::new(body.device_code),
-            user_code: body.user_code,
-            verification_url: body.verification_url,
-            issued_at: now,
-            expires_at: now + TimeDelta::seconds(body.expires_in),
-            interval_secs: body.interval.max(1),
+    }
+
+    fn check(&self, block: &str) -> Result<(), serde_json::Error> {
+        check_as::<Block>(block)
+    }
+
+    fn settings(&self, block: &Map<String, Value>) -> Result<Box<dyn Any + Send + Sync>, serde_json::Error> {
+        settings_as::<Block>(block)
+    }
+
+    fn import(&self, profile: &Profile, now: DateTime<Utc>) -> Option<Grant> {
+        let b: &Block = profile.typed();
+        Some(Grant {
+            refresh_token: nonempty(&b.refresh_token).map(Secret::new),
+            token_type: b.token_type.clone().unwrap_or_else(|| "bearer".into()),
+            scope: b.scope.clone(),
+            expires_at: b.expires_at.and_then(|s| DateTime::from_timestamp(s as i64, 0)),
+            ..Grant::bearer(nonempty(&b.access_token)?, now)
         })
     }
 
-    async fn poll(&self, flow: &DeviceFlow, now: DateTime<Utc>) -> Poll {
-        let (client_id, secret) = match self.app() {
+    fn export(&self, grant: Option<&Grant>) -> Vec<(&'static str, Option<Value>)> {
+        let g = grant;
+        vec![
+            ("access_token", g.map(|g| g.access_token.expose().into())),
+            ("refresh_token", g.and_then(|g| g.refresh_token.as_ref()).map(|t| t.expose().into())),
+            ("token_type", g.map(|g| g.token_type.clone().into())),
+            ("scope", g.and_then(|g| g.scope.clone()).map(Into::into)),
+            ("expires_at", g.and_then(|g| g.expires_at).map(|t| t.timestamp().into())),
+        ]
+    }
+
+    async fn begin(&self, cx: &Adapter, _flow: &str, _input: Input, now: DateTime<Utc>) -> Result<Begun, FlowError> {
+        let (client_id, _) = app(cx).map_err(FlowError::Config)?;
+        let req = request(cx, reqwest::Method::POST, "/oauth/device/code", client_id)
+            .json(&json!({ "client_id": client_id }));
+        let resp = cx.send(Kind::Write, req).await.map_err(FlowError::Unavailable)?;
+        if !resp.status().is_success() {
+            return Err(FlowError::Unavailable(unknown_status(resp.status())));
+        }
+        let body: DeviceCodeResponse =
+            resp.json().await.map_err(|_| FlowError::Unavailable("unreadable device code from Trakt".into()))?;
+        Ok(Begun::Pending(PendingFlow {
+            kind: "device_pin".into(),
+            user_code: Some(body.user_code),
+            verification_url: Some(body.verification_url),
+            authorize_url: None,
+            issued_at: now,
+            expires_at: now + TimeDelta::seconds(body.expires_in),
+            interval_secs: Some(body.interval.max(1)),
+            secrets: BTreeMap::from([("device_code".to_owned(), Secret::new(body.device_code))]),
+        }))
+    }
+
+    async fn poll(&self, cx: &Adapter, flow: &PendingFlow, now: DateTime<Utc>) -> Poll {
+        let (client_id, secret) = match app(cx) {
             Ok(app) => app,
             Err(e) => return Poll::Unknown(e),
         };
-        let resp = self.send(
-            Kind::Write,
-            self.request(reqwest::Method::POST, "/oauth/device/token", client_id)
-            .json(
-                &json!({ "code": flow.device_code.expose(), "client_id": client_id, "client_secret": secret.expose() }),
-            )
-            )
-            .await;
-        let resp = match resp {
+        let Some(code) = flow.secret("device_code") else {
+            return Poll::Gone("the pending flow has no device code".into());
+        };
+        let req = request(cx, reqwest::Method::POST, "/oauth/device/token", client_id)
+            .json(&json!({ "code": code.expose(), "client_id": client_id, "client_secret": secret }));
+        let resp = match cx.send(Kind::Write, req).await {
             Ok(r) => r,
             Err(e) => return Poll::Unknown(e),
         };
         match resp.status().as_u16() {
             200 => match resp.json::<TokenResponse>().await {
-                Ok(body) => Poll::Approved(Self::credentials(body, now)),
+                Ok(body) => Poll::Approved(grant(body, now)),
                 Err(_) => Poll::Unknown("unreadable token from Trakt".into()),
             },
             400 => Poll::Pending,
@@ -211,19 +208,14 @@ impl Provider for Trakt {
         }
     }
 
-    async fn validate(&self, credentials: &Credentials) -> Verdict<Account> {
-        let (client_id, _) = match self.app() {
+    async fn validate(&self, cx: &Adapter, grant: &Grant) -> Verdict<Identity> {
+        let (client_id, _) = match app(cx) {
             Ok(app) => app,
             Err(e) => return Verdict::Unknown(e),
         };
-        let resp = self
-            .send(
-                Kind::Read,
-                self.request(reqwest::Method::GET, "/users/settings", client_id)
-                    .bearer_auth(credentials.access_token.expose()),
-            )
-            .await;
-        let resp = match resp {
+        let req = request(cx, reqwest::Method::GET, "/users/settings", client_id)
+            .bearer_auth(grant.access_token.expose());
+        let resp = match cx.send(Kind::Read, req).await {
             Ok(r) => r,
             Err(e) => return Verdict::Unknown(e),
         };
@@ -231,7 +223,7 @@ impl Provider for Trakt {
             StatusCode::OK => match resp.json::<Settings>().await {
                 Ok(s) => {
                     let id = s.user.ids.and_then(|i| i.slug);
-                    Verdict::Valid(Account { name: s.user.username, id })
+                    Verdict::Valid(Identity { account: Account { name: s.user.username, id }, grant: None })
                 }
                 Err(_) => Verdict::Unknown("unreadable /users/settings answer from Trakt".into()),
             },
@@ -241,33 +233,28 @@ impl Provider for Trakt {
         }
     }
 
-    async fn refresh(&self, credentials: &Credentials, now: DateTime<Utc>) -> Verdict<Credentials> {
-        let (client_id, secret) = match self.app() {
+    async fn refresh(&self, cx: &Adapter, grant: &Grant, now: DateTime<Utc>) -> Verdict<Grant> {
+        let (client_id, secret) = match app(cx) {
             Ok(app) => app,
             Err(e) => return Verdict::Unknown(e),
         };
-        let Some(refresh_token) = &credentials.refresh_token else {
+        let Some(refresh_token) = &grant.refresh_token else {
             return Verdict::Rejected("no refresh token".into());
         };
-        let resp = self
-            .send(
-                Kind::Write,
-                self.request(reqwest::Method::POST, "/oauth/token", client_id).json(&json!({
-                    "refresh_token": refresh_token.expose(),
-                    "client_id": client_id,
-                    "client_secret": secret.expose(),
-                    "redirect_uri": OOB,
-                    "grant_type": "refresh_token",
-                })),
-            )
-            .await;
-        let resp = match resp {
+        let req = request(cx, reqwest::Method::POST, "/oauth/token", client_id).json(&json!({
+            "refresh_token": refresh_token.expose(),
+            "client_id": client_id,
+            "client_secret": secret,
+            "redirect_uri": OOB,
+            "grant_type": "refresh_token",
+        }));
+        let resp = match cx.send(Kind::Write, req).await {
             Ok(r) => r,
             Err(e) => return Verdict::Unknown(e),
         };
         match resp.status() {
             StatusCode::OK => match resp.json::<TokenResponse>().await {
-                Ok(body) => Verdict::Valid(Self::credentials(body, now)),
+                Ok(body) => Verdict::Valid(self::grant(body, now)),
                 Err(_) => Verdict::Unknown("unreadable token from Trakt".into()),
             },
             // A dead refresh token: 401 invalid_grant, or lately a bare 400.
@@ -278,18 +265,19 @@ impl Provider for Trakt {
         }
     }
 
-    async fn revoke(&self, credentials: &Credentials) -> Result<(), String> {
-        let (client_id, secret) = self.app()?;
-        let resp = self.send(
-            Kind::Write,
-            self.request(reqwest::Method::POST, "/oauth/revoke", client_id)
-            .json(&json!({ "token": credentials.access_token.expose(), "client_id": client_id, "client_secret": secret.expose() }))
-            )
-            .await?;
+    async fn revoke(&self, cx: &Adapter, grant: &Grant) -> Result<(), String> {
+        let (client_id, secret) = app(cx)?;
+        let req = request(cx, reqwest::Method::POST, "/oauth/revoke", client_id).json(
+            &json!({ "token": grant.access_token.expose(), "client_id": client_id, "client_secret": secret }),
+        );
+        let resp = cx.send(Kind::Write, req).await?;
         if resp.status().is_success() { Ok(()) } else { Err(unknown_status(resp.status())) }
     }
 
-    fn token_extras(&self) -> Extras {
-        self.app.extras.clone()
+    fn token(&self, cx: &Adapter, _grant: &Grant, out: &mut Map<String, Value>) {
+        let block: &Block = cx.profile.typed();
+        if let Some(id) = nonempty(&block.client_id) {
+            out.insert("client_id".into(), id.into());
+        }
     }
 }

@@ -1,22 +1,26 @@
 //! `authkeeper-state`: the connection state machine and the store that persists it.
 //!
 //! - [`secret`]: credential types whose `Debug` and `Display` never show the value.
+//! - [`grant`]: grants, pending flows and per-profile provider state: data, not a type per
+//!   provider.
 //! - [`machine`]: the pure machine, `(state, event, now) → (state', transition, effects)`,
 //!   built with statig in blocking mode.
 //! - [`schedule`]: pure timing rules: when to poll, refresh, validate, retry, give up.
-//! - [`store`]: redb tables, migrations and the batched (group) commit.
+//! - [`store`]: redb tables, migrations and the batched (group) commit, behind a narrow
+//!   interface.
+//! - [`records`]: the store's versioned on-disk records.
 //!
 //! Nothing here does network I/O or reads the clock: time always comes in as an argument.
 
+pub mod grant;
 pub mod machine;
+pub mod records;
 pub mod schedule;
 pub mod secret;
 pub mod store;
 
-pub use machine::{
-    Account, Cause, ConnKey, Connection, Credentials, DeviceFlow, Effect, Event, Machine, Refusal, StateName, Step,
-    Transition,
-};
+pub use grant::{Grant, PendingFlow, ProfileState};
+pub use machine::{Account, Cause, ConnKey, Connection, Effect, Event, Machine, Refusal, StateName, Step, Transition};
 pub use schedule::{Action, Policy};
 pub use secret::Secret;
-pub use store::{Commit, Store, StoreError};
+pub use store::{Commit, ConnectionStore, Store, StoreError, Stored};

@@ -5,11 +5,12 @@
 //! [`Step`] (a public [`Transition`] for history and observers, plus [`Effect`]s). Scheduling
 //! (when to poll, refresh or validate) is derived from the state by [`crate::schedule`].
 
+use crate::grant::{Grant, PendingFlow};
 use crate::schedule::{self, Policy};
 use crate::secret::Secret;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use statig::blocking::{InitializedStateMachine, IntoStateMachineExt, UninitializedStateMachine};
+use statig::blocking::{InitializedStateMachine, IntoStateMachineExt};
 use statig::prelude::*;
 use std::fmt;
 
@@ -32,18 +33,6 @@ impl fmt::Display for ConnKey {
     }
 }
 
-/// What a provider handed out. Lifetimes always come from the provider's `expires_in`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Credentials {
-    pub access_token: Secret,
-    pub refresh_token: Option<Secret>,
-    pub token_type: String,
-    pub scope: Option<String>,
-    /// When the daemon received it; with `expires_at` this gives the lifetime.
-    pub issued_at: DateTime<Utc>,
-    pub expires_at: Option<DateTime<Utc>>,
-}
-
 /// Who the credential belongs to, as the provider's whoami call reports it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Account {
@@ -51,25 +40,13 @@ pub struct Account {
     pub id: Option<String>,
 }
 
-/// A device-code (PIN) flow in progress. Persisted in the store's `flows` table so that a
-/// restart resumes polling the same code.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct DeviceFlow {
-    pub device_code: Secret,
-    pub user_code: String,
-    pub verification_url: String,
-    pub issued_at: DateTime<Utc>,
-    pub expires_at: DateTime<Utc>,
-    pub interval_secs: u64,
-}
-
 /// The data every state shares (statig's shared storage).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Connection {
     pub key: ConnKey,
     /// When the current state was entered.
     pub since: DateTime<Utc>,
-    pub credentials: Option<Credentials>,
+    pub grant: Option<Grant>,
     pub account: Option<Account>,
     pub validated_at: Option<DateTime<Utc>>,
     /// The last unknown answer (timeout, 5xx, 429, garbage); cleared by the next good one.
@@ -78,12 +55,10 @@ pub struct Connection {
     pub failures: u32,
     /// Backoff: no provider call before this time.
     pub next_attempt_at: Option<DateTime<Utc>>,
-    /// Set exactly while pending on an interactive flow; stored in the `flows` table.
-    #[serde(skip)]
-    /// Boxed: most connections have none, and they are many.
-    pub flow: Option<Box<DeviceFlow>>,
+    /// Set exactly while pending on an interactive flow; stored in the `flows` table. Boxed:
+    /// most connections have none, and they are many.
+    pub flow: Option<Box<PendingFlow>>,
     /// When the flow was last polled; in memory only (after a restart: one interval from then).
-    #[serde(skip)]
     pub last_poll_at: Option<DateTime<Utc>>,
 }
 
@@ -101,21 +76,24 @@ pub enum PendingKind {
 #[derive(Clone, Debug)]
 pub enum Event {
     /// The user started an interactive flow; the provider already issued the code.
-    ConnectRequested { flow: DeviceFlow },
-    /// A credential arrived without a flow (pasted token, API key, import from config).
-    CredentialsSupplied { credentials: Credentials },
+    ConnectRequested { flow: PendingFlow },
+    /// A credential arrived without a flow (pasted token, API key, password exchange, import
+    /// from config).
+    CredentialsSupplied { grant: Grant },
     /// The daemon (re)started with this connection loaded from the store.
     Resumed,
     /// A flow poll answered "not yet".
     FlowPending,
     /// A flow poll answered "slow down": poll less often from now on.
     FlowSlowDown { interval_secs: u64 },
-    /// The user approved the flow; the provider issued credentials.
-    Approved { credentials: Credentials, account: Option<Account> },
-    /// The provider confirmed the credential (whoami succeeded).
-    Validated { account: Account },
-    /// A refresh succeeded; `credentials` is the new (possibly rotated) pair.
-    Refreshed { credentials: Credentials },
+    /// The user approved the flow; the provider issued a grant. Committed before any other
+    /// provider call: who it belongs to is asked afterwards (a `Validate` effect).
+    Approved { grant: Grant },
+    /// The provider confirmed the credential (whoami succeeded). `grant`, when given, is the
+    /// same credential with facts the validation learned (a Plex server found, say).
+    Validated { account: Account, grant: Option<Grant> },
+    /// A refresh succeeded; `grant` is the new (possibly rotated) one.
+    Refreshed { grant: Grant },
     /// The device code expired, or the provider no longer knows it.
     FlowExpired { detail: String },
     /// The user denied the flow.
@@ -192,8 +170,8 @@ pub struct Transition {
 pub enum Effect {
     /// Ask the provider whether the supplied credential is good.
     Validate,
-    /// Revoke these credentials upstream, best effort.
-    Revoke(Credentials),
+    /// Revoke this grant upstream, best effort.
+    Revoke(Grant),
 }
 
 /// An event the machine refuses in its current state; nothing changed.
@@ -232,7 +210,7 @@ impl Ctx {
 
 #[state_machine(
     initial = "State::disconnected()",
-    state(derive(Debug, Clone, PartialEq, Serialize, Deserialize)),
+    state(derive(Debug, Clone, PartialEq)),
     after_transition = "Self::after_transition"
 )]
 impl Connection {
@@ -243,7 +221,7 @@ impl Connection {
     fn disconnected(&mut self, context: &mut Ctx, event: &Event) -> Outcome<State> {
         match event {
             Event::ConnectRequested { flow } => self.start_flow(context, flow),
-            Event::CredentialsSupplied { credentials } => self.supply(context, credentials),
+            Event::CredentialsSupplied { grant } => self.supply(context, grant),
             Event::Cancel => {
                 context.refuse("nothing is pending");
                 Handled
@@ -275,15 +253,17 @@ impl Connection {
             (PendingKind::Flow, Event::FlowSlowDown { interval_secs }) => {
                 self.last_poll_at = Some(context.now);
                 if let Some(flow) = self.flow.as_mut() {
-                    flow.interval_secs = *interval_secs;
+                    flow.interval_secs = Some(*interval_secs);
                 }
                 Handled
             }
-            (PendingKind::Flow, Event::Approved { credentials, account }) => {
-                self.credentials = Some(credentials.clone());
-                self.account = account.clone();
+            (PendingKind::Flow, Event::Approved { grant }) => {
+                self.grant = Some(grant.clone());
+                self.account = None;
                 self.validated_at = Some(context.now);
+                self.clear_errors();
                 self.end_flow();
+                context.step.effects.push(Effect::Validate);
                 context.record(Cause::Approved, None);
                 Transition(State::connected())
             }
@@ -299,18 +279,17 @@ impl Connection {
             }
             (_, Event::Cancel) => {
                 self.end_flow();
-                self.credentials = None;
+                self.grant = None;
                 context.record(Cause::Cancelled, None);
                 Transition(State::disconnected())
             }
-            (PendingKind::Validating, Event::Validated { account }) => {
-                self.confirm(context, Some(account));
+            (PendingKind::Validating, Event::Validated { account, grant }) => {
+                self.confirm(context, Some(account), grant.as_ref());
                 context.record(Cause::Validated, None);
                 Transition(State::connected())
             }
-            (PendingKind::Validating, Event::Refreshed { credentials }) => {
-                self.credentials = Some(credentials.clone());
-                self.confirm(context, None);
+            (PendingKind::Validating, Event::Refreshed { grant }) => {
+                self.confirm(context, None, Some(grant));
                 context.record(Cause::Refreshed, None);
                 Transition(State::connected())
             }
@@ -335,14 +314,13 @@ impl Connection {
     #[state(superstate = "any")]
     fn connected(&mut self, context: &mut Ctx, event: &Event) -> Outcome<State> {
         match event {
-            Event::Validated { account } => {
-                self.confirm(context, Some(account));
+            Event::Validated { account, grant } => {
+                self.confirm(context, Some(account), grant.as_ref());
                 context.record(Cause::Validated, None);
                 Handled
             }
-            Event::Refreshed { credentials } => {
-                self.credentials = Some(credentials.clone());
-                self.confirm(context, None);
+            Event::Refreshed { grant } => {
+                self.confirm(context, None, Some(grant));
                 context.record(Cause::Refreshed, None);
                 Handled
             }
@@ -357,7 +335,7 @@ impl Connection {
                 Transition(State::expired(false))
             }
             Event::ExpiryPassed => {
-                let expires_at = self.credentials.as_ref().and_then(|c| c.expires_at);
+                let expires_at = self.grant.as_ref().and_then(|c| c.expires_at);
                 if expires_at.is_none_or(|at| at > context.now) {
                     return Handled; // stale: a refresh got there first
                 }
@@ -366,7 +344,7 @@ impl Connection {
                 Transition(State::expired(refreshable))
             }
             // A new credential (pasted into the config) replaces the current one once validated.
-            Event::CredentialsSupplied { credentials } => self.supply(context, credentials),
+            Event::CredentialsSupplied { grant } => self.supply(context, grant),
             Event::ConnectRequested { .. } => {
                 context.refuse("already connected; disconnect first");
                 Handled
@@ -386,15 +364,14 @@ impl Connection {
     fn expired(&mut self, retry_refresh: &bool, context: &mut Ctx, event: &Event) -> Outcome<State> {
         match event {
             Event::ConnectRequested { flow } => self.start_flow(context, flow),
-            Event::CredentialsSupplied { credentials } => self.supply(context, credentials),
-            Event::Refreshed { credentials } => {
-                self.credentials = Some(credentials.clone());
-                self.confirm(context, None);
+            Event::CredentialsSupplied { grant } => self.supply(context, grant),
+            Event::Refreshed { grant } => {
+                self.confirm(context, None, Some(grant));
                 context.record(Cause::Refreshed, None);
                 Transition(State::connected())
             }
-            Event::Validated { account } => {
-                self.confirm(context, Some(account));
+            Event::Validated { account, grant } => {
+                self.confirm(context, Some(account), grant.as_ref());
                 context.record(Cause::Validated, None);
                 Transition(State::connected())
             }
@@ -420,7 +397,7 @@ impl Connection {
             Event::Disconnect => Cause::Disconnected,
             Event::Remove => Cause::Removed,
             Event::Unknown { error } => {
-                if self.credentials.is_some() || self.flow.is_some() {
+                if self.grant.is_some() || self.flow.is_some() {
                     self.failures = self.failures.saturating_add(1);
                     self.last_error = Some(error.clone());
                     let delay = schedule::backoff(self.failures, &context.policy, context.jitter);
@@ -430,15 +407,15 @@ impl Connection {
             }
             _ => return Handled,
         };
-        if self.credentials.is_none() && self.flow.is_none() && self.account.is_none() {
+        if self.grant.is_none() && self.flow.is_none() && self.account.is_none() {
             return Handled; // already disconnected: nothing to do, nothing to record
         }
         // Only an explicit disconnect revokes upstream: a profile removed from the config may
         // have moved elsewhere with its token.
-        if let Some(credentials) = self.credentials.take()
+        if let Some(grant) = self.grant.take()
             && cause == Cause::Disconnected
         {
-            context.step.effects.push(Effect::Revoke(credentials));
+            context.step.effects.push(Effect::Revoke(grant));
         }
         self.end_flow();
         self.account = None;
@@ -454,7 +431,7 @@ impl Connection {
         Self {
             key,
             since: now,
-            credentials: None,
+            grant: None,
             account: None,
             validated_at: None,
             last_error: None,
@@ -469,7 +446,7 @@ impl Connection {
         self.since = context.now;
     }
 
-    fn start_flow(&mut self, context: &mut Ctx, flow: &DeviceFlow) -> Outcome<State> {
+    fn start_flow(&mut self, context: &mut Ctx, flow: &PendingFlow) -> Outcome<State> {
         self.flow = Some(Box::new(flow.clone()));
         self.last_poll_at = None;
         self.clear_errors();
@@ -477,17 +454,20 @@ impl Connection {
         Transition(State::pending(PendingKind::Flow))
     }
 
-    fn supply(&mut self, context: &mut Ctx, credentials: &Credentials) -> Outcome<State> {
-        self.credentials = Some(credentials.clone());
+    fn supply(&mut self, context: &mut Ctx, grant: &Grant) -> Outcome<State> {
+        self.grant = Some(grant.clone());
         self.clear_errors();
         context.step.effects.push(Effect::Validate);
         context.record(Cause::CredentialsSupplied, None);
         Transition(State::pending(PendingKind::Validating))
     }
 
-    fn confirm(&mut self, context: &Ctx, account: Option<&Account>) {
+    fn confirm(&mut self, context: &Ctx, account: Option<&Account>, grant: Option<&Grant>) {
         if let Some(account) = account {
             self.account = Some(account.clone());
+        }
+        if let Some(grant) = grant {
+            self.grant = Some(grant.clone());
         }
         self.validated_at = Some(context.now);
         self.clear_errors();
@@ -505,7 +485,7 @@ impl Connection {
     }
 
     pub fn refresh_token(&self) -> Option<&Secret> {
-        self.credentials.as_ref()?.refresh_token.as_ref()
+        self.grant.as_ref()?.refresh_token.as_ref()
     }
 }
 
@@ -530,18 +510,12 @@ impl Machine {
         Self { sm }
     }
 
-    /// Rebuild a machine from its stored row and flow.
-    pub fn restore(row: &[u8], flow: Option<DeviceFlow>) -> Result<Self, serde_json::Error> {
-        let mut sm: UninitializedStateMachine<Connection> = serde_json::from_slice(row)?;
-        sm.inner_mut().flow = flow.map(Box::new);
-        let now = sm.inner().since;
-        let sm = sm.init_with_context(&mut Ctx::new(now, Policy::default(), 0.0));
-        Ok(Self { sm })
-    }
-
-    /// The stored row (everything but the flow, which goes to its own table).
-    pub fn to_row(&self) -> Vec<u8> {
-        serde_json::to_vec(&self.sm).expect("a machine always serializes")
+    /// Rebuild a machine in `state` from its stored data (the store's records).
+    pub fn restore(connection: Connection, state: State) -> Self {
+        let now = connection.since;
+        let mut sm = connection.uninitialized_state_machine();
+        *sm.state_mut() = state;
+        Self { sm: sm.init_with_context(&mut Ctx::new(now, Policy::default(), 0.0)) }
     }
 
     pub fn connection(&self) -> &Connection {
@@ -566,7 +540,7 @@ impl Machine {
     }
 
     /// Pending on an interactive flow (as opposed to validating a supplied credential).
-    pub fn pending_flow(&self) -> Option<&DeviceFlow> {
+    pub fn pending_flow(&self) -> Option<&PendingFlow> {
         match self.sm.state() {
             State::Pending { kind: PendingKind::Flow } => self.connection().flow.as_deref(),
             _ => None,

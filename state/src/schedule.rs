@@ -66,7 +66,7 @@ fn spread(machine: &Machine, salt: i64) -> f64 {
 
 /// When this connection's token should be refreshed, if it can be.
 pub fn refresh_at(machine: &Machine, policy: &Policy) -> Option<DateTime<Utc>> {
-    let creds = machine.connection().credentials.as_ref()?;
+    let creds = machine.connection().grant.as_ref()?;
     creds.refresh_token.as_ref()?;
     let expires_at = creds.expires_at?;
     let lead = refresh_lead(expires_at - creds.issued_at, policy.refresh_margin);
@@ -96,19 +96,19 @@ pub fn next_action(machine: &Machine, policy: &Policy) -> Option<(DateTime<Utc>,
         StateName::Disconnected => None,
         StateName::Pending => match machine.pending_flow() {
             Some(flow) => {
-                let poll = conn.last_poll_at.map_or(flow.issued_at, |last| last)
-                    + TimeDelta::seconds(flow.interval_secs as i64);
-                let poll = gate(poll);
-                if poll < flow.expires_at {
-                    Some((poll, Action::PollFlow))
-                } else {
-                    Some((flow.expires_at, Action::ExpireFlow))
+                // A flow that ends by callback is not polled: only its expiry is due.
+                let poll = flow.interval_secs.map(|interval| {
+                    gate(conn.last_poll_at.unwrap_or(flow.issued_at) + TimeDelta::seconds(interval as i64))
+                });
+                match poll {
+                    Some(poll) if poll < flow.expires_at => Some((poll, Action::PollFlow)),
+                    _ => Some((flow.expires_at, Action::ExpireFlow)),
                 }
             }
             None => Some((gate(conn.since), Action::Validate)),
         },
         StateName::Connected => {
-            let creds = conn.credentials.as_ref()?;
+            let creds = conn.grant.as_ref()?;
             // A retry after an unknown answer is due when its backoff ends; otherwise the
             // rolling validation is.
             let validate = conn

@@ -1,11 +1,18 @@
-//! The redb store: connections, their history, pending flows, and metadata.
+//! The redb store: connections, their history, pending flows, the settings each connection was
+//! last declared with, per-profile provider state, and metadata. Values are the versioned
+//! records of [`crate::records`].
 //!
-//! Every write is a batch ([`Store::commit`]): one write transaction, `Durability::Immediate`,
-//! carrying any number of connections' new states and history rows, so the daemon can group
-//! commits. Nothing is acknowledged before `commit` returns.
+//! Every write of connections is a batch ([`Store::commit`]): one write transaction,
+//! `Durability::Immediate`, carrying any number of connections' new states and history rows, so
+//! the daemon can group commits. Nothing is acknowledged before `commit` returns.
+//!
+//! The daemon sees the store through [`ConnectionStore`], a narrow interface that a second
+//! backend can implement.
 
+use crate::grant::ProfileState;
 use crate::machine::StateName;
-use crate::machine::{ConnKey, DeviceFlow, Machine, Transition};
+use crate::machine::{ConnKey, Machine, Transition};
+use crate::records::{self, RecordError};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::collections::HashMap;
 use std::fs::OpenOptions;
@@ -13,20 +20,26 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-/// `provider/profile` → the machine's JSON row (state and shared data, flow excluded).
+/// `provider/profile` → the connection's record (state and data, flow excluded).
 const CONNECTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("connections");
-/// (`provider/profile`, sequence) → a JSON [`Transition`]; append-only, bounded per connection.
+/// (`provider/profile`, sequence) → a [`Transition`] record; append-only, bounded per connection.
 const HISTORY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("history");
-/// `provider/profile` → the pending [`DeviceFlow`], present exactly while a flow is pending.
+/// `provider/profile` → the pending flow's record, present exactly while a flow is pending.
 const FLOWS: TableDefinition<&str, &[u8]> = TableDefinition::new("flows");
 /// `schema_version`, and `profiles/<provider>`: the highest profile number ever allocated.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// `provider/profile` → a digest of the credential last read from or written to config.json,
 /// so that only a credential the user changed there counts as newly supplied.
 const CONFIG_SEEN: TableDefinition<&str, &[u8]> = TableDefinition::new("config_seen");
+/// `provider/profile` → the settings the config last declared it with (opaque bytes), present
+/// exactly for connections a config declared. They stay in force while no good config is read.
+const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
+/// `provider/profile` → the provider's [`ProfileState`] record; outlives the connection.
+const PROFILE_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("profile_state");
 
 /// The schema this build writes. Older files are migrated on open; newer ones are refused.
-pub const SCHEMA_VERSION: u64 = 2;
+/// 1: tables; 2: `config_seen`; 3: versioned records, `settings`, `profile_state`.
+pub const SCHEMA_VERSION: u64 = 3;
 /// History rows kept per connection; the oldest are dropped beyond it.
 pub const HISTORY_LIMIT: u64 = 256;
 
@@ -40,7 +53,42 @@ pub enum StoreError {
     #[error("the database was written by a newer authkeeper (schema {found}, this build knows {supported})")]
     TooNew { found: u64, supported: u64 },
     #[error("stored row for {key} is unreadable: {source}")]
-    Corrupt { key: String, source: serde_json::Error },
+    Corrupt { key: String, source: RecordError },
+}
+
+/// A stored connection: its machine and the settings a config last declared it with (`None`:
+/// no config declared it; such connections are never touched by config changes).
+pub struct Stored {
+    pub machine: Machine,
+    pub settings: Option<Vec<u8>>,
+}
+
+/// What the daemon needs of a store. Kept narrow so that another backend can take redb's place.
+pub trait ConnectionStore: Send + Sync + 'static {
+    /// Every stored connection, with its pending flow and declared settings.
+    fn load_all(&self) -> Result<Vec<Stored>, StoreError>;
+    /// Commit a batch of connections' changes in one durable transaction.
+    fn commit(&self, batch: &[Commit]) -> Result<(), StoreError>;
+    /// A connection's history, oldest first.
+    fn history(&self, key: &ConnKey) -> Result<Vec<Transition>, StoreError>;
+    /// Drop a removed connection's state, flow and declared settings; its history stays.
+    fn forget(&self, key: &ConnKey) -> Result<(), StoreError>;
+    /// Record (or with `None` clear) the settings connections are declared with.
+    fn set_settings(&self, rows: &[(ConnKey, Option<Vec<u8>>)]) -> Result<(), StoreError>;
+    /// Every profile's provider state.
+    fn profile_states(&self) -> Result<Vec<(ConnKey, ProfileState)>, StoreError>;
+    /// Save one profile's provider state, durably, before it is used.
+    fn set_profile_state(&self, key: &ConnKey, state: &ProfileState) -> Result<(), StoreError>;
+    fn config_seen(&self, key: &ConnKey) -> Result<Option<Vec<u8>>, StoreError>;
+    fn set_config_seen(&self, key: &ConnKey, digest: &[u8]) -> Result<(), StoreError>;
+    fn allocate_profile(&self, provider: &str, in_use: u64) -> Result<u64, StoreError>;
+    fn note_profiles(&self, provider: &str, in_use: u64) -> Result<(), StoreError>;
+    fn compact_history(&self, cutoff: chrono::DateTime<chrono::Utc>) -> Result<u64, StoreError>;
+}
+
+fn parse_key(key: &str) -> ConnKey {
+    let (provider, profile) = key.split_once('/').unwrap_or((key, ""));
+    ConnKey::new(provider, profile)
 }
 
 fn db<E: Into<redb::Error>>(e: E) -> StoreError {
@@ -123,6 +171,11 @@ impl Store {
         if found < 2 {
             txn.open_table(CONFIG_SEEN).map_err(db)?;
         }
+        if found < 3 {
+            txn.open_table(SETTINGS).map_err(db)?;
+            txn.open_table(PROFILE_STATE).map_err(db)?;
+            rewrite_records(&txn)?;
+        }
         txn.open_table(META).map_err(db)?.insert("schema_version", SCHEMA_VERSION).map_err(db)?;
         txn.commit().map_err(db)?;
         Ok(())
@@ -140,11 +193,10 @@ impl Store {
             let mut history = txn.open_table(HISTORY).map_err(db)?;
             for c in batch {
                 let key = c.machine.key().to_string();
-                conns.insert(key.as_str(), c.machine.to_row().as_slice()).map_err(db)?;
+                conns.insert(key.as_str(), records::encode_connection(&c.machine).as_slice()).map_err(db)?;
                 match &c.machine.connection().flow {
                     Some(flow) => {
-                        let row = serde_json::to_vec(flow).expect("a flow always serializes");
-                        flows.insert(key.as_str(), row.as_slice()).map_err(db)?;
+                        flows.insert(key.as_str(), records::encode_flow(flow).as_slice()).map_err(db)?;
                     }
                     // A flow ends only with a step out of pending.
                     None if c.transition.as_ref().is_some_and(|t| t.from == StateName::Pending) => {
@@ -164,21 +216,24 @@ impl Store {
         Ok(())
     }
 
-    /// Every stored connection, with its pending flow.
-    pub fn load_all(&self) -> Result<Vec<Machine>, StoreError> {
+    /// Every stored connection, with its pending flow and declared settings.
+    pub fn load_all(&self) -> Result<Vec<Stored>, StoreError> {
         let txn = self.db.begin_read().map_err(db)?;
         let conns = txn.open_table(CONNECTIONS).map_err(db)?;
         let flows = txn.open_table(FLOWS).map_err(db)?;
+        let settings = txn.open_table(SETTINGS).map_err(db)?;
         let mut out = Vec::with_capacity(conns.len().map_err(db)? as usize);
         for row in conns.iter().map_err(db)? {
             let (key, value) = row.map_err(db)?;
             let key = key.value();
             let corrupt = |source| StoreError::Corrupt { key: key.to_owned(), source };
             let flow = match flows.get(key).map_err(db)? {
-                Some(f) => Some(serde_json::from_slice::<DeviceFlow>(f.value()).map_err(corrupt)?),
+                Some(f) => Some(records::decode_flow(f.value()).map_err(corrupt)?),
                 None => None,
             };
-            out.push(Machine::restore(value.value(), flow).map_err(corrupt)?);
+            let machine = records::decode_connection(key, value.value(), flow).map_err(corrupt)?;
+            let settings = settings.get(key).map_err(db)?.map(|v| v.value().to_vec());
+            out.push(Stored { machine, settings });
         }
         Ok(out)
     }
@@ -190,6 +245,51 @@ impl Store {
         txn.open_table(CONNECTIONS).map_err(db)?.remove(key.as_str()).map_err(db)?;
         txn.open_table(FLOWS).map_err(db)?.remove(key.as_str()).map_err(db)?;
         txn.open_table(CONFIG_SEEN).map_err(db)?.remove(key.as_str()).map_err(db)?;
+        txn.open_table(SETTINGS).map_err(db)?.remove(key.as_str()).map_err(db)?;
+        txn.commit().map_err(db)?;
+        Ok(())
+    }
+
+    /// Record (or with `None` clear) the settings connections are declared with, durably.
+    pub fn set_settings(&self, rows: &[(ConnKey, Option<Vec<u8>>)]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write().map_err(db)?;
+        {
+            let mut table = txn.open_table(SETTINGS).map_err(db)?;
+            for (key, value) in rows {
+                let key = key.to_string();
+                match value {
+                    Some(v) => table.insert(key.as_str(), v.as_slice()).map_err(db)?,
+                    None => table.remove(key.as_str()).map_err(db)?,
+                };
+            }
+        }
+        txn.commit().map_err(db)?;
+        Ok(())
+    }
+
+    /// Every profile's provider state.
+    pub fn profile_states(&self) -> Result<Vec<(ConnKey, ProfileState)>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let table = txn.open_table(PROFILE_STATE).map_err(db)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(db)? {
+            let (k, v) = row.map_err(db)?;
+            let state = records::decode_profile_state(v.value())
+                .map_err(|source| StoreError::Corrupt { key: k.value().to_owned(), source })?;
+            out.push((parse_key(k.value()), state));
+        }
+        Ok(out)
+    }
+
+    /// Save one profile's provider state, durably.
+    pub fn set_profile_state(&self, key: &ConnKey, state: &ProfileState) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write().map_err(db)?;
+        txn.set_durability(Durability::Immediate).map_err(db)?;
+        let row = records::encode_profile_state(state);
+        txn.open_table(PROFILE_STATE).map_err(db)?.insert(key.to_string().as_str(), row.as_slice()).map_err(db)?;
         txn.commit().map_err(db)?;
         Ok(())
     }
@@ -254,7 +354,7 @@ impl Store {
             for row in table.iter().map_err(db)? {
                 let (k, v) = row.map_err(db)?;
                 let (conn, seq) = k.value();
-                let t: Transition = serde_json::from_slice(v.value())
+                let t = records::decode_transition(v.value())
                     .map_err(|source| StoreError::Corrupt { key: conn.to_owned(), source })?;
                 if let Some((p_conn, p_seq, p_at)) = prev.take()
                     && p_conn == conn
@@ -296,7 +396,7 @@ impl Store {
         for row in table.range((key.as_str(), 0)..=(key.as_str(), u64::MAX)).map_err(db)? {
             let (_, value) = row.map_err(db)?;
             out.push(
-                serde_json::from_slice(value.value())
+                records::decode_transition(value.value())
                     .map_err(|source| StoreError::Corrupt { key: key.clone(), source })?,
             );
         }
@@ -323,11 +423,90 @@ fn append_history(
             (first.unwrap_or(next), next)
         }
     };
-    let row = serde_json::to_vec(t).expect("a transition always serializes");
-    history.insert((key, next), row.as_slice()).map_err(db)?;
+    history.insert((key, next), records::encode_transition(t).as_slice()).map_err(db)?;
     let keep_from = (next + 1).saturating_sub(HISTORY_LIMIT);
     for seq in first..keep_from {
         history.remove((key, seq)).map_err(db)?;
     }
     Ok((first.max(keep_from), next + 1))
+}
+
+/// Schema 2 → 3: every connection, flow and history value becomes a format-3 record.
+fn rewrite_records(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let corrupt = |key: &str| {
+        let key = key.to_owned();
+        move |source| StoreError::Corrupt { key, source }
+    };
+    let mut flows = txn.open_table(FLOWS).map_err(db)?;
+    let mut conns = txn.open_table(CONNECTIONS).map_err(db)?;
+    let mut history = txn.open_table(HISTORY).map_err(db)?;
+    let mut new_flows = HashMap::new();
+    for row in flows.iter().map_err(db)? {
+        let (k, v) = row.map_err(db)?;
+        let flow = records::decode_flow(v.value()).map_err(corrupt(k.value()))?;
+        new_flows.insert(k.value().to_owned(), flow);
+    }
+    let mut new_conns = Vec::new();
+    for row in conns.iter().map_err(db)? {
+        let (k, v) = row.map_err(db)?;
+        let flow = new_flows.get(k.value()).cloned();
+        let machine = records::decode_connection(k.value(), v.value(), flow).map_err(corrupt(k.value()))?;
+        new_conns.push((k.value().to_owned(), records::encode_connection(&machine)));
+    }
+    let mut new_history = Vec::new();
+    for row in history.iter().map_err(db)? {
+        let (k, v) = row.map_err(db)?;
+        let (conn, seq) = k.value();
+        let t = records::decode_transition(v.value()).map_err(corrupt(conn))?;
+        new_history.push((conn.to_owned(), seq, records::encode_transition(&t)));
+    }
+    for (key, flow) in &new_flows {
+        flows.insert(key.as_str(), records::encode_flow(flow).as_slice()).map_err(db)?;
+    }
+    for (key, row) in &new_conns {
+        conns.insert(key.as_str(), row.as_slice()).map_err(db)?;
+    }
+    for (conn, seq, row) in &new_history {
+        history.insert((conn.as_str(), *seq), row.as_slice()).map_err(db)?;
+    }
+    Ok(())
+}
+
+impl ConnectionStore for Store {
+    fn load_all(&self) -> Result<Vec<Stored>, StoreError> {
+        Store::load_all(self)
+    }
+    fn commit(&self, batch: &[Commit]) -> Result<(), StoreError> {
+        Store::commit(self, batch)
+    }
+    fn history(&self, key: &ConnKey) -> Result<Vec<Transition>, StoreError> {
+        Store::history(self, key)
+    }
+    fn forget(&self, key: &ConnKey) -> Result<(), StoreError> {
+        Store::forget(self, key)
+    }
+    fn set_settings(&self, rows: &[(ConnKey, Option<Vec<u8>>)]) -> Result<(), StoreError> {
+        Store::set_settings(self, rows)
+    }
+    fn profile_states(&self) -> Result<Vec<(ConnKey, ProfileState)>, StoreError> {
+        Store::profile_states(self)
+    }
+    fn set_profile_state(&self, key: &ConnKey, state: &ProfileState) -> Result<(), StoreError> {
+        Store::set_profile_state(self, key, state)
+    }
+    fn config_seen(&self, key: &ConnKey) -> Result<Option<Vec<u8>>, StoreError> {
+        Store::config_seen(self, key)
+    }
+    fn set_config_seen(&self, key: &ConnKey, digest: &[u8]) -> Result<(), StoreError> {
+        Store::set_config_seen(self, key, digest)
+    }
+    fn allocate_profile(&self, provider: &str, in_use: u64) -> Result<u64, StoreError> {
+        Store::allocate_profile(self, provider, in_use)
+    }
+    fn note_profiles(&self, provider: &str, in_use: u64) -> Result<(), StoreError> {
+        Store::note_profiles(self, provider, in_use)
+    }
+    fn compact_history(&self, cutoff: chrono::DateTime<chrono::Utc>) -> Result<u64, StoreError> {
+        Store::compact_history(self, cutoff)
+    }
 }

@@ -1,32 +1,37 @@
 //! Every (state, event) pair of the machine, table-driven, plus its invariants.
 
+use authkeeper_state::Connection;
 use authkeeper_state::machine::State;
-use authkeeper_state::{Account, ConnKey, Credentials, DeviceFlow, Effect, Event, Machine, Policy, Secret, StateName};
+use authkeeper_state::records::{decode_connection, encode_connection};
+use authkeeper_state::{Account, ConnKey, Effect, Event, Grant, Machine, PendingFlow, Policy, Secret, StateName};
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
+use std::collections::BTreeMap;
 
 fn t0() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 11, 23, 12, 0, 0).unwrap()
 }
 
-fn creds(expires_in: i64) -> Credentials {
-    Credentials {
-        access_token: Secret::new("access-1"),
+fn creds(expires_in: i64) -> Grant {
+    Grant {
         refresh_token: Some(Secret::new("refresh-1")),
-        token_type: "bearer".into(),
         scope: Some("public".into()),
-        issued_at: t0(),
         expires_at: Some(t0() + TimeDelta::seconds(expires_in)),
+        facts: BTreeMap::from([("server_url".to_owned(), "http://127.0.0.1:8096".to_owned())]),
+        secrets: BTreeMap::from([("server_token".to_owned(), Secret::new("server-1"))]),
+        ..Grant::bearer("access-1", t0())
     }
 }
 
-fn flow() -> DeviceFlow {
-    DeviceFlow {
-        device_code: Secret::new("device-1"),
-        user_code: "ABCD1234".into(),
-        verification_url: "https://trakt.tv/activate".into(),
+fn flow() -> PendingFlow {
+    PendingFlow {
+        kind: "device_pin".into(),
+        user_code: Some("ABCD1234".into()),
+        verification_url: Some("https://trakt.tv/activate".into()),
+        authorize_url: None,
         issued_at: t0(),
         expires_at: t0() + TimeDelta::seconds(600),
-        interval_secs: 5,
+        interval_secs: Some(5),
+        secrets: BTreeMap::from([("device_code".to_owned(), Secret::new("device-1"))]),
     }
 }
 
@@ -37,13 +42,13 @@ fn account() -> Account {
 fn events() -> Vec<(&'static str, Event)> {
     vec![
         ("ConnectRequested", Event::ConnectRequested { flow: flow() }),
-        ("CredentialsSupplied", Event::CredentialsSupplied { credentials: creds(3600) }),
+        ("CredentialsSupplied", Event::CredentialsSupplied { grant: creds(3600) }),
         ("Resumed", Event::Resumed),
         ("FlowPending", Event::FlowPending),
         ("FlowSlowDown", Event::FlowSlowDown { interval_secs: 10 }),
-        ("Approved", Event::Approved { credentials: creds(3600), account: Some(account()) }),
-        ("Validated", Event::Validated { account: account() }),
-        ("Refreshed", Event::Refreshed { credentials: creds(7200 * 4) }),
+        ("Approved", Event::Approved { grant: creds(3600) }),
+        ("Validated", Event::Validated { account: account(), grant: None }),
+        ("Refreshed", Event::Refreshed { grant: creds(7200 * 4) }),
         ("FlowExpired", Event::FlowExpired { detail: "code expired".into() }),
         ("Denied", Event::Denied),
         ("Cancel", Event::Cancel),
@@ -67,10 +72,10 @@ fn start(label: &str) -> Machine {
     match label {
         "disconnected" => {}
         "pending_flow" => apply(&mut m, Event::ConnectRequested { flow: flow() }, t0()),
-        "pending_validating" => apply(&mut m, Event::CredentialsSupplied { credentials: creds(3600) }, t0()),
+        "pending_validating" => apply(&mut m, Event::CredentialsSupplied { grant: creds(3600) }, t0()),
         "connected" | "expired" | "expired_retrying" => {
             apply(&mut m, Event::ConnectRequested { flow: flow() }, t0());
-            apply(&mut m, Event::Approved { credentials: creds(3600), account: Some(account()) }, t0());
+            apply(&mut m, Event::Approved { grant: creds(3600) }, t0());
             match label {
                 "expired" => apply(&mut m, Event::Rejected { detail: "401".into() }, t0()),
                 "expired_retrying" => apply(&mut m, Event::ExpiryPassed, t0() + TimeDelta::hours(1)),
@@ -120,7 +125,7 @@ fn every_state_event_pair_matches_the_table() {
         for (cell, (ename, event)) in cells.iter().zip(evs) {
             let mut m = start(label);
             let before_state = m.state().clone();
-            let before_row = m.to_row();
+            let before_row = encode_connection(&m);
             let from = m.state_name();
             let step = m.handle(&event, at, Policy::default(), 0.0);
             let ctx = format!("{label} + {ename}");
@@ -129,7 +134,7 @@ fn every_state_event_pair_matches_the_table() {
                     assert!(step.refusal.is_some(), "{ctx}: expected a refusal");
                     assert!(step.transition.is_none(), "{ctx}");
                     assert_eq!(m.state(), &before_state, "{ctx}: a refusal changes nothing");
-                    assert_eq!(m.to_row(), before_row, "{ctx}: a refusal changes nothing");
+                    assert_eq!(encode_connection(&m), before_row, "{ctx}: a refusal changes nothing");
                 }
                 "-" => {
                     assert!(step.refusal.is_none() && step.transition.is_none(), "{ctx}: {step:?}");
@@ -162,23 +167,24 @@ fn invariants(m: &Machine, ctx: &str) {
     assert_eq!(c.flow.is_some(), m.pending_flow().is_some(), "{ctx}: flow iff pending on a flow");
     match m.state_name() {
         StateName::Disconnected => {
-            assert!(c.credentials.is_none() && c.account.is_none(), "{ctx}: disconnected holds nothing")
+            assert!(c.grant.is_none() && c.account.is_none(), "{ctx}: disconnected holds nothing")
         }
         StateName::Connected => {
-            assert!(c.credentials.is_some() && c.validated_at.is_some(), "{ctx}: connected means validated")
+            assert!(c.grant.is_some() && c.validated_at.is_some(), "{ctx}: connected means validated")
         }
         _ => {}
     }
     // Restoring from the stored row and flow gives back the same machine.
-    let restored = Machine::restore(&m.to_row(), c.flow.as_deref().cloned()).unwrap();
+    let key = m.key().to_string();
+    let restored = decode_connection(&key, &encode_connection(m), c.flow.as_deref().cloned()).unwrap();
     assert_eq!(restored.state(), m.state(), "{ctx}: restore keeps the state");
-    assert_eq!(restored.to_row(), m.to_row(), "{ctx}: restore keeps the data");
+    assert_eq!(restored.connection(), &Connection { last_poll_at: None, ..c.clone() }, "{ctx}: restore keeps the data");
 }
 
 #[test]
 fn effects_ask_for_validation_and_revocation() {
     let mut m = start("disconnected");
-    let step = m.handle(&Event::CredentialsSupplied { credentials: creds(60) }, t0(), Policy::default(), 0.0);
+    let step = m.handle(&Event::CredentialsSupplied { grant: creds(60) }, t0(), Policy::default(), 0.0);
     assert_eq!(step.effects, vec![Effect::Validate]);
 
     let mut m = start("connected");
@@ -207,7 +213,7 @@ fn unknown_answers_record_the_error_and_back_off_without_changing_state() {
         assert_eq!(m.connection().next_attempt_at, Some(at + TimeDelta::seconds(delay)));
     }
     // A good answer clears it.
-    m.handle(&Event::Validated { account: account() }, t0() + TimeDelta::minutes(5), policy, 0.0);
+    m.handle(&Event::Validated { account: account(), grant: None }, t0() + TimeDelta::minutes(5), policy, 0.0);
     assert_eq!(m.connection().last_error, None);
     assert_eq!(m.connection().next_attempt_at, None);
 }
@@ -216,7 +222,7 @@ fn unknown_answers_record_the_error_and_back_off_without_changing_state() {
 fn since_moves_only_when_the_state_changes() {
     let mut m = start("connected");
     let since = m.connection().since;
-    m.handle(&Event::Validated { account: account() }, t0() + TimeDelta::hours(3), Policy::default(), 0.0);
+    m.handle(&Event::Validated { account: account(), grant: None }, t0() + TimeDelta::hours(3), Policy::default(), 0.0);
     assert_eq!(m.connection().since, since);
     m.handle(&Event::Disconnect, t0() + TimeDelta::hours(4), Policy::default(), 0.0);
     assert_eq!(m.connection().since, t0() + TimeDelta::hours(4));

@@ -1,21 +1,28 @@
 //! The redb store: batched durable commits, reloads, history, flows, file mode, migrations.
 
 use authkeeper_state::{
-    Commit, ConnKey, Credentials, DeviceFlow, Event, Machine, Policy, Secret, StateName, Store, StoreError,
+    Commit, ConnKey, Event, Grant, Machine, PendingFlow, Policy, Secret, StateName, Store, StoreError, Stored,
 };
 use chrono::{TimeDelta, TimeZone, Utc};
+use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 
-fn flow() -> DeviceFlow {
+fn flow() -> PendingFlow {
     let t = Utc.with_ymd_and_hms(2026, 11, 23, 12, 0, 0).unwrap();
-    DeviceFlow {
-        device_code: Secret::new("dev-code"),
-        user_code: "CODE1234".into(),
-        verification_url: "https://trakt.tv/activate".into(),
+    PendingFlow {
+        kind: "device_pin".into(),
+        user_code: Some("CODE1234".into()),
+        verification_url: Some("https://trakt.tv/activate".into()),
+        authorize_url: None,
         issued_at: t,
         expires_at: t + TimeDelta::seconds(600),
-        interval_secs: 5,
+        interval_secs: Some(5),
+        secrets: BTreeMap::from([("device_code".to_owned(), Secret::new("dev-code"))]),
     }
+}
+
+fn machines(all: Vec<Stored>) -> Vec<Machine> {
+    all.into_iter().map(|s| s.machine).collect()
 }
 
 fn step(m: &mut Machine, e: Event) -> Commit {
@@ -38,11 +45,11 @@ fn a_batch_commits_many_connections_and_reloads_them_with_their_flows() {
         store.commit(&batch).unwrap();
     }
     let store = Store::open(&path).unwrap();
-    let all = store.load_all().unwrap();
+    let all = machines(store.load_all().unwrap());
     assert_eq!(all.len(), 50);
     for m in &all {
         assert_eq!(m.state_name(), StateName::Pending);
-        assert_eq!(m.pending_flow().unwrap().device_code.expose(), "dev-code");
+        assert_eq!(m.pending_flow().unwrap().secret("device_code").unwrap().expose(), "dev-code");
         let h = store.history(m.key()).unwrap();
         assert_eq!(h.len(), 1);
         assert_eq!(h[0].to, StateName::Pending);
@@ -55,7 +62,7 @@ fn the_flow_row_goes_when_the_flow_ends() {
     let mut m = Machine::new(ConnKey::new("trakt", "default"), Utc::now());
     store.commit(&[step(&mut m, Event::ConnectRequested { flow: flow() })]).unwrap();
     store.commit(&[step(&mut m, Event::Cancel)]).unwrap();
-    let back = store.load_all().unwrap();
+    let back = machines(store.load_all().unwrap());
     assert_eq!(back[0].state_name(), StateName::Disconnected);
     assert!(back[0].connection().flow.is_none());
     let causes: Vec<_> = store.history(m.key()).unwrap().iter().map(|t| t.cause).collect();
@@ -66,26 +73,12 @@ fn the_flow_row_goes_when_the_flow_ends() {
 fn history_is_bounded_and_keeps_the_newest() {
     let store = Store::in_memory().unwrap();
     let mut m = Machine::new(ConnKey::new("trakt", "default"), Utc::now());
-    store
-        .commit(&[step(
-            &mut m,
-            Event::CredentialsSupplied {
-                credentials: Credentials {
-                    access_token: Secret::new("a"),
-                    refresh_token: None,
-                    token_type: "bearer".into(),
-                    scope: None,
-                    issued_at: Utc::now(),
-                    expires_at: None,
-                },
-            },
-        )])
-        .unwrap();
+    store.commit(&[step(&mut m, Event::CredentialsSupplied { grant: Grant::bearer("a", Utc::now()) })]).unwrap();
     let account = authkeeper_state::Account { name: "me".into(), id: None };
-    store.commit(&[step(&mut m, Event::Validated { account: account.clone() })]).unwrap();
+    store.commit(&[step(&mut m, Event::Validated { account: account.clone(), grant: None })]).unwrap();
     let total = authkeeper_state::store::HISTORY_LIMIT + 40;
     for _ in 2..total {
-        store.commit(&[step(&mut m, Event::Validated { account: account.clone() })]).unwrap();
+        store.commit(&[step(&mut m, Event::Validated { account: account.clone(), grant: None })]).unwrap();
     }
     let h = store.history(m.key()).unwrap();
     assert_eq!(h.len() as u64, authkeeper_state::store::HISTORY_LIMIT);
@@ -110,7 +103,7 @@ fn a_new_file_is_migrated_to_the_current_schema_and_a_newer_one_is_refused() {
     assert_eq!(store.schema_version().unwrap(), authkeeper_state::store::SCHEMA_VERSION);
     drop(store);
     // Re-opening an up-to-date file is a no-op.
-    assert_eq!(Store::open(&path).unwrap().schema_version().unwrap(), 2);
+    assert_eq!(Store::open(&path).unwrap().schema_version().unwrap(), authkeeper_state::store::SCHEMA_VERSION);
 
     // Simulate a file from a future build.
     {
@@ -121,7 +114,7 @@ fn a_new_file_is_migrated_to_the_current_schema_and_a_newer_one_is_refused() {
         txn.commit().unwrap();
     }
     match Store::open(&path) {
-        Err(StoreError::TooNew { found: 99, supported: 2 }) => {}
+        Err(StoreError::TooNew { found: 99, supported: 3 }) => {}
         other => panic!("expected TooNew, got {:?}", other.err()),
     }
 }
@@ -138,9 +131,9 @@ fn a_second_open_of_the_same_file_fails_instead_of_corrupting_it() {
 fn a_version_1_file_is_migrated_and_keeps_its_connections() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db.redb");
-    // A file as version 1 wrote it: no config_seen table.
-    let mut m = Machine::new(ConnKey::new("trakt", "default"), Utc::now());
-    m.handle(&Event::ConnectRequested { flow: flow() }, Utc::now(), Policy::default(), 0.0);
+    // A file as version 1 wrote it: JSON rows in statig's encoding, no config_seen table.
+    let row = r#"{"shared_storage":{"key":{"provider":"trakt","profile":"default"},"since":"2026-11-23T12:00:00Z","credentials":null,"account":null,"validated_at":null,"last_error":null,"failures":0,"next_attempt_at":null},"state":{"Pending":{"kind":"flow"}}}"#;
+    let flow_row = r#"{"device_code":"dev-code","user_code":"CODE1234","verification_url":"https://trakt.tv/activate","issued_at":"2026-11-23T12:00:00Z","expires_at":"2026-11-23T12:10:00Z","interval_secs":5}"#;
     {
         let db = redb::Database::create(&path).unwrap();
         let txn = db.begin_write().unwrap();
@@ -148,19 +141,18 @@ fn a_version_1_file_is_migrated_and_keeps_its_connections() {
         let flows: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("flows");
         let history: redb::TableDefinition<(&str, u64), &[u8]> = redb::TableDefinition::new("history");
         let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
-        txn.open_table(conns).unwrap().insert("trakt/default", m.to_row().as_slice()).unwrap();
-        let f = serde_json::to_vec(&flow()).unwrap();
-        txn.open_table(flows).unwrap().insert("trakt/default", f.as_slice()).unwrap();
+        txn.open_table(conns).unwrap().insert("trakt/default", row.as_bytes()).unwrap();
+        txn.open_table(flows).unwrap().insert("trakt/default", flow_row.as_bytes()).unwrap();
         txn.open_table(history).unwrap();
         txn.open_table(meta).unwrap().insert("schema_version", 1).unwrap();
         txn.commit().unwrap();
     }
     let store = Store::open(&path).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 2);
-    let all = store.load_all().unwrap();
+    assert_eq!(store.schema_version().unwrap(), authkeeper_state::store::SCHEMA_VERSION);
+    let all = machines(store.load_all().unwrap());
     assert_eq!(all.len(), 1);
     assert_eq!(all[0].state_name(), StateName::Pending);
-    assert_eq!(all[0].pending_flow().unwrap().user_code, "CODE1234");
+    assert_eq!(all[0].pending_flow(), Some(&flow()));
     let key = ConnKey::new("trakt", "default");
     assert_eq!(store.config_seen(&key).unwrap(), None, "the new table exists and is empty");
     store.set_config_seen(&key, b"digest").unwrap();
@@ -187,7 +179,7 @@ fn forgetting_a_connection_keeps_its_history() {
     store.commit(&[step(&mut m, Event::ConnectRequested { flow: flow() })]).unwrap();
     store.commit(&[step(&mut m, Event::Remove)]).unwrap();
     store.forget(m.key()).unwrap();
-    assert!(store.load_all().unwrap().is_empty());
+    assert!(machines(store.load_all().unwrap()).is_empty());
     assert_eq!(store.history(m.key()).unwrap().len(), 2);
 }
 
@@ -243,5 +235,9 @@ fn history_sequences_carry_on_across_reopen_compaction_and_repeats_in_a_batch() 
     let batch = [step(&mut m, Event::Cancel), step(&mut m, Event::ConnectRequested { flow: flow() })];
     store.commit(&batch).unwrap();
     assert_eq!(causes(&store, &m), r#"["connect_requested","cancelled","connect_requested"]"#);
-    assert_eq!(store.load_all().unwrap()[0].connection().flow.as_deref(), Some(&flow()), "the flow row is kept");
+    assert_eq!(
+        machines(store.load_all().unwrap())[0].connection().flow.as_deref(),
+        Some(&flow()),
+        "the flow row is kept"
+    );
 }

@@ -194,14 +194,16 @@ pub fn fast_trakt() -> TraktOptions {
 }
 
 /// Connect `trakt/default` and approve it in the emulator; returns the events stream, which
-/// has just seen the `approved` transition.
+/// has just seen the `approved` transition and the validation that follows it (whose account
+/// the new token is).
 pub async fn connect_approved(h: &Harness) -> EventStream {
     let client = h.client();
     let mut events = client.events().await.unwrap();
     let reply: authkeeper::wire::ConnectReply =
         client.post("/v1/connections/trakt/default/connect", None).await.unwrap();
-    assert!(h.emulator.approve(&reply.user_code));
+    assert!(h.emulator.approve(reply.user_code().unwrap()));
     wait_transition(&mut events, Cause::Approved).await;
+    wait_transition(&mut events, Cause::Validated).await;
     events
 }
 
@@ -213,24 +215,22 @@ pub fn connected_store(
     lifetime: i64,
     expires: impl Fn(usize) -> chrono::DateTime<chrono::Utc>,
 ) -> authkeeper_state::Store {
-    use authkeeper_state::{Account, Commit, ConnKey, Credentials, Event, Machine, Policy, Secret, Store};
+    use authkeeper_state::{Account, Commit, ConnKey, Event, Grant, Machine, Policy, Secret, Store};
     let store = Store::in_memory().unwrap();
     let mut batch = Vec::with_capacity(n);
     for i in 0..n {
         let (access, refresh) = emulator.issue_grant();
         let issued = expires(i) - chrono::TimeDelta::seconds(lifetime);
-        let credentials = Credentials {
-            access_token: Secret::new(access),
+        let grant = Grant {
             refresh_token: Some(Secret::new(refresh)),
-            token_type: "bearer".into(),
             scope: Some("public".into()),
-            issued_at: issued,
             expires_at: Some(expires(i)),
+            ..Grant::bearer(access, issued)
         };
         let mut m = Machine::new(ConnKey::new("trakt", profile(i)), issued);
-        m.handle(&Event::CredentialsSupplied { credentials }, issued, Policy::default(), 0.0);
+        m.handle(&Event::CredentialsSupplied { grant }, issued, Policy::default(), 0.0);
         let account = Account { name: format!("user{i}"), id: None };
-        let step = m.handle(&Event::Validated { account }, issued, Policy::default(), 0.0);
+        let step = m.handle(&Event::Validated { account, grant: None }, issued, Policy::default(), 0.0);
         batch.push(Commit { machine: m, transition: step.transition });
     }
     store.commit(&batch).unwrap();
@@ -268,7 +268,7 @@ pub async fn start_in_process(
         socket: dir.join("s.sock"),
     };
     let mut opts = authkeeper::daemon::Options::new(paths, clock);
-    opts.store = Some(store);
+    opts.store = Some(std::sync::Arc::new(store));
     authkeeper::daemon::start(opts).await.unwrap()
 }
 

@@ -242,7 +242,7 @@ async fn scheduler(n: usize, idle_secs: u64) -> anyhow::Result<()> {
         let t = Instant::now();
         let deadlines = Deadlines::default();
         let planner = RefreshPlanner::new(8.0);
-        for m in store.load_all()? {
+        for m in store.load_all()?.into_iter().map(|s| s.machine) {
             let next = next_action(&m, &policy).map(|(at, action)| match action {
                 authkeeper_state::Action::Refresh => planner.plan(&m.key().to_string(), at, now),
                 _ => at,
@@ -258,7 +258,7 @@ async fn scheduler(n: usize, idle_secs: u64) -> anyhow::Result<()> {
     println!("  ratio     {:.2} × baseline", ours.as_secs_f64() / base.as_secs_f64());
 
     // Memory of the deadline queue (and refresh plan) alone.
-    let machines = store.load_all()?;
+    let machines: Vec<_> = store.load_all()?.into_iter().map(|s| s.machine).collect();
     let plans: Vec<_> = machines.iter().map(|m| (m.key().clone(), next_action(m, &policy))).collect();
     drop(machines);
     let before = live_bytes();
@@ -289,7 +289,7 @@ async fn scheduler(n: usize, idle_secs: u64) -> anyhow::Result<()> {
         socket: dir.path().join("s.sock"),
     };
     let mut opts = daemon::Options::new(paths, Arc::new(SystemClock));
-    opts.store = Some(store);
+    opts.store = Some(Arc::new(store));
     let t = Instant::now();
     let running = daemon::start(opts).await?;
     println!("  daemon    ready with {} connections in {:.0} ms", n + 1, ms(t.elapsed()));
@@ -322,7 +322,7 @@ async fn commits(connections: usize, each: usize, baseline: usize, rounds: usize
     // A validated transition (connected → connected, one history row) for connection `i`.
     let step = |m: &mut Machine| {
         let s = m.handle(
-            &Event::Validated { account: Account { name: "u".into(), id: None } },
+            &Event::Validated { account: Account { name: "u".into(), id: None }, grant: None },
             Utc::now(),
             Policy::default(),
             0.0,
@@ -331,22 +331,15 @@ async fn commits(connections: usize, each: usize, baseline: usize, rounds: usize
     };
     let machine = |i: usize| {
         let mut m = Machine::new(ConnKey::new("trakt", format!("TRAKT-P{i:02}")), Utc::now());
-        let credentials = authkeeper_state::Credentials {
-            access_token: authkeeper_state::Secret::new("a"),
-            refresh_token: None,
-            token_type: "bearer".into(),
-            scope: None,
-            issued_at: Utc::now(),
-            expires_at: None,
-        };
-        m.handle(&Event::CredentialsSupplied { credentials }, Utc::now(), Policy::default(), 0.0);
+        let grant = authkeeper_state::Grant::bearer("a", Utc::now());
+        m.handle(&Event::CredentialsSupplied { grant }, Utc::now(), Policy::default(), 0.0);
         m
     };
 
     println!("commits: durable (Immediate) transitions, each acknowledged only after its commit");
     println!("  baseline: one transaction per transition ({baseline}); group: {connections} connections at once");
     println!("  through the daemon's commit thread, {each} transitions each; {rounds} alternating rounds");
-    let (committer, thread) = Committer::spawn(store.clone());
+    let (committer, thread) = Committer::spawn(Arc::new(store.clone()));
     let mut ratios = Vec::new();
     for round in 1..=rounds {
         // Baseline: one durable transaction per transition, on the same disk.

@@ -2,7 +2,7 @@
 //! filled with connected connections, a load generator that speaks HTTP over the unix socket,
 //! and the bare hyper server that is the baseline for it.
 
-use authkeeper_state::{Account, Commit, ConnKey, Credentials, Event, Machine, Policy, Secret, Store};
+use authkeeper_state::{Account, Commit, ConnKey, Event, Grant, Machine, Policy, Secret, Store};
 use chrono::{DateTime, TimeDelta, Utc};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Bytes;
@@ -23,18 +23,16 @@ pub fn populate(db: &Path, n: usize, now: DateTime<Utc>) -> anyhow::Result<Store
     let mut batch = Vec::new();
     for i in 0..n {
         let issued = now - TimeDelta::seconds((i % 86_400) as i64);
-        let credentials = Credentials {
-            access_token: Secret::new(format!("access-{i:08}-0123456789abcdef0123456789abcdef")),
+        let grant = Grant {
             refresh_token: Some(Secret::new(format!("refresh-{i:08}-0123456789abcdef0123456789abcdef"))),
-            token_type: "bearer".into(),
             scope: Some("public".into()),
-            issued_at: issued,
             expires_at: Some(issued + TimeDelta::days(7)),
+            ..Grant::bearer(format!("access-{i:08}-0123456789abcdef0123456789abcdef"), issued)
         };
         let mut m = Machine::new(ConnKey::new("trakt", profile(i)), issued);
-        m.handle(&Event::CredentialsSupplied { credentials }, issued, policy, 0.0);
+        m.handle(&Event::CredentialsSupplied { grant }, issued, policy, 0.0);
         let step = m.handle(
-            &Event::Validated { account: Account { name: format!("user{i}"), id: None } },
+            &Event::Validated { account: Account { name: format!("user{i}"), id: None }, grant: None },
             issued,
             policy,
             0.0,

@@ -1,0 +1,119 @@
+//! The daemon's own edits to config.json: profiles added and removed, and credentials written
+//! back. Each touches only its block and keeps the rest of the file as the user wrote it.
+
+use super::ConfigOwner;
+use crate::config::{Config, credential_digest, profile_number};
+use crate::config_edit::{self, EditError};
+use crate::daemon::DaemonError;
+use crate::providers;
+use crate::wire::WireEvent;
+use authkeeper_state::ConnKey;
+use tracing::{error, info, warn};
+
+impl ConfigOwner {
+    /// Bring `self.text` up to date with the file before editing it, so a user's edit that the
+    /// watcher has not delivered yet is applied, not overwritten.
+    async fn catch_up(&mut self) -> Result<String, DaemonError> {
+        match std::fs::read_to_string(&self.path) {
+            Ok(current) => {
+                if self.text.as_deref() != Some(current.as_str()) {
+                    self.apply_text(current.clone()).await.map_err(DaemonError::ConfigBroken)?;
+                }
+                Ok(current)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+            Err(e) => Err(DaemonError::Edit(EditError::Io(self.path.display().to_string(), e))),
+        }
+    }
+
+    pub(super) async fn add_profile(&mut self, provider: &str) -> Result<String, DaemonError> {
+        let Some(p) = providers::find(provider) else {
+            return Err(DaemonError::UnknownProvider(provider.to_owned()));
+        };
+        let text = self.catch_up().await?;
+        let store = self.shared.store.clone();
+        let (name, in_use) = (provider.to_owned(), self.config.highest_profile(provider));
+        let number = tokio::task::spawn_blocking(move || store.allocate_profile(&name, in_use))
+            .await
+            .map_err(|e| DaemonError::Internal(e.to_string()))?
+            .map_err(|e| DaemonError::Store(e.to_string()))?;
+        let id = format!("{}-P{number:02}", provider.to_ascii_uppercase());
+        let edited = config_edit::add_profile(&text, p.manifest().block, &id)?;
+        config_edit::write_atomically(&self.path, &edited, false)?;
+        self.apply_text(edited).await.map_err(|e| DaemonError::Internal(e.to_string()))?;
+        info!(provider, profile = %id, "profile added");
+        Ok(id)
+    }
+
+    pub(super) async fn remove_profile(&mut self, provider: &str, profile: &str) -> Result<String, DaemonError> {
+        let Some(p) = providers::find(provider) else {
+            return Err(DaemonError::UnknownProvider(provider.to_owned()));
+        };
+        if profile == "default" {
+            return Err(DaemonError::BadRequest(
+                "the default profile is the provider's base block; it cannot be removed".into(),
+            ));
+        }
+        let text = self.catch_up().await?;
+        if profile_number(profile).is_none() || !self.config.profiles.contains_key(&ConnKey::new(provider, profile)) {
+            return Err(DaemonError::unknown_profile(provider, profile));
+        }
+        let edited = config_edit::remove_profile(&text, p.manifest().block, profile)?;
+        config_edit::write_atomically(&self.path, &edited, false)?;
+        self.apply_text(edited).await.map_err(|e| DaemonError::Internal(e.to_string()))?;
+        info!(provider, profile, "profile removed");
+        Ok(profile.to_owned())
+    }
+
+    /// Mirror every queued credential into the file when `write_back` is on: each
+    /// connection's latest, in one write.
+    pub(super) async fn write_back(&mut self) {
+        let queued = self.shared.write_backs.take();
+        if queued.is_empty() || !self.config.settings.write_back {
+            return;
+        }
+        if self.from_store {
+            // No good config to write into yet: kept until one is read.
+            self.shared.write_backs.keep(queued);
+            return;
+        }
+        if let Err(e) = self.write_back_all(&queued).await {
+            error!(error = %e, "write-back to the config file failed; it is tried again with the next change");
+            self.shared.publish_warning(None, format!("config write-back failed: {e}"), None);
+            self.shared.write_backs.keep(queued);
+        }
+    }
+
+    async fn write_back_all(
+        &mut self,
+        queued: &std::collections::BTreeMap<ConnKey, Option<authkeeper_state::Grant>>,
+    ) -> Result<(), DaemonError> {
+        let text = self.catch_up().await?;
+        let mut edited = text.clone();
+        let mut written = Vec::new();
+        for (key, grant) in queued {
+            let Some(profile) = self.config.profile(key) else { continue };
+            let provider = profile.provider;
+            let keys = provider.export(grant.as_ref());
+            edited = config_edit::write_keys(&edited, provider.manifest().block, &key.profile, &keys)?;
+            written.push(key.clone());
+        }
+        if edited == text {
+            return Ok(());
+        }
+        config_edit::write_atomically(&self.path, &edited, true)?;
+        match Config::parse(&edited) {
+            Ok(config) => self.config = config,
+            Err(e) => warn!(error = %e, "the written config does not load"),
+        }
+        self.text = Some(edited);
+        for key in &written {
+            self.remember(key, credential_digest(queued[key].as_ref())).await;
+        }
+        let _ = self.shared.events.send(WireEvent::ConfigWritten {
+            changed: written.iter().map(ToString::to_string).collect(),
+            at: self.shared.clock.now(),
+        });
+        Ok(())
+    }
+}

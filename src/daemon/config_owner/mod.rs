@@ -1,0 +1,514 @@
+//! The one owner of config.json: it loads it, watches it, diffs each change into events for
+//! just the connections it affects, and makes the daemon's own edits (profiles, write-back).
+//!
+//! The config declares connections; the store owns them. A file that is missing, unreadable or
+//! invalid changes no stored connection: at start-up they run on the settings the store kept
+//! from the last good config (each with a warning), later the last good config stays in force.
+//! A connection leaves only when a good config that declared it stops declaring it; one that
+//! no config declared (an owner's) is never touched by config changes.
+
+mod edits;
+
+use super::schedules::Schedules;
+use super::{Command, DaemonError, Shared};
+use crate::config::{self, Change, Config, ConfigError, credential_digest};
+use crate::providers::{self, Adapter, Profile};
+use crate::wire::WireEvent;
+use authkeeper_state::{ConnKey, Machine, ProfileState, Stored};
+use notify_debouncer_mini::{DebounceEventResult, new_debouncer, notify::RecursiveMode};
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, info, warn};
+
+/// How long the file must be quiet before a change is read (editors write in several steps).
+const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// What the rest of the daemon asks of the config owner.
+pub enum ConfigCommand {
+    AddProfile { provider: String, reply: oneshot::Sender<Result<String, DaemonError>> },
+    RemoveProfile { provider: String, profile: String, reply: oneshot::Sender<Result<String, DaemonError>> },
+}
+
+pub struct ConfigOwner {
+    path: PathBuf,
+    /// The text last loaded or written (`None`: no good file yet). Equal text on disk means no
+    /// change, which is how the daemon's own writes are told from the user's.
+    text: Option<String>,
+    /// The config in force: the last good one, or at start-up without one, the stored settings.
+    config: Config,
+    /// The config in force came from the store, not from a good file.
+    from_store: bool,
+    shared: Arc<Shared>,
+    http: reqwest::Client,
+    /// The file is missing and that has been reported.
+    gone: bool,
+    /// The bad text last reported: seeing it again (one save can wake the watcher twice) is
+    /// not a new error.
+    rejected: Option<String>,
+    /// Per-profile provider state (stable device ids), as saved.
+    states: HashMap<ConnKey, Arc<ProfileState>>,
+    /// The settings rows the store holds, by profile (kept only until written or compared).
+    stored_settings: HashMap<ConnKey, Vec<u8>>,
+    schedules: Schedules,
+}
+
+/// What reading the file gave.
+enum Read {
+    Good(Config, String),
+    Missing,
+    Bad(ConfigError, Option<String>),
+}
+
+fn read(path: &std::path::Path) -> Read {
+    match std::fs::read_to_string(path) {
+        Ok(text) => match Config::parse(&text) {
+            Ok(config) => Read::Good(config, text),
+            Err(e) => Read::Bad(e, Some(text)),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Read::Missing,
+        Err(source) => Read::Bad(ConfigError::Io { path: path.to_owned(), source }, None),
+    }
+}
+
+impl ConfigOwner {
+    /// Load the config, give every stored or declared connection its slot, and import
+    /// credentials the user put in the file.
+    pub async fn start(
+        path: PathBuf,
+        shared: Arc<Shared>,
+        stored: Vec<Stored>,
+        states: Vec<(ConnKey, ProfileState)>,
+    ) -> anyhow::Result<Self> {
+        let mut stored_settings = HashMap::new();
+        let mut machines = BTreeMap::new();
+        for s in stored {
+            if let Some(bytes) = s.settings {
+                stored_settings.insert(s.machine.key().clone(), bytes);
+            }
+            machines.insert(s.machine.key().clone(), s.machine);
+        }
+        let (config, text, rejected, warning) = match read(&path) {
+            Read::Good(config, text) => (config, Some(text), None, None),
+            other => {
+                let (why, rejected) = match other {
+                    Read::Bad(e, text) => {
+                        error!(path = %path.display(), error = %e, "config not loaded; stored connections keep their stored settings");
+                        shared.config.write().unwrap().error = Some((e.message(), e.position()));
+                        (format!("config.json does not load ({e})"), text)
+                    }
+                    _ => {
+                        info!(path = %path.display(), "no config file yet; stored connections keep their stored settings");
+                        (format!("{} is missing", path.display()), None)
+                    }
+                };
+                let warning: Arc<str> =
+                    format!("{why}: running on the settings stored from the last good config").into();
+                (Self::from_stored(&stored_settings), None, rejected, Some(warning))
+            }
+        };
+        let good = warning.is_none();
+        shared.set_policy(config.settings.policy());
+        for (provider, gate) in &shared.gates {
+            gate.set_limits(config.settings.limits(provider));
+            shared.planners[provider].set_rate(config.settings.limits(provider).per_second * super::REFRESH_SHARE);
+        }
+        let http = providers::http_client(config.settings.http_timeout());
+        let schedules = Schedules::new().await;
+        let states = states.into_iter().map(|(k, s)| (k, Arc::new(s))).collect();
+        let mut owner = Self {
+            path,
+            text,
+            config,
+            from_store: !good,
+            shared,
+            http,
+            gone: false,
+            rejected,
+            states,
+            stored_settings,
+            schedules,
+        };
+        owner.schedules.apply(&owner.config.settings, &owner.shared).await;
+
+        let now = owner.shared.clock.now();
+        for key in owner.config.profiles.keys() {
+            machines.entry(key.clone()).or_insert_with(|| Machine::new(key.clone(), now));
+        }
+        let mut gone = Vec::new();
+        for (key, machine) in machines {
+            let (profile, warning) = match owner.config.profile(&key) {
+                Some(p) if owner.stored_settings.contains_key(&key) || good => (p.clone(), warning.clone()),
+                Some(p) => (p.clone(), None), // a default the empty config declares
+                None if owner.stored_settings.contains_key(&key) && good => {
+                    // Declared by the last good config, not by this one: removed below.
+                    match stored_profile(&key, &owner.stored_settings) {
+                        Some(p) => {
+                            gone.push(key.clone());
+                            (Arc::new(p), None)
+                        }
+                        None => continue,
+                    }
+                }
+                None => match owner.owner_profile(&key) {
+                    Some(p) => (p, None),
+                    None => {
+                        warn!(connection = %key, "stored connection of a provider this build does not know; left alone");
+                        continue;
+                    }
+                },
+            };
+            let adapter = owner.adapter(&key, &profile);
+            owner.shared.add_connection(machine, adapter, warning);
+        }
+        for key in gone {
+            owner.remove(&key).await;
+        }
+        if good {
+            owner.save_settings(owner.config.profiles.keys().cloned().collect());
+            let keys: Vec<ConnKey> = owner.config.profiles.keys().cloned().collect();
+            for key in keys {
+                owner.import(&key).await;
+            }
+        }
+        owner.note_profiles();
+        Ok(owner)
+    }
+
+    /// The config made of the settings the store kept, for when no good file is read.
+    fn from_stored(stored: &HashMap<ConnKey, Vec<u8>>) -> Config {
+        let mut config = Config::parse("{}").expect("the empty config loads");
+        for (key, bytes) in stored {
+            let Some(provider) = providers::find(&key.provider) else { continue };
+            match Profile::from_stored(provider, bytes) {
+                Ok(profile) => {
+                    config.profiles.insert(key.clone(), Arc::new(profile));
+                }
+                Err(e) => warn!(connection = %key, error = %e, "stored settings unreadable; the defaults apply"),
+            }
+        }
+        config
+    }
+
+    /// The settings of a connection no config declares: its provider's base block.
+    fn owner_profile(&self, key: &ConnKey) -> Option<Arc<Profile>> {
+        providers::find(&key.provider)?;
+        self.config.profile(&ConnKey::new(&key.provider, "default")).cloned()
+    }
+
+    pub async fn run(mut self, mut commands: mpsc::Receiver<ConfigCommand>, mut shutdown: watch::Receiver<bool>) {
+        let (tx, mut changes) = mpsc::unbounded_channel();
+        let name = self.path.file_name().map(|n| n.to_owned());
+        let watcher = new_debouncer(DEBOUNCE, move |res: DebounceEventResult| {
+            if let Ok(events) = res
+                && events.iter().any(|e| e.path.file_name() == name.as_deref())
+            {
+                let _ = tx.send(());
+            }
+        });
+        let dir = self.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir);
+        let _watcher = match watcher {
+            Ok(mut w) => match w.watcher().watch(dir, RecursiveMode::NonRecursive) {
+                Ok(()) => Some(w),
+                Err(e) => {
+                    error!(dir = %dir.display(), error = %e, "cannot watch the config directory; edits need a restart");
+                    None
+                }
+            },
+            Err(e) => {
+                error!(error = %e, "cannot start the config watcher; edits need a restart");
+                None
+            }
+        };
+        let shared = self.shared.clone();
+        loop {
+            tokio::select! {
+                biased;
+                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
+                Some(command) = commands.recv() => self.on_command(command).await,
+                Some(()) = changes.recv() => self.reload().await,
+                () = shared.write_backs.ready() => self.write_back().await,
+            }
+        }
+        // What is still queued is written before the daemon goes.
+        self.write_back().await;
+        self.schedules.stop().await;
+    }
+
+    async fn on_command(&mut self, command: ConfigCommand) {
+        match command {
+            ConfigCommand::AddProfile { provider, reply } => {
+                let _ = reply.send(self.add_profile(&provider).await);
+            }
+            ConfigCommand::RemoveProfile { provider, profile, reply } => {
+                let _ = reply.send(self.remove_profile(&provider, &profile).await);
+            }
+        }
+    }
+
+    /// Read the file and apply it if it changed since the last load or write.
+    async fn reload(&mut self) {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Reported once per disappearance; the config in force stays.
+                if self.text.is_some() && !self.gone {
+                    self.gone = true;
+                    self.rejected = None;
+                    self.report(ConfigError::Invalid(format!(
+                        "{} disappeared; the last good config stays in force until it is back",
+                        self.path.display()
+                    )));
+                }
+                return;
+            }
+            Err(source) => return self.report(ConfigError::Io { path: self.path.clone(), source }),
+        };
+        self.gone = false;
+        if self.text.as_deref() == Some(text.as_str()) {
+            // Back to the last good text after a bad one: nothing to apply, but the error is over.
+            self.rejected = None;
+            if self.shared.config.write().unwrap().error.take().is_some() {
+                info!("config is good again");
+                let _ =
+                    self.shared.events.send(WireEvent::ConfigReloaded { changed: vec![], at: self.shared.clock.now() });
+            }
+            return;
+        }
+        if self.rejected.as_deref() == Some(text.as_str()) {
+            return;
+        }
+        match self.apply_text(text.clone()).await {
+            Ok(()) => self.rejected = None,
+            Err(e) => {
+                self.rejected = Some(text);
+                self.report(e);
+            }
+        }
+    }
+
+    fn report(&self, e: ConfigError) {
+        error!(path = %self.path.display(), error = %e, "config not applied; the last good config stays in force");
+        let position = e.position();
+        self.shared.config.write().unwrap().error = Some((e.message(), position));
+        let _ = self.shared.events.send(WireEvent::ConfigError {
+            error: e.message(),
+            line: position.map(|p| p.0),
+            column: position.map(|p| p.1),
+            at: self.shared.clock.now(),
+        });
+    }
+
+    /// Parse `text`; if it is good, make it the config and send events to just the
+    /// connections it changes, then `config_reloaded`.
+    async fn apply_text(&mut self, text: String) -> Result<(), ConfigError> {
+        let new = Config::parse(&text)?;
+        self.text = Some(text);
+        self.shared.config.write().unwrap().error = None;
+        let old = std::mem::replace(&mut self.config, new);
+        let changed = self.apply_diff(&old).await;
+        if std::mem::take(&mut self.from_store) {
+            // The first good config: every connection it declares runs on its settings now.
+            let keys: Vec<ConnKey> = self.config.profiles.keys().cloned().collect();
+            for key in &keys {
+                let adapter = self.adapter(key, &self.config.profiles[key].clone());
+                self.shared.set_adapter(key, adapter, None);
+            }
+            self.save_settings(keys);
+            self.shared.write_backs.nudge(); // what waited for a good config to write into
+        }
+        self.schedules.apply(&self.config.settings, &self.shared).await;
+        info!(changed = changed.len(), "config reloaded");
+        let _ = self.shared.events.send(WireEvent::ConfigReloaded {
+            changed: changed.iter().map(ToString::to_string).collect(),
+            at: self.shared.clock.now(),
+        });
+        Ok(())
+    }
+
+    async fn apply_diff(&mut self, old: &Config) -> Vec<ConnKey> {
+        let (was, now) = (&old.settings, &self.config.settings.clone());
+        if was.policy() != now.policy() {
+            self.shared.set_policy(now.policy());
+        }
+        if was.http_timeout() != now.http_timeout() {
+            self.http = providers::http_client(now.http_timeout());
+        }
+        for (provider, gate) in &self.shared.gates {
+            gate.set_limits(now.limits(provider));
+            self.shared.planners[provider].set_rate(now.limits(provider).per_second * super::REFRESH_SHARE);
+        }
+        let mut changed = Vec::new();
+        let mut save = Vec::new();
+        for (key, change) in config::diff(old, &self.config) {
+            let touched = match change {
+                Change::Added => {
+                    let profile = self.config.profiles[&key].clone();
+                    let adapter = self.adapter(&key, &profile);
+                    if self.shared.lookup(&key.provider, &key.profile, |_| ()).is_ok() {
+                        // An owner's connection by that name: the config declares it from now on.
+                        self.shared.set_adapter(&key, adapter.clone(), None);
+                        let _ = self.shared.ask(&key, |reply| Command::Reconfigure(adapter, reply)).await;
+                    } else {
+                        let machine = Machine::new(key.clone(), self.shared.clock.now());
+                        self.shared.add_connection(machine, adapter, None);
+                    }
+                    save.push(key.clone());
+                    self.import(&key).await;
+                    true
+                }
+                Change::Removed => {
+                    self.remove(&key).await;
+                    true
+                }
+                Change::Changed { app, credential } => {
+                    if app {
+                        let profile = self.config.profiles[&key].clone();
+                        let adapter = self.adapter(&key, &profile);
+                        self.shared.set_adapter(&key, adapter.clone(), None);
+                        let _ = self.shared.ask(&key, |reply| Command::Reconfigure(adapter, reply)).await;
+                        save.push(key.clone());
+                    }
+                    let imported = credential && self.import(&key).await;
+                    app || imported
+                }
+            };
+            if touched {
+                changed.push(key);
+            }
+        }
+        self.save_settings(save);
+        self.note_profiles();
+        changed
+    }
+
+    /// Keep the settings of `keys` in the store (those that differ from what it holds), so
+    /// that they can run while no good config is read.
+    fn save_settings(&mut self, keys: Vec<ConnKey>) {
+        let mut rows = Vec::new();
+        let mut last: Option<(*const Profile, Vec<u8>)> = None;
+        for key in keys {
+            let Some(profile) = self.config.profile(&key) else { continue };
+            let bytes = match &last {
+                Some((ptr, bytes)) if std::ptr::eq(*ptr, Arc::as_ptr(profile)) => bytes.clone(),
+                _ => profile.to_stored(),
+            };
+            last = Some((Arc::as_ptr(profile), bytes.clone()));
+            if self.stored_settings.remove(&key).as_ref() != Some(&bytes) {
+                rows.push((key, Some(bytes)));
+            }
+        }
+        if rows.is_empty() {
+            return;
+        }
+        let store = self.shared.store.clone();
+        // In the background: a daemon with many profiles is ready before they are all saved.
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.set_settings(&rows) {
+                error!(error = %e, "could not keep the profiles' settings in the store");
+            }
+        });
+    }
+
+    /// If the file holds a credential for `key` that the user put there (not one the daemon
+    /// already has, or last read or wrote), supply it to the connection. True if it did.
+    async fn import(&mut self, key: &ConnKey) -> bool {
+        let Some(profile) = self.config.profile(key) else { return false };
+        let Some(grant) = profile.provider.import(profile, self.shared.clock.now()) else {
+            return false;
+        };
+        let digest = credential_digest(Some(&grant));
+        let store = self.shared.store.clone();
+        let k = key.clone();
+        let seen = tokio::task::spawn_blocking(move || store.config_seen(&k)).await.ok().and_then(Result::ok).flatten();
+        let held = self
+            .shared
+            .lookup(&key.provider, &key.profile, |s| {
+                s.committed.connection().grant.as_ref().map(|c| c.access_token.clone())
+            })
+            .ok()
+            .flatten();
+        let new = seen.as_deref() != Some(digest.as_slice()) && held.as_ref() != Some(&grant.access_token);
+        if new {
+            info!(connection = %key, "importing the credential found in the config file");
+            if let Err(e) = self.shared.ask(key, |reply| Command::Import(grant, reply)).await {
+                warn!(connection = %key, error = %e, "credential in the config file not imported");
+            }
+        }
+        self.remember(key, digest).await;
+        new
+    }
+
+    /// The adapter for `key` with `profile`: its provider state prepared and saved first.
+    fn adapter(&mut self, key: &ConnKey, profile: &Arc<Profile>) -> Adapter {
+        let provider = profile.provider;
+        let mut state = self.states.get(key).map_or_else(ProfileState::default, |s| ProfileState::clone(s));
+        if provider.prepare(&mut state) {
+            if let Err(e) = self.shared.store.set_profile_state(key, &state) {
+                error!(connection = %key, error = %e, "could not save the profile's provider state");
+            }
+            self.states.insert(key.clone(), Arc::new(state));
+        }
+        let state = self.states.get(key).cloned().unwrap_or_else(|| empty_state().clone());
+        Adapter {
+            profile: profile.clone(),
+            state,
+            http: self.http.clone(),
+            gate: self.shared.gates[&key.provider].clone(),
+            account: key.to_string().into(),
+        }
+    }
+
+    async fn remember(&self, key: &ConnKey, digest: Vec<u8>) {
+        let store = self.shared.store.clone();
+        let key = key.clone();
+        let result = tokio::task::spawn_blocking(move || store.set_config_seen(&key, &digest)).await;
+        if let Ok(Err(e)) = result {
+            warn!(error = %e, "could not record the config credential digest");
+        }
+    }
+
+    /// The profile left a good config: disconnect it, stop its actor, forget it (history stays).
+    async fn remove(&mut self, key: &ConnKey) {
+        if let Err(e) = self.shared.ask(key, Command::Remove).await {
+            warn!(connection = %key, error = %e, "removal did not complete");
+        }
+        self.shared.conns.write().unwrap().remove(key);
+        let store = self.shared.store.clone();
+        let k = key.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.forget(&k)).await {
+            warn!(connection = %key, error = %e, "could not forget the removed connection");
+        }
+    }
+
+    fn note_profiles(&self) {
+        for provider in providers::manifests().iter().map(|m| m.name) {
+            let highest = self.config.highest_profile(provider);
+            if highest > 0
+                && let Err(e) = self.shared.store.note_profiles(provider, highest)
+            {
+                warn!(error = %e, "could not record profile numbers");
+            }
+        }
+    }
+}
+
+/// The provider state of profiles that have none: one shared empty value.
+fn empty_state() -> &'static Arc<ProfileState> {
+    static EMPTY: std::sync::LazyLock<Arc<ProfileState>> = std::sync::LazyLock::new(Arc::default);
+    &EMPTY
+}
+
+/// The settings `key` was stored with, or its provider's defaults; `None` for a provider this
+/// build does not know.
+fn stored_profile(key: &ConnKey, stored: &HashMap<ConnKey, Vec<u8>>) -> Option<Profile> {
+    let provider = providers::find(&key.provider)?;
+    match stored.get(key).map(|b| Profile::from_stored(provider, b)) {
+        Some(Ok(p)) => Some(p),
+        _ => Profile::new(provider, Default::default(), None).ok(),
+    }
+}

@@ -1,0 +1,162 @@
+//! One connection's view of its provider: the profile's settings, its per-profile state, the
+//! HTTP client and the provider's gate. Cheap to clone (every field is shared).
+
+use super::{Begun, FlowError, Identity, Input, Poll, Provider, Verdict, transport_error};
+use crate::limits::{Gate, Kind};
+use authkeeper_state::{Grant, PendingFlow, ProfileState};
+use chrono::{DateTime, Utc};
+use reqwest::{RequestBuilder, Response, StatusCode};
+use serde_json::{Map, Value, json};
+use std::any::Any;
+use std::fmt;
+use std::sync::Arc;
+
+/// A profile's effective settings: the provider's block (the base deep-merged with the
+/// profile's own), typed once, and where the provider is reached.
+pub struct Profile {
+    pub provider: &'static dyn Provider,
+    pub block: Map<String, Value>,
+    /// `authkeeper.base_url` for this provider: every host of it at one origin.
+    pub base_url: Option<String>,
+    typed: Box<dyn Any + Send + Sync>,
+}
+
+impl Profile {
+    pub fn new(
+        provider: &'static dyn Provider,
+        block: Map<String, Value>,
+        base_url: Option<String>,
+    ) -> Result<Self, serde_json::Error> {
+        let typed = provider.settings(&block)?;
+        Ok(Self { provider, block, base_url, typed })
+    }
+
+    /// The provider's own typed block.
+    pub fn typed<T: 'static>(&self) -> &T {
+        self.typed.downcast_ref().expect("a profile's settings are typed by its own provider")
+    }
+
+    /// What the store keeps so that the profile can run while no good config is read: the
+    /// settings, without the credential keys (the grant is stored as the connection's).
+    pub fn to_stored(&self) -> Vec<u8> {
+        let keys = self.provider.manifest().credential_keys;
+        let block: Map<String, Value> = self
+            .block
+            .iter()
+            .filter(|(k, _)| !keys.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        serde_json::to_vec(&json!({"block": block, "base_url": self.base_url})).expect("settings serialize")
+    }
+
+    /// The inverse of [`Profile::to_stored`].
+    pub fn from_stored(provider: &'static dyn Provider, bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        #[derive(serde::Deserialize)]
+        struct Stored {
+            block: Map<String, Value>,
+            base_url: Option<String>,
+        }
+        let s: Stored = serde_json::from_slice(bytes)?;
+        Self::new(provider, s.block, s.base_url)
+    }
+
+    /// The settings that decide how the provider is reached differ (anything but credentials).
+    pub fn app_differs(&self, other: &Profile) -> bool {
+        let keys = self.provider.manifest().credential_keys;
+        let app = |p: &Profile| -> Vec<(String, Value)> {
+            p.block.iter().filter(|(k, _)| !keys.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect()
+        };
+        self.base_url != other.base_url || app(self) != app(other)
+    }
+
+    /// The credential keys differ.
+    pub fn credential_differs(&self, other: &Profile) -> bool {
+        self.provider.manifest().credential_keys.iter().any(|k| self.block.get(*k) != other.block.get(*k))
+    }
+}
+
+impl PartialEq for Profile {
+    fn eq(&self, other: &Self) -> bool {
+        self.provider.manifest().name == other.provider.manifest().name
+            && self.base_url == other.base_url
+            && self.block == other.block
+    }
+}
+
+/// Only key names: a block holds client secrets and tokens.
+impl fmt::Debug for Profile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Profile")
+            .field("provider", &self.provider.manifest().name)
+            .field("keys", &self.block.keys().collect::<Vec<_>>())
+            .field("base_url", &self.base_url)
+            .finish()
+    }
+}
+
+/// One connection's handle on its provider.
+#[derive(Clone)]
+pub struct Adapter {
+    pub profile: Arc<Profile>,
+    pub state: Arc<ProfileState>,
+    pub http: reqwest::Client,
+    pub gate: Arc<Gate>,
+    /// Whose per-account limits a call counts against: the connection's key.
+    pub account: Arc<str>,
+}
+
+impl Adapter {
+    pub fn provider(&self) -> &'static dyn Provider {
+        self.profile.provider
+    }
+
+    /// The origin of a provider host: `base_url` when set, else `default`.
+    pub fn origin(&self, default: &str) -> String {
+        self.profile.base_url.as_deref().unwrap_or(default).trim_end_matches('/').to_owned()
+    }
+
+    /// Send through the provider's gate: wait for a slot under the rate limits, and honour a
+    /// `Retry-After` for every later call.
+    pub async fn send(&self, kind: Kind, req: RequestBuilder) -> Result<Response, String> {
+        self.gate.acquire(&self.account, kind).await.map_err(|e| e.to_string())?;
+        let resp = req.send().await.map_err(transport_error)?;
+        if resp.status() == StatusCode::TOO_MANY_REQUESTS
+            && let Some(secs) = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()?.trim().parse().ok())
+        {
+            self.gate.pause_for(secs);
+        }
+        Ok(resp)
+    }
+
+    pub async fn begin(&self, flow: &str, input: Input, now: DateTime<Utc>) -> Result<Begun, FlowError> {
+        self.provider().begin(self, flow, input, now).await
+    }
+
+    pub async fn poll(&self, flow: &PendingFlow, now: DateTime<Utc>) -> Poll {
+        self.provider().poll(self, flow, now).await
+    }
+
+    pub async fn validate(&self, grant: &Grant) -> Verdict<Identity> {
+        self.provider().validate(self, grant).await
+    }
+
+    pub async fn refresh(&self, grant: &Grant, now: DateTime<Utc>) -> Verdict<Grant> {
+        self.provider().refresh(self, grant, now).await
+    }
+
+    pub async fn revoke(&self, grant: &Grant) -> Result<(), String> {
+        self.provider().revoke(self, grant).await
+    }
+
+    /// A consumer's token answer: the grant's token and expiry, and what the provider adds.
+    pub fn token(&self, grant: &Grant, account: Option<&str>) -> Map<String, Value> {
+        let mut out = Map::new();
+        self.provider().token(self, grant, &mut out);
+        out.entry("access_token").or_insert_with(|| grant.access_token.expose().into());
+        out.entry("token_type").or_insert_with(|| grant.token_type.clone().into());
+        out.insert("expires_at".into(), json!(grant.expires_at));
+        out.insert("scope".into(), json!(grant.scope));
+        out.insert("account".into(), json!(account));
+        out
+    }
+}
