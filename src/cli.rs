@@ -75,6 +75,30 @@ pub enum Cmd {
     /// Offline demo: a daemon and a Trakt emulator in a temporary directory, a real device
     /// connect that the emulator approves, and a token that refreshes by itself
     Demo,
+    /// Run one provider's emulator in the foreground: an offline sandbox that speaks the
+    /// provider's protocol on loopback, scriptable under /_emulator
+    Emulate {
+        /// The provider to emulate, e.g. trakt (an unknown name lists them all)
+        provider: String,
+        /// Where to listen
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+        /// The account's user name it accepts
+        #[arg(long, value_name = "NAME")]
+        user: Option<String>,
+        /// The account's password it accepts (a made-up one: this is a sandbox)
+        #[arg(long, value_name = "PW")]
+        password: Option<String>,
+        /// The API key it accepts
+        #[arg(long, value_name = "KEY")]
+        api_key: Option<String>,
+        /// The app's client id it accepts
+        #[arg(long, value_name = "ID")]
+        client_id: Option<String>,
+        /// The app's client secret it accepts
+        #[arg(long, value_name = "SECRET")]
+        client_secret: Option<String>,
+    },
     /// Show connections, their states and what is due next
     Status {
         /// Only this provider
@@ -163,7 +187,7 @@ fn print_json(v: &impl serde::Serialize) {
 
 async fn client_command(client: &Client, json: bool, command: Cmd) -> Result<i32, ClientError> {
     match command {
-        Cmd::Daemon { .. } | Cmd::Demo => unreachable!("not client commands"),
+        Cmd::Daemon { .. } | Cmd::Demo | Cmd::Emulate { .. } => unreachable!("not client commands"),
         Cmd::Status { provider, profile } => {
             let all: Vec<ConnectionView> = client.get("/v1/connections").await?;
             let shown: Vec<_> = all

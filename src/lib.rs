@@ -19,6 +19,7 @@ pub mod config;
 pub mod config_edit;
 pub mod daemon;
 pub mod demo;
+pub mod emulate;
 pub mod limits;
 pub mod providers;
 pub mod socket;

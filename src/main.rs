@@ -47,6 +47,17 @@ async fn main() {
                 }
             }
         }
+        Cmd::Emulate { provider, listen, user, password, api_key, client_id, client_secret } => {
+            init_logging(LogFormat::Text, "warn");
+            let account = authkeeper_fixtures::Account { user, password, api_key, client_id, client_secret };
+            match authkeeper::emulate::run(&provider, listen, account, shutdown_signal()).await {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("authkeeper emulate: {e:#}");
+                    2
+                }
+            }
+        }
         command => authkeeper::cli::run_client(&cli.global, command).await,
     };
     std::process::exit(code);

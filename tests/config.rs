@@ -41,7 +41,7 @@ fn transitions(events: &[WireEvent]) -> Vec<(String, StateName, StateName, Cause
 fn config_with(h: &Harness, trakt: Value, extra: Value) -> String {
     let mut v = json!({
         "pairs": [{"source": "plex", "target": "trakt", "mode": "two-way", "enabled": true}],
-        "plex": {"account_token": "plex-token", "server_url": "http://192.168.1.10:32400"},
+        "plex": {"server_url": "http://192.168.1.10:32400", "machine_id": "abc"},
         "trakt": trakt,
         "sync": {"interval_minutes": 60, "dry_run": false},
         "ui": {"theme": "dark"},

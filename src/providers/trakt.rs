@@ -213,8 +213,8 @@ impl Provider for Trakt {
             Ok(app) => app,
             Err(e) => return Verdict::Unknown(e),
         };
-        let req = request(cx, reqwest::Method::GET, "/users/settings", client_id)
-            .bearer_auth(grant.access_token.expose());
+        let req =
+            request(cx, reqwest::Method::GET, "/users/settings", client_id).bearer_auth(grant.access_token.expose());
         let resp = match cx.send(Kind::Read, req).await {
             Ok(r) => r,
             Err(e) => return Verdict::Unknown(e),
@@ -267,9 +267,8 @@ impl Provider for Trakt {
 
     async fn revoke(&self, cx: &Adapter, grant: &Grant) -> Result<(), String> {
         let (client_id, secret) = app(cx)?;
-        let req = request(cx, reqwest::Method::POST, "/oauth/revoke", client_id).json(
-            &json!({ "token": grant.access_token.expose(), "client_id": client_id, "client_secret": secret }),
-        );
+        let req = request(cx, reqwest::Method::POST, "/oauth/revoke", client_id)
+            .json(&json!({ "token": grant.access_token.expose(), "client_id": client_id, "client_secret": secret }));
         let resp = cx.send(Kind::Write, req).await?;
         if resp.status().is_success() { Ok(()) } else { Err(unknown_status(resp.status())) }
     }

@@ -136,6 +136,31 @@ impl Harness {
     }
 }
 
+impl Harness {
+    /// Run the CLI with `input` on its standard input; returns (exit code, stdout, stderr).
+    pub async fn cli_stdin(&self, args: &[&str], input: &str) -> (i32, String, String) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_authkeeper"))
+            .args(args)
+            .args(self.args())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(input.as_bytes()).await.unwrap();
+        stdin.write_all(b"\n").await.unwrap();
+        drop(stdin);
+        let out =
+            tokio::time::timeout(PATIENCE, child.wait_with_output()).await.expect("the CLI ends in time").unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
 impl Daemon {
     /// `kill -9`: no shutdown code runs.
     pub async fn kill9(mut self) {
@@ -170,6 +195,30 @@ pub async fn wait_transition(
     })
     .await
     .unwrap_or_else(|_| panic!("no {cause:?} transition in time"))
+}
+
+/// Wait on the events stream for a transition of `provider`'s connections with this cause.
+pub async fn wait_for(
+    events: &mut EventStream,
+    provider: &str,
+    cause: Cause,
+) -> (StateName, StateName, chrono::DateTime<chrono::Utc>) {
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            match events.next().await {
+                Some(Ok(WireEvent::Transition { provider: p, from, to, cause: c, at, .. }))
+                    if c == cause && p == provider =>
+                {
+                    return (from, to, at);
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => panic!("events stream failed: {e}"),
+                None => panic!("events stream ended while waiting for {provider} {cause:?}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {provider} {cause:?} transition in time"))
 }
 
 /// The status code and JSON body of an error answer.

@@ -152,7 +152,7 @@ fn crosswatch_config(profiles: usize, changed: Option<usize>, emulator: &str) ->
     let v = json!({
         "pairs": (0..50).map(|i| json!({"source": "plex", "target": "trakt", "id": i, "mode": "two-way"})).collect::<Vec<_>>(),
         "sync": {"interval_minutes": 60, "dry_run": false, "features": ["watchlist", "ratings", "history"]},
-        "plex": {"account_token": "plex-token", "server_url": "http://192.168.1.10:32400"},
+        "plex": {"server_url": "http://192.168.1.10:32400", "machine_id": "abc"},
         "trakt": {"client_id": "base-client", "client_secret": "base-secret", "instances": instances},
         "authkeeper": {"base_url": {"trakt": emulator}},
     });
