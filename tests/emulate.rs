@@ -79,6 +79,31 @@ async fn trakt_prints_its_snippet_and_is_scriptable() {
 }
 
 #[tokio::test]
+async fn jellyfin_takes_the_given_account() {
+    let (_child, url, printed) = emulate(&["jellyfin", "--user", "ana", "--password", "pw1"]).await;
+    assert!(printed.contains(&format!("\"server\": \"{url}\"")), "{printed}");
+    let http = http();
+    let info: Value = http.get(format!("{url}/System/Info/Public")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(info["ProductName"], "Jellyfin Server");
+    let auth = r#"MediaBrowser Client="test", Device="test", DeviceId="dev-1", Version="1""#;
+    let login = http
+        .post(format!("{url}/Users/AuthenticateByName"))
+        .header("authorization", auth)
+        .json(&json!({"Username": "ana", "Pw": "pw1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), 200);
+    let body: Value = login.json().await.unwrap();
+    assert_eq!(body["User"]["Name"], "ana");
+    let revoke = http.post(format!("{url}/_emulator/revoke_all")).send().await.unwrap();
+    assert_eq!(revoke.status(), 200);
+    let token = body["AccessToken"].as_str().unwrap();
+    let me = http.get(format!("{url}/Users/Me")).header("authorization", format!("{auth}, Token=\"{token}\"")).send();
+    assert_eq!(me.await.unwrap().status(), 401, "revoked by the scripting API");
+}
+
+#[tokio::test]
 async fn an_unknown_provider_is_refused_with_the_list() {
     let out = Command::new(env!("CARGO_BIN_EXE_authkeeper")).args(["emulate", "netflix"]).output().await.unwrap();
     assert_eq!(out.status.code(), Some(2));

@@ -32,6 +32,7 @@ macro_rules! registry {
 
 registry! {
     trakt => trakt::Trakt,
+    jellyfin => jellyfin::Jellyfin,
 }
 
 /// The provider named `name` on the socket.
