@@ -104,6 +104,27 @@ async fn jellyfin_takes_the_given_account() {
 }
 
 #[tokio::test]
+async fn plex_answers_xml_unless_asked_for_json() {
+    let (_child, url, printed) = emulate(&["plex"]).await;
+    assert!(printed.contains(&format!("\"plex\": \"{url}\"")), "{printed}");
+    let http = http();
+    let xml = http.post(format!("{url}/api/v2/pins?strong=true")).header("x-plex-client-identifier", "c1");
+    let xml = xml.send().await.unwrap().text().await.unwrap();
+    assert!(xml.starts_with("<?xml") && xml.contains("<pin "), "{xml}");
+    let json: Value = http
+        .post(format!("{url}/api/v2/pins?strong=true"))
+        .header("x-plex-client-identifier", "c1")
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(json["code"].as_str().unwrap().len() >= 20 && json["authToken"].is_null());
+}
+
+#[tokio::test]
 async fn an_unknown_provider_is_refused_with_the_list() {
     let out = Command::new(env!("CARGO_BIN_EXE_authkeeper")).args(["emulate", "netflix"]).output().await.unwrap();
     assert_eq!(out.status.code(), Some(2));

@@ -33,6 +33,7 @@ macro_rules! registry {
 registry! {
     trakt => trakt::Trakt,
     jellyfin => jellyfin::Jellyfin,
+    plex => plex::Plex,
 }
 
 /// The provider named `name` on the socket.

@@ -1,0 +1,292 @@
+//! Plex: a strong PIN the user links at plex.tv, polled about once a second; the account token
+//! is validated with `/api/v2/user`, and `/api/v2/resources` finds the user's server (a local
+//! connection first, then a remote one, a relay last) and its own access token. Every call
+//! carries an `X-Plex-Client-Identifier` that is stable per profile.
+
+use super::{
+    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, check_as,
+    nonempty, settings_as,
+};
+use crate::limits::Kind;
+use async_trait::async_trait;
+use authkeeper_state::{Account, Grant, PendingFlow, ProfileState, Secret};
+use chrono::{DateTime, TimeDelta, Utc};
+use reqwest::{Method, RequestBuilder, StatusCode};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::sync::LazyLock;
+
+/// plex.tv and clients.plex.tv; `base_url` puts both at one origin.
+const PLEX_TV: &str = "https://plex.tv";
+const CLIENTS: &str = "https://clients.plex.tv";
+const PRODUCT: &str = "authkeeper";
+
+pub struct Plex;
+
+static MANIFEST: LazyLock<Manifest> = LazyLock::new(|| Manifest {
+    name: "plex",
+    label: "Plex",
+    block: "plex",
+    flows: vec![FlowManifest { flow: "device_pin", fields: vec![], secret_fields: vec![] }],
+    config: vec![],
+    credential_keys: &["account_token", "pms_token", "username", "account_id"],
+});
+
+/// The `plex` block of CrossWatch's config.json.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct Block {
+    pub account_token: Option<String>,
+    pub client_id: Option<String>,
+    pub server_url: Option<String>,
+    pub machine_id: Option<String>,
+    pub username: Option<String>,
+    pub account_id: Option<Value>,
+    pub pms_token: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Pin {
+    id: u64,
+    code: String,
+    expires_in: Option<i64>,
+    auth_token: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct User {
+    id: Value,
+    username: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Resource {
+    name: String,
+    #[serde(default)]
+    provides: String,
+    client_identifier: String,
+    access_token: Option<String>,
+    #[serde(default)]
+    owned: bool,
+    #[serde(default)]
+    connections: Vec<Connection>,
+}
+
+#[derive(Deserialize)]
+struct Connection {
+    uri: String,
+    #[serde(default)]
+    local: bool,
+    #[serde(default)]
+    relay: bool,
+}
+
+fn client_identifier(cx: &Adapter) -> &str {
+    cx.state.fact("client_identifier").unwrap_or(PRODUCT)
+}
+
+fn request(cx: &Adapter, method: Method, host: &str, path: &str, token: Option<&str>) -> RequestBuilder {
+    let req = cx
+        .http
+        .request(method, format!("{}{path}", cx.origin(host)))
+        .header("accept", "application/json")
+        .header("x-plex-client-identifier", client_identifier(cx))
+        .header("x-plex-product", PRODUCT)
+        .header("x-plex-version", env!("CARGO_PKG_VERSION"));
+    match token {
+        Some(token) => req.header("x-plex-token", token),
+        None => req,
+    }
+}
+
+fn unknown_status(status: StatusCode) -> String {
+    match status {
+        StatusCode::TOO_MANY_REQUESTS => "rate limited by Plex (429)".into(),
+        s => format!("Plex answered HTTP {}", s.as_u16()),
+    }
+}
+
+/// The server to use: the user's own first, and its best connection (local, remote, relay).
+fn choose(resources: Vec<Resource>) -> Option<(Resource, String)> {
+    let mut servers: Vec<Resource> =
+        resources.into_iter().filter(|r| r.provides.split(',').any(|p| p.trim() == "server")).collect();
+    servers.sort_by_key(|r| !r.owned);
+    servers.into_iter().find_map(|r| {
+        let rank = |c: &Connection| match (c.relay, c.local) {
+            (false, true) => 0,
+            (false, false) => 1,
+            (true, _) => 2,
+        };
+        let uri = r.connections.iter().min_by_key(|c| rank(c))?.uri.clone();
+        Some((r, uri))
+    })
+}
+
+#[async_trait]
+impl Provider for Plex {
+    fn manifest(&self) -> &'static Manifest {
+        &MANIFEST
+    }
+
+    fn check(&self, block: &str) -> Result<(), serde_json::Error> {
+        check_as::<Block>(block)
+    }
+
+    fn settings(&self, block: &Map<String, Value>) -> Result<Box<dyn Any + Send + Sync>, serde_json::Error> {
+        settings_as::<Block>(block)
+    }
+
+    fn import(&self, profile: &Profile, now: DateTime<Utc>) -> Option<Grant> {
+        let b: &Block = profile.typed();
+        let mut grant = Grant { token_type: "plex".into(), ..Grant::bearer(nonempty(&b.account_token)?, now) };
+        if let Some(t) = nonempty(&b.pms_token) {
+            grant.secrets.insert("server_token".into(), Secret::new(t));
+        }
+        for (name, value) in [("machine_id", &b.machine_id), ("server_url", &b.server_url)] {
+            if let Some(v) = nonempty(value) {
+                grant.facts.insert(name.into(), v.into());
+            }
+        }
+        Some(grant)
+    }
+
+    fn export(&self, grant: Option<&Grant>) -> Vec<(&'static str, Option<Value>)> {
+        let fact = |name: &str| grant.and_then(|g| g.fact(name)).map(Value::from);
+        vec![
+            ("account_token", grant.map(|g| g.access_token.expose().into())),
+            ("pms_token", grant.and_then(|g| g.secret("server_token")).map(|t| t.expose().into())),
+            ("machine_id", fact("machine_id")),
+            ("server_url", fact("server_url")),
+            ("username", fact("username")),
+            ("account_id", fact("account_id")),
+            ("client_id", fact("client_identifier")),
+        ]
+    }
+
+    /// An `X-Plex-Client-Identifier` made once per profile and kept.
+    fn prepare(&self, state: &mut ProfileState) -> bool {
+        if state.fact("client_identifier").is_some() {
+            return false;
+        }
+        let id = format!("authkeeper-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        state.facts.insert("client_identifier".into(), id);
+        true
+    }
+
+    async fn begin(&self, cx: &Adapter, _flow: &str, _input: Input, now: DateTime<Utc>) -> Result<Begun, FlowError> {
+        let req = request(cx, Method::POST, PLEX_TV, "/api/v2/pins?strong=true", None);
+        let resp = cx.send(Kind::Write, req).await.map_err(FlowError::Unavailable)?;
+        if !resp.status().is_success() {
+            return Err(FlowError::Unavailable(unknown_status(resp.status())));
+        }
+        let pin: Pin = resp.json().await.map_err(|_| FlowError::Unavailable("unreadable PIN from Plex".into()))?;
+        let cid = client_identifier(cx);
+        let verification_url = format!(
+            "https://app.plex.tv/auth#?clientID={cid}&code={}&context%5Bdevice%5D%5Bproduct%5D={PRODUCT}",
+            pin.code
+        );
+        Ok(Begun::Pending(PendingFlow {
+            kind: "device_pin".into(),
+            user_code: Some(pin.code),
+            verification_url: Some(verification_url),
+            authorize_url: None,
+            issued_at: now,
+            expires_at: now + TimeDelta::seconds(pin.expires_in.unwrap_or(1800)),
+            interval_secs: Some(1),
+            secrets: BTreeMap::from([("pin_id".to_owned(), Secret::new(pin.id.to_string()))]),
+        }))
+    }
+
+    async fn poll(&self, cx: &Adapter, flow: &PendingFlow, now: DateTime<Utc>) -> Poll {
+        let Some(id) = flow.secret("pin_id") else { return Poll::Gone("the pending PIN has no id".into()) };
+        let path = format!("/api/v2/pins/{}", id.expose());
+        let resp = match cx.send(Kind::Read, request(cx, Method::GET, PLEX_TV, &path, None)).await {
+            Ok(r) => r,
+            Err(e) => return Poll::Unknown(e),
+        };
+        match resp.status() {
+            StatusCode::OK => match resp.json::<Pin>().await {
+                Ok(Pin { auth_token: Some(token), .. }) if !token.is_empty() => {
+                    let mut grant = Grant { token_type: "plex".into(), ..Grant::bearer(token, now) };
+                    grant.facts.insert("client_identifier".into(), client_identifier(cx).into());
+                    Poll::Approved(grant)
+                }
+                Ok(_) => Poll::Pending,
+                Err(_) => Poll::Unknown("unreadable PIN from Plex".into()),
+            },
+            StatusCode::NOT_FOUND => Poll::Gone("the PIN expired before it was linked (404)".into()),
+            s => Poll::Unknown(unknown_status(s)),
+        }
+    }
+
+    async fn validate(&self, cx: &Adapter, grant: &Grant) -> Verdict<Identity> {
+        let token = grant.access_token.expose();
+        let user = match cx.send(Kind::Read, request(cx, Method::GET, PLEX_TV, "/api/v2/user", Some(token))).await {
+            Err(e) => return Verdict::Unknown(e),
+            Ok(r) if r.status() == StatusCode::UNAUTHORIZED => {
+                return Verdict::Rejected("Plex rejected the account token (401)".into());
+            }
+            Ok(r) if !r.status().is_success() => return Verdict::Unknown(unknown_status(r.status())),
+            Ok(r) => match r.json::<User>().await {
+                Ok(user) => user,
+                Err(_) => return Verdict::Unknown("unreadable /api/v2/user answer from Plex".into()),
+            },
+        };
+        let path = "/api/v2/resources?includeHttps=1&includeRelay=1";
+        let resources = match cx.send(Kind::Read, request(cx, Method::GET, CLIENTS, path, Some(token))).await {
+            Err(e) => return Verdict::Unknown(e),
+            Ok(r) if r.status() == StatusCode::UNAUTHORIZED => {
+                return Verdict::Rejected("Plex refused server discovery (401): the device was removed".into());
+            }
+            Ok(r) if !r.status().is_success() => return Verdict::Unknown(unknown_status(r.status())),
+            Ok(r) => match r.json::<Vec<Resource>>().await {
+                Ok(list) => list,
+                Err(_) => return Verdict::Unknown("unreadable /api/v2/resources answer from Plex".into()),
+            },
+        };
+        let id = match &user.id {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let mut updated = grant.clone();
+        updated.facts.insert("username".into(), user.username.clone());
+        updated.facts.insert("account_id".into(), id.clone());
+        for name in ["server_name", "machine_id", "server_url"] {
+            updated.facts.remove(name);
+        }
+        updated.secrets.remove("server_token");
+        if let Some((server, uri)) = choose(resources) {
+            updated.facts.insert("server_name".into(), server.name);
+            updated.facts.insert("machine_id".into(), server.client_identifier);
+            updated.facts.insert("server_url".into(), uri);
+            if let Some(t) = server.access_token {
+                updated.secrets.insert("server_token".into(), Secret::new(t));
+            }
+        }
+        let grant = (updated != *grant).then_some(updated);
+        Verdict::Valid(Identity { account: Account { name: user.username, id: Some(id) }, grant })
+    }
+
+    async fn revoke(&self, cx: &Adapter, grant: &Grant) -> Result<(), String> {
+        let token = grant.access_token.expose();
+        let resp =
+            cx.send(Kind::Write, request(cx, Method::DELETE, PLEX_TV, "/api/v2/users/signout", Some(token))).await?;
+        if resp.status().is_success() { Ok(()) } else { Err(unknown_status(resp.status())) }
+    }
+
+    fn token(&self, cx: &Adapter, grant: &Grant, out: &mut Map<String, Value>) {
+        out.insert("client_identifier".into(), client_identifier(cx).into());
+        let server = grant.fact("machine_id").map(|machine_id| {
+            json!({
+                "name": grant.fact("server_name"),
+                "machine_id": machine_id,
+                "url": grant.fact("server_url"),
+                "access_token": grant.secret("server_token").map(|t| t.expose()),
+            })
+        });
+        out.insert("server".into(), server.unwrap_or(Value::Null));
+    }
+}
