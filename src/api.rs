@@ -52,6 +52,15 @@ async fn health(State(shared): App) -> Response {
             "column": position.map(|p| p.1),
         }),
     };
+    // Connections running on settings the store kept, because no good config was read.
+    let (total, on_stored, warnings) = {
+        let conns = shared.conns.read().unwrap();
+        let warned: Vec<&str> = conns.values().filter_map(|s| s.warning.as_deref()).collect();
+        let mut distinct: Vec<String> = warned.iter().map(|w| w.to_string()).collect();
+        distinct.sort();
+        distinct.dedup();
+        (conns.len(), warned.len(), distinct)
+    };
     let paused: serde_json::Map<String, serde_json::Value> =
         shared.gates.iter().filter_map(|(name, gate)| Some((name.clone(), json!(gate.paused_until()?)))).collect();
     Json(json!({
@@ -59,7 +68,8 @@ async fn health(State(shared): App) -> Response {
         "version": env!("CARGO_PKG_VERSION"),
         "config": config,
         "scheduler": shared.deadlines.stats(),
-        "connections": {"total": shared.conns.read().unwrap().len(), "busy": shared.awake()},
+        "connections": {"total": total, "busy": shared.awake(), "on_stored_settings": on_stored},
+        "warnings": warnings,
         "schedules": *shared.schedules.read().unwrap(),
         "providers_paused_until": paused,
         "store": match shared.store_health.status() {

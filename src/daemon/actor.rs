@@ -220,7 +220,9 @@ impl Actor {
     }
 
     fn view(&self) -> ConnectionView {
-        ConnectionView::of(&self.machine, &self.shared.policy())
+        let conns = self.shared.conns.read().unwrap();
+        let warning = conns.get(self.machine.key()).and_then(|s| s.warning.clone());
+        ConnectionView::with_warning(&self.machine, &self.shared.policy(), warning.as_deref())
     }
 
     /// Handle one command; false when the connection is done (removed).
@@ -440,6 +442,10 @@ impl Actor {
             }
             let wait = COMMIT_RETRY_CAP.min(Duration::from_millis(50) * 2u32.saturating_pow(attempt.min(10)));
             warn!(connection = %next.key(), %error, attempt, retry_in_ms = wait.as_millis() as u64, "commit failed; retrying");
+            if attempt == 1 {
+                let message = format!("the store refused a change ({error}); retrying until it takes it");
+                self.shared.publish_warning(Some(next.key()), message, None);
+            }
             let mut stop = self.shared.shutdown.clone();
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}

@@ -301,6 +301,28 @@ pub async fn start_in_process(
     n: usize,
     settings: Value,
 ) -> authkeeper::daemon::Running {
+    start_with(dir, emulator, clock, std::sync::Arc::new(store), n, settings).await
+}
+
+/// [`start_in_process`] with any store behind the daemon's store interface.
+pub async fn start_with_store(
+    dir: &Path,
+    emulator: &TraktEmulator,
+    clock: std::sync::Arc<authkeeper::clock::ManualClock>,
+    store: std::sync::Arc<dyn authkeeper_state::ConnectionStore>,
+    n: usize,
+) -> authkeeper::daemon::Running {
+    start_with(dir, emulator, clock, store, n, json!({})).await
+}
+
+async fn start_with(
+    dir: &Path,
+    emulator: &TraktEmulator,
+    clock: std::sync::Arc<authkeeper::clock::ManualClock>,
+    store: std::sync::Arc<dyn authkeeper_state::ConnectionStore>,
+    n: usize,
+    settings: Value,
+) -> authkeeper::daemon::Running {
     let instances: serde_json::Map<String, Value> = (0..n).map(|i| (profile(i), json!({}))).collect();
     let mut authkeeper = json!({"base_url": {"trakt": emulator.url()}});
     for (k, v) in settings.as_object().unwrap() {
@@ -317,8 +339,15 @@ pub async fn start_in_process(
         socket: dir.join("s.sock"),
     };
     let mut opts = authkeeper::daemon::Options::new(paths, clock);
-    opts.store = Some(std::sync::Arc::new(store));
+    opts.store = Some(store);
     authkeeper::daemon::start(opts).await.unwrap()
+}
+
+/// Replace `path` the way most editors save: write a temporary file beside it, rename it over.
+pub fn save_by_rename(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
 }
 
 /// The daemon's earliest deadline, from `/v1/health`.

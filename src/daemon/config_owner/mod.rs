@@ -309,7 +309,13 @@ impl ConfigOwner {
         let new = Config::parse(&text)?;
         self.text = Some(text);
         self.shared.config.write().unwrap().error = None;
-        let old = std::mem::replace(&mut self.config, new);
+        let mut old = std::mem::replace(&mut self.config, new);
+        if self.from_store {
+            // The daemon's own settings were not stored; that they now come from a good file is
+            // no change to any connection.
+            old.settings = self.config.settings.clone();
+            self.http = providers::http_client(self.config.settings.http_timeout());
+        }
         let changed = self.apply_diff(&old).await;
         if std::mem::take(&mut self.from_store) {
             // The first good config: every connection it declares runs on its settings now.
