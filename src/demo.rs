@@ -1,6 +1,6 @@
-//! `authkeeper demo`: the whole life of a Trakt connection, offline, in about twenty seconds.
-//! A Trakt emulator and a real daemon run in a temporary directory; the connect flow, the
-//! automatic refresh, history and disconnect all go through the real socket API.
+//! `authkeeper demo`: three providers of three shapes, offline, in about half a minute.
+//! Trakt, Jellyfin and plex.tv emulators and a real daemon run in a temporary directory; each
+//! connect flow, the automatic refresh, history and disconnect go through the real socket API.
 
 use crate::client::{self, Client, connection_path};
 use crate::clock::SystemClock;
@@ -8,7 +8,7 @@ use crate::config::Paths;
 use crate::daemon;
 use crate::wire::{ConnectionView, WireEvent};
 use anyhow::{Context, bail};
-use authkeeper_fixtures::{TraktEmulator, TraktOptions};
+use authkeeper_fixtures::{JellyfinEmulator, JellyfinOptions, PlexEmulator, PlexOptions, TraktEmulator, TraktOptions};
 use authkeeper_state::{Cause, Transition};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
@@ -17,22 +17,38 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-const APPROVE_AFTER: Duration = Duration::from_secs(4);
+const APPROVE_AFTER: Duration = Duration::from_secs(3);
 const TOKEN_LIFETIME: u64 = 12;
+
+/// The providers, in the order the demo connects them: (name, flow, how the user approves).
+const STEPS: [(&str, &str, &str); 3] = [
+    ("trakt", "device_pin", "a device code entered at trakt.tv/activate"),
+    ("jellyfin", "quick_connect", "a Quick Connect code entered in a signed-in Jellyfin app"),
+    ("plex", "device_pin", "a PIN linked at plex.tv, then server discovery"),
+];
 
 pub async fn run() -> anyhow::Result<()> {
     let dir = tempfile::tempdir().context("cannot make a temporary directory")?;
-    let emulator = TraktEmulator::start(TraktOptions {
+    let approve = Some(APPROVE_AFTER);
+    let trakt = TraktEmulator::start(TraktOptions {
         interval: 1,
         token_lifetime: TOKEN_LIFETIME,
-        auto_approve_after: Some(APPROVE_AFTER),
+        auto_approve_after: approve,
         ..TraktOptions::default()
     })
     .await?;
+    let jellyfin = JellyfinEmulator::start(JellyfinOptions { auto_approve_after: approve, ..Default::default() }).await?;
+    let plex = PlexEmulator::start(PlexOptions { auto_approve_after: approve, ..PlexOptions::default() }).await?;
     let config = dir.path().join("config.json");
     let body = json!({
         "trakt": {"client_id": "emulator-client-id", "client_secret": "emulator-client-secret"},
-        "authkeeper": {"base_url": {"trakt": emulator.url()}, "refresh_margin_secs": 4, "backoff_base_secs": 1},
+        "jellyfin": {"server": jellyfin.url()},
+        "plex": {},
+        "authkeeper": {
+            "base_url": {"trakt": trakt.url(), "plex": plex.url()},
+            "refresh_margin_secs": 4,
+            "backoff_base_secs": 1,
+        },
     });
     std::fs::OpenOptions::new()
         .write(true)
@@ -42,53 +58,78 @@ pub async fn run() -> anyhow::Result<()> {
         .write_all(serde_json::to_string_pretty(&body)?.as_bytes())?;
 
     println!("authkeeper demo — everything runs on this machine, nothing leaves it");
-    println!("  Trakt emulator  {}", emulator.url());
-    println!("  working dir     {}", dir.path().display());
+    println!("  Trakt emulator     {}", trakt.url());
+    println!("  Jellyfin emulator  {}", jellyfin.url());
+    println!("  plex.tv emulator   {}", plex.url());
+    println!("  working dir        {}", dir.path().display());
     let paths = Paths { config, state_dir: dir.path().join("state"), socket: dir.path().join("authkeeper.sock") };
     let running = daemon::start(daemon::Options::new(paths, Arc::new(SystemClock))).await?;
-    println!("  daemon socket   {}\n", running.socket.display());
+    println!("  daemon socket      {}\n", running.socket.display());
     let client = Client::new(&running.socket);
-    let path = connection_path("trakt", "default");
 
-    println!("1. Connect Trakt with a device code (the emulator approves it after {} s):", APPROVE_AFTER.as_secs());
-    let view = client::connect_and_wait(&client, "trakt", "default", serde_json::json!({}), false, |_| {}).await?;
-    if view.account.is_none() {
-        bail!("connect ended {}, not connected", view.state.as_str());
+    let mut views = Vec::new();
+    for (i, (provider, flow, how)) in STEPS.iter().enumerate() {
+        println!("{}. Connect {provider}: {how} (the emulator approves after {} s)", i + 1, APPROVE_AFTER.as_secs());
+        let view = client::connect_and_wait(&client, provider, "default", json!({"flow": flow}), false, |_| {}).await?;
+        if view.account.is_none() {
+            bail!("{provider}: the connect ended {}, not connected", view.state.as_str());
+        }
+        println!("   connected as {}\n", view.account.as_deref().unwrap_or("?"));
+        views.push(view);
     }
-    println!("   connected as {}\n", view.account.as_deref().unwrap_or("?"));
 
-    let token: Value = client.get(&format!("{path}/token")).await?;
-    let len = token["access_token"].as_str().map_or(0, str::len);
-    println!("2. A consumer asks for a token: `authkeeper token trakt` hands out a live {len}-character");
-    println!("   bearer token (not shown here), valid until {}\n", token["expires_at"].as_str().unwrap_or("?"));
+    println!("4. Three shapes side by side: what `GET …/token` gives a consumer (secrets elided)");
+    println!("   {:<9} {:<14} {:<22} BESIDES access_token", "PROVIDER", "FLOW", "EXPIRES");
+    for (provider, flow, _) in STEPS {
+        let token: Value = client.get(&format!("{}/token", connection_path(provider, "default"))).await?;
+        let expires = token["expires_at"].as_str().map_or("never (until revoked)".to_owned(), |t| format!("{} UTC", &t[11..19]));
+        println!("   {provider:<9} {flow:<14} {expires:<22} {}", shape(&token));
+    }
+    println!();
 
-    let old_refresh = emulator.latest_tokens().map(|(_, r)| r).unwrap_or_default();
-    println!("3. The token lives {TOKEN_LIFETIME} s; the daemon refreshes it ahead of expiry, unasked:");
-    wait_for_refresh(&client, &view).await?;
+    let trakt_view = &views[0];
+    let old_refresh = trakt.latest_tokens().map(|(_, r)| r).unwrap_or_default();
+    println!("5. Trakt's token lives {TOKEN_LIFETIME} s; the daemon refreshes it ahead of expiry, unasked:");
+    wait_for_refresh(&client, trakt_view).await?;
     println!(
         "   the emulator saw the old refresh token used {} time(s); the new pair was saved first\n",
-        emulator.refresh_token_uses(&old_refresh)
+        trakt.refresh_token_uses(&old_refresh)
     );
 
-    println!("4. Disconnect (revokes upstream):");
-    let view: ConnectionView = client.post(&format!("{path}/disconnect"), None).await?;
-    println!("   now {}\n", view.state.as_str());
-
-    println!("5. History of trakt/default:");
-    let rows: Vec<Transition> = client.get(&format!("{path}/history")).await?;
-    for r in rows {
-        let cause = serde_json::to_value(r.cause)?;
-        println!(
-            "   {}  {:>12} → {:<12} {}",
-            r.at.format("%H:%M:%S"),
-            r.from.as_str(),
-            r.to.as_str(),
-            cause.as_str().unwrap_or("")
-        );
+    println!("6. Disconnect all three (each revokes upstream where the provider allows), and their history:");
+    for (provider, _, _) in STEPS {
+        let path = connection_path(provider, "default");
+        let view: ConnectionView = client.post(&format!("{path}/disconnect"), None).await?;
+        println!("   {provider}/default is now {}", view.state.as_str());
+        let rows: Vec<Transition> = client.get(&format!("{path}/history")).await?;
+        for r in rows {
+            let cause = serde_json::to_value(r.cause)?;
+            println!(
+                "     {}  {:>12} → {:<12} {}",
+                r.at.format("%H:%M:%S"),
+                r.from.as_str(),
+                r.to.as_str(),
+                cause.as_str().unwrap_or("")
+            );
+        }
     }
     running.stop().await?;
     println!("\nDone. Run `cargo test --workspace` to see all of this checked.");
     Ok(())
+}
+
+/// The keys of a token answer besides the common ones, with nested secrets named, not shown.
+fn shape(token: &Value) -> String {
+    let common = ["access_token", "token_type", "expires_at", "scope", "account"];
+    let Some(map) = token.as_object() else { return String::new() };
+    map.iter()
+        .filter(|(k, _)| !common.contains(&k.as_str()))
+        .map(|(k, v)| match v.as_object() {
+            Some(inner) => format!("{k} {{{}}}", inner.keys().cloned().collect::<Vec<_>>().join(", ")),
+            None => k.clone(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 async fn wait_for_refresh(client: &Client, view: &ConnectionView) -> anyhow::Result<()> {
