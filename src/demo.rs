@@ -37,7 +37,8 @@ pub async fn run() -> anyhow::Result<()> {
         ..TraktOptions::default()
     })
     .await?;
-    let jellyfin = JellyfinEmulator::start(JellyfinOptions { auto_approve_after: approve, ..Default::default() }).await?;
+    let jellyfin =
+        JellyfinEmulator::start(JellyfinOptions { auto_approve_after: approve, ..Default::default() }).await?;
     let plex = PlexEmulator::start(PlexOptions { auto_approve_after: approve, ..PlexOptions::default() }).await?;
     let config = dir.path().join("config.json");
     let body = json!({
@@ -82,7 +83,8 @@ pub async fn run() -> anyhow::Result<()> {
     println!("   {:<9} {:<14} {:<22} BESIDES access_token", "PROVIDER", "FLOW", "EXPIRES");
     for (provider, flow, _) in STEPS {
         let token: Value = client.get(&format!("{}/token", connection_path(provider, "default"))).await?;
-        let expires = token["expires_at"].as_str().map_or("never (until revoked)".to_owned(), |t| format!("{} UTC", &t[11..19]));
+        let expires =
+            token["expires_at"].as_str().map_or("never (until revoked)".to_owned(), |t| format!("{} UTC", &t[11..19]));
         println!("   {provider:<9} {flow:<14} {expires:<22} {}", shape(&token));
     }
     println!();

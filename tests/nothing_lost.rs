@@ -145,7 +145,10 @@ impl ConnectionStore for Flaky {
     fn forget(&self, key: &ConnKey) -> Result<(), StoreError> {
         self.inner.forget(key)
     }
-    fn set_settings(&self, rows: &[(ConnKey, Option<Vec<u8>>)]) -> Result<(), StoreError> {
+    fn settings(&self) -> Result<Vec<(ConnKey, Vec<u8>)>, StoreError> {
+        self.inner.settings()
+    }
+    fn set_settings(&self, rows: &[(ConnKey, Option<Arc<[u8]>>)]) -> Result<(), StoreError> {
         self.inner.set_settings(rows)
     }
     fn profile_states(&self) -> Result<Vec<(ConnKey, ProfileState)>, StoreError> {

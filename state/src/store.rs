@@ -56,11 +56,18 @@ pub enum StoreError {
     Corrupt { key: String, source: RecordError },
 }
 
-/// A stored connection: its machine and the settings a config last declared it with (`None`:
-/// no config declared it; such connections are never touched by config changes).
+/// A stored connection: its machine and a digest of the settings a config last declared it
+/// with (`None`: no config declared it; such connections are never touched by config changes).
+/// The settings themselves are read with [`ConnectionStore::settings`], when they are needed.
 pub struct Stored {
     pub machine: Machine,
-    pub settings: Option<Vec<u8>>,
+    pub settings: Option<u64>,
+}
+
+/// A stable digest of stored settings (FNV-1a), to tell whether they changed without keeping
+/// them in memory.
+pub fn settings_digest(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// What the daemon needs of a store. Kept narrow so that another backend can take redb's place.
@@ -73,8 +80,10 @@ pub trait ConnectionStore: Send + Sync + 'static {
     fn history(&self, key: &ConnKey) -> Result<Vec<Transition>, StoreError>;
     /// Drop a removed connection's state, flow and declared settings; its history stays.
     fn forget(&self, key: &ConnKey) -> Result<(), StoreError>;
+    /// Every declared connection's stored settings.
+    fn settings(&self) -> Result<Vec<(ConnKey, Vec<u8>)>, StoreError>;
     /// Record (or with `None` clear) the settings connections are declared with.
-    fn set_settings(&self, rows: &[(ConnKey, Option<Vec<u8>>)]) -> Result<(), StoreError>;
+    fn set_settings(&self, rows: &[(ConnKey, Option<Arc<[u8]>>)]) -> Result<(), StoreError>;
     /// Every profile's provider state.
     fn profile_states(&self) -> Result<Vec<(ConnKey, ProfileState)>, StoreError>;
     /// Save one profile's provider state, durably, before it is used.
@@ -232,7 +241,7 @@ impl Store {
                 None => None,
             };
             let machine = records::decode_connection(key, value.value(), flow).map_err(corrupt)?;
-            let settings = settings.get(key).map_err(db)?.map(|v| v.value().to_vec());
+            let settings = settings.get(key).map_err(db)?.map(|v| settings_digest(v.value()));
             out.push(Stored { machine, settings });
         }
         Ok(out)
@@ -250,8 +259,20 @@ impl Store {
         Ok(())
     }
 
+    /// Every declared connection's stored settings.
+    pub fn settings(&self) -> Result<Vec<(ConnKey, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let table = txn.open_table(SETTINGS).map_err(db)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(db)? {
+            let (k, v) = row.map_err(db)?;
+            out.push((parse_key(k.value()), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
     /// Record (or with `None` clear) the settings connections are declared with, durably.
-    pub fn set_settings(&self, rows: &[(ConnKey, Option<Vec<u8>>)]) -> Result<(), StoreError> {
+    pub fn set_settings(&self, rows: &[(ConnKey, Option<Arc<[u8]>>)]) -> Result<(), StoreError> {
         if rows.is_empty() {
             return Ok(());
         }
@@ -261,7 +282,7 @@ impl Store {
             for (key, value) in rows {
                 let key = key.to_string();
                 match value {
-                    Some(v) => table.insert(key.as_str(), v.as_slice()).map_err(db)?,
+                    Some(v) => table.insert(key.as_str(), &**v).map_err(db)?,
                     None => table.remove(key.as_str()).map_err(db)?,
                 };
             }
@@ -485,7 +506,10 @@ impl ConnectionStore for Store {
     fn forget(&self, key: &ConnKey) -> Result<(), StoreError> {
         Store::forget(self, key)
     }
-    fn set_settings(&self, rows: &[(ConnKey, Option<Vec<u8>>)]) -> Result<(), StoreError> {
+    fn settings(&self) -> Result<Vec<(ConnKey, Vec<u8>)>, StoreError> {
+        Store::settings(self)
+    }
+    fn set_settings(&self, rows: &[(ConnKey, Option<Arc<[u8]>>)]) -> Result<(), StoreError> {
         Store::set_settings(self, rows)
     }
     fn profile_states(&self) -> Result<Vec<(ConnKey, ProfileState)>, StoreError> {

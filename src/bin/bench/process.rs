@@ -149,6 +149,13 @@ impl Server {
         Memory { rss_kib: field("VmRSS:"), peak_kib: field("VmHWM:") }
     }
 
+    /// SIGTERM, and wait for a clean exit.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        Command::new("kill").arg("-TERM").arg(self.pid().to_string()).status()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
     /// Reset the peak (`VmHWM`) to the current resident size.
     pub fn reset_peak(&self) {
         let _ = std::fs::write(format!("/proc/{}/clear_refs", self.pid()), "5");

@@ -51,8 +51,8 @@ pub struct ConfigOwner {
     rejected: Option<String>,
     /// Per-profile provider state (stable device ids), as saved.
     states: HashMap<ConnKey, Arc<ProfileState>>,
-    /// The settings rows the store holds, by profile (kept only until written or compared).
-    stored_settings: HashMap<ConnKey, Vec<u8>>,
+    /// Digests of the settings rows the store holds, by profile (kept only until compared).
+    stored_settings: HashMap<ConnKey, u64>,
     schedules: Schedules,
 }
 
@@ -86,8 +86,8 @@ impl ConfigOwner {
         let mut stored_settings = HashMap::new();
         let mut machines = BTreeMap::new();
         for s in stored {
-            if let Some(bytes) = s.settings {
-                stored_settings.insert(s.machine.key().clone(), bytes);
+            if let Some(digest) = s.settings {
+                stored_settings.insert(s.machine.key().clone(), digest);
             }
             machines.insert(s.machine.key().clone(), s.machine);
         }
@@ -107,7 +107,7 @@ impl ConfigOwner {
                 };
                 let warning: Arc<str> =
                     format!("{why}: running on the settings stored from the last good config").into();
-                (Self::from_stored(&stored_settings), None, rejected, Some(warning))
+                (Self::from_stored(shared.store.as_ref()), None, rejected, Some(warning))
             }
         };
         let good = warning.is_none();
@@ -144,11 +144,12 @@ impl ConfigOwner {
                 Some(p) if owner.stored_settings.contains_key(&key) || good => (p.clone(), warning.clone()),
                 Some(p) => (p.clone(), None), // a default the empty config declares
                 None if owner.stored_settings.contains_key(&key) && good => {
-                    // Declared by the last good config, not by this one: removed below.
-                    match stored_profile(&key, &owner.stored_settings) {
+                    // Declared by the last good config, not by this one: removed below (a
+                    // removal calls no provider, so its provider's defaults do).
+                    match owner.owner_profile(&key) {
                         Some(p) => {
                             gone.push(key.clone());
-                            (Arc::new(p), None)
+                            (p, None)
                         }
                         None => continue,
                     }
@@ -169,6 +170,9 @@ impl ConfigOwner {
         }
         if good {
             owner.save_settings(owner.config.profiles.keys().cloned().collect());
+            // What is left were settings of connections that are gone; the map is not needed
+            // again, and at a hundred thousand profiles its table is megabytes.
+            owner.stored_settings = HashMap::new();
             let keys: Vec<ConnKey> = owner.config.profiles.keys().cloned().collect();
             for key in keys {
                 owner.import(&key).await;
@@ -179,13 +183,17 @@ impl ConfigOwner {
     }
 
     /// The config made of the settings the store kept, for when no good file is read.
-    fn from_stored(stored: &HashMap<ConnKey, Vec<u8>>) -> Config {
+    fn from_stored(store: &dyn authkeeper_state::ConnectionStore) -> Config {
         let mut config = Config::parse("{}").expect("the empty config loads");
+        let stored = store.settings().unwrap_or_else(|e| {
+            error!(error = %e, "cannot read the stored settings; the defaults apply");
+            Vec::new()
+        });
         for (key, bytes) in stored {
             let Some(provider) = providers::find(&key.provider) else { continue };
-            match Profile::from_stored(provider, bytes) {
+            match Profile::from_stored(provider, &bytes) {
                 Ok(profile) => {
-                    config.profiles.insert(key.clone(), Arc::new(profile));
+                    config.profiles.insert(key, Arc::new(profile));
                 }
                 Err(e) => warn!(connection = %key, error = %e, "stored settings unreadable; the defaults apply"),
             }
@@ -396,15 +404,16 @@ impl ConfigOwner {
     /// that they can run while no good config is read.
     fn save_settings(&mut self, keys: Vec<ConnKey>) {
         let mut rows = Vec::new();
-        let mut last: Option<(*const Profile, Vec<u8>)> = None;
+        // Profiles that share settings share their bytes too.
+        let mut last: Option<(*const Profile, Arc<[u8]>)> = None;
         for key in keys {
             let Some(profile) = self.config.profile(&key) else { continue };
             let bytes = match &last {
                 Some((ptr, bytes)) if std::ptr::eq(*ptr, Arc::as_ptr(profile)) => bytes.clone(),
-                _ => profile.to_stored(),
+                _ => Arc::from(profile.to_stored()),
             };
             last = Some((Arc::as_ptr(profile), bytes.clone()));
-            if self.stored_settings.remove(&key).as_ref() != Some(&bytes) {
+            if self.stored_settings.remove(&key) != Some(authkeeper_state::store::settings_digest(&bytes)) {
                 rows.push((key, Some(bytes)));
             }
         }
@@ -507,14 +516,4 @@ impl ConfigOwner {
 fn empty_state() -> &'static Arc<ProfileState> {
     static EMPTY: std::sync::LazyLock<Arc<ProfileState>> = std::sync::LazyLock::new(Arc::default);
     &EMPTY
-}
-
-/// The settings `key` was stored with, or its provider's defaults; `None` for a provider this
-/// build does not know.
-fn stored_profile(key: &ConnKey, stored: &HashMap<ConnKey, Vec<u8>>) -> Option<Profile> {
-    let provider = providers::find(&key.provider)?;
-    match stored.get(key).map(|b| Profile::from_stored(provider, b)) {
-        Some(Ok(p)) => Some(p),
-        _ => Profile::new(provider, Default::default(), None).ok(),
-    }
 }
