@@ -133,6 +133,14 @@ async fn a_password_login_uses_the_password_once_and_keeps_it_nowhere() {
     let causes: Vec<&str> = history.iter().map(|t| t["cause"].as_str().unwrap()).collect();
     assert_eq!(causes, ["credentials_supplied", "validated"]);
 
+    // Rejected once the server forgets the token → expired; and back with the password.
+    jellyfin.revoke_all();
+    let view: ConnectionView = h.client().post(&format!("{PATH}/validate"), None).await.unwrap();
+    assert_eq!(view.state, StateName::Expired);
+    let (code, out, err) = h.cli_stdin(&["connect", "jellyfin", "--flow", "password", "--stdin"], &body).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(state(&h).await.state, StateName::Connected);
+
     // A secret on the command line is refused before anything is sent.
     let (code, _, err) = h.cli(&["connect", "jellyfin", "--flow", "password", "--field", "password=x"]).await;
     assert_eq!(code, 2);

@@ -232,17 +232,33 @@ impl Store {
         let flows = txn.open_table(FLOWS).map_err(db)?;
         let settings = txn.open_table(SETTINGS).map_err(db)?;
         let mut out = Vec::with_capacity(conns.len().map_err(db)? as usize);
+        // Both tables are in key order: walk the settings alongside instead of a lookup each.
+        let mut settings = settings.iter().map_err(db)?.peekable();
         for row in conns.iter().map_err(db)? {
             let (key, value) = row.map_err(db)?;
             let key = key.value();
+            let mut declared = None;
+            loop {
+                let order = match settings.peek() {
+                    None => break,
+                    Some(Ok((k, _))) => k.value().cmp(key),
+                    Some(Err(_)) => std::cmp::Ordering::Less, // taken below, to return its error
+                };
+                if order == std::cmp::Ordering::Greater {
+                    break;
+                }
+                let (_, v) = settings.next().expect("peeked").map_err(db)?;
+                if order == std::cmp::Ordering::Equal {
+                    declared = Some(settings_digest(v.value()));
+                }
+            }
             let corrupt = |source| StoreError::Corrupt { key: key.to_owned(), source };
             let flow = match flows.get(key).map_err(db)? {
                 Some(f) => Some(records::decode_flow(f.value()).map_err(corrupt)?),
                 None => None,
             };
             let machine = records::decode_connection(key, value.value(), flow).map_err(corrupt)?;
-            let settings = settings.get(key).map_err(db)?.map(|v| settings_digest(v.value()));
-            out.push(Stored { machine, settings });
+            out.push(Stored { machine, settings: declared });
         }
         Ok(out)
     }

@@ -51,8 +51,6 @@ pub struct ConfigOwner {
     rejected: Option<String>,
     /// Per-profile provider state (stable device ids), as saved.
     states: HashMap<ConnKey, Arc<ProfileState>>,
-    /// Digests of the settings rows the store holds, by profile (kept only until compared).
-    stored_settings: HashMap<ConnKey, u64>,
     schedules: Schedules,
 }
 
@@ -83,14 +81,9 @@ impl ConfigOwner {
         stored: Vec<Stored>,
         states: Vec<(ConnKey, ProfileState)>,
     ) -> anyhow::Result<Self> {
-        let mut stored_settings = HashMap::new();
-        let mut machines = BTreeMap::new();
-        for s in stored {
-            if let Some(digest) = s.settings {
-                stored_settings.insert(s.machine.key().clone(), digest);
-            }
-            machines.insert(s.machine.key().clone(), s.machine);
-        }
+        // Each stored machine, with the digest of the settings a config declared it with.
+        let mut machines: BTreeMap<ConnKey, (Machine, Option<u64>)> =
+            stored.into_iter().map(|s| (s.machine.key().clone(), (s.machine, s.settings))).collect();
         let (config, text, rejected, warning) = match read(&path) {
             Read::Good(config, text) => (config, Some(text), None, None),
             other => {
@@ -119,31 +112,30 @@ impl ConfigOwner {
         let http = providers::http_client(config.settings.http_timeout());
         let schedules = Schedules::new().await;
         let states = states.into_iter().map(|(k, s)| (k, Arc::new(s))).collect();
-        let mut owner = Self {
-            path,
-            text,
-            config,
-            from_store: !good,
-            shared,
-            http,
-            gone: false,
-            rejected,
-            states,
-            stored_settings,
-            schedules,
-        };
+        let mut owner =
+            Self { path, text, config, from_store: !good, shared, http, gone: false, rejected, states, schedules };
         owner.schedules.apply(&owner.config.settings, &owner.shared).await;
 
         let now = owner.shared.clock.now();
         for key in owner.config.profiles.keys() {
-            machines.entry(key.clone()).or_insert_with(|| Machine::new(key.clone(), now));
+            machines.entry(key.clone()).or_insert_with(|| (Machine::new(key.clone(), now), None));
         }
         let mut gone = Vec::new();
-        for (key, machine) in machines {
+        let mut rows = Vec::new();
+        let mut bytes = SharedBytes::default();
+        for (key, (machine, declared)) in machines {
             let (profile, warning) = match owner.config.profile(&key) {
-                Some(p) if owner.stored_settings.contains_key(&key) || good => (p.clone(), warning.clone()),
+                Some(p) if good => {
+                    // Keep its settings in the store if they are not what the store holds.
+                    let b = bytes.of(p);
+                    if declared != Some(authkeeper_state::store::settings_digest(&b)) {
+                        rows.push((key.clone(), Some(b)));
+                    }
+                    (p.clone(), None)
+                }
+                Some(p) if declared.is_some() => (p.clone(), warning.clone()),
                 Some(p) => (p.clone(), None), // a default the empty config declares
-                None if owner.stored_settings.contains_key(&key) && good => {
+                None if declared.is_some() && good => {
                     // Declared by the last good config, not by this one: removed below (a
                     // removal calls no provider, so its provider's defaults do).
                     match owner.owner_profile(&key) {
@@ -168,11 +160,8 @@ impl ConfigOwner {
         for key in gone {
             owner.remove(&key).await;
         }
+        owner.write_settings(rows);
         if good {
-            owner.save_settings(owner.config.profiles.keys().cloned().collect());
-            // What is left were settings of connections that are gone; the map is not needed
-            // again, and at a hundred thousand profiles its table is megabytes.
-            owner.stored_settings = HashMap::new();
             let keys: Vec<ConnKey> = owner.config.profiles.keys().cloned().collect();
             for key in keys {
                 owner.import(&key).await;
@@ -400,23 +389,21 @@ impl ConfigOwner {
         changed
     }
 
-    /// Keep the settings of `keys` in the store (those that differ from what it holds), so
-    /// that they can run while no good config is read.
+    /// Keep the settings of `keys` in the store, so that they can run while no good config is
+    /// read.
     fn save_settings(&mut self, keys: Vec<ConnKey>) {
-        let mut rows = Vec::new();
-        // Profiles that share settings share their bytes too.
-        let mut last: Option<(*const Profile, Arc<[u8]>)> = None;
-        for key in keys {
-            let Some(profile) = self.config.profile(&key) else { continue };
-            let bytes = match &last {
-                Some((ptr, bytes)) if std::ptr::eq(*ptr, Arc::as_ptr(profile)) => bytes.clone(),
-                _ => Arc::from(profile.to_stored()),
-            };
-            last = Some((Arc::as_ptr(profile), bytes.clone()));
-            if self.stored_settings.remove(&key) != Some(authkeeper_state::store::settings_digest(&bytes)) {
-                rows.push((key, Some(bytes)));
-            }
-        }
+        let mut bytes = SharedBytes::default();
+        let rows = keys
+            .into_iter()
+            .filter_map(|key| {
+                let b = bytes.of(self.config.profile(&key)?);
+                Some((key, Some(b)))
+            })
+            .collect();
+        self.write_settings(rows);
+    }
+
+    fn write_settings(&self, rows: Vec<(ConnKey, Option<Arc<[u8]>>)>) {
         if rows.is_empty() {
             return;
         }
@@ -507,6 +494,23 @@ impl ConfigOwner {
                 && let Err(e) = self.shared.store.note_profiles(provider, highest)
             {
                 warn!(error = %e, "could not record profile numbers");
+            }
+        }
+    }
+}
+
+/// A profile's stored form, made once for the many profiles that share one `Profile`.
+#[derive(Default)]
+struct SharedBytes(Option<(*const Profile, Arc<[u8]>)>);
+
+impl SharedBytes {
+    fn of(&mut self, profile: &Arc<Profile>) -> Arc<[u8]> {
+        match &self.0 {
+            Some((ptr, bytes)) if std::ptr::eq(*ptr, Arc::as_ptr(profile)) => bytes.clone(),
+            _ => {
+                let bytes: Arc<[u8]> = Arc::from(profile.to_stored());
+                self.0 = Some((Arc::as_ptr(profile), bytes.clone()));
+                bytes
             }
         }
     }
