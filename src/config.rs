@@ -411,6 +411,22 @@ mod tests {
     use crate::providers::trakt::Block as TraktBlock;
 
     #[test]
+    fn a_profile_debug_shows_no_secret() {
+        let text = r#"{"trakt": {"client_id": "c", "client_secret": "sec-123", "access_token": "tok-456",
+            "refresh_token": "ref-789"}, "jellyfin": {"server": "http://j", "access_token": "jf-tok"},
+            "plex": {"account_token": "plex-tok", "pms_token": "pms-tok"}}"#;
+        let cfg = Config::parse(text).unwrap();
+        let mut shown = format!("{cfg:?}");
+        for p in cfg.profiles.values() {
+            shown += &format!("{p:?}");
+        }
+        shown += &format!("{:?}", cfg.profile(&ConnKey::new("trakt", "default")).unwrap().typed::<TraktBlock>());
+        for secret in ["sec-123", "tok-456", "ref-789", "jf-tok", "plex-tok", "pms-tok"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+    }
+
+    #[test]
     fn profiles_deep_merge_nested_objects_and_share_equal_settings() {
         let cfg = Config::parse(
             r#"{"trakt": {"client_id": "c", "client_secret": "s", "extra": {"a": 1, "b": {"c": 2}},
@@ -438,7 +454,7 @@ mod tests {
         let trakt = |p: &str| cfg.profile(&ConnKey::new("trakt", p)).unwrap().typed::<TraktBlock>().clone();
         let p1 = trakt("TRAKT-P01");
         assert_eq!(p1.client_id.as_deref(), Some("cid-2"));
-        assert_eq!(p1.client_secret.as_deref(), Some("sec"), "inherited from the base block");
+        assert_eq!(p1.client_secret.as_ref().map(|s| s.expose()), Some("sec"), "inherited from the base block");
         assert_eq!(trakt("default").client_id.as_deref(), Some("cid"));
     }
 

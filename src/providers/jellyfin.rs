@@ -5,7 +5,7 @@
 
 use super::{
     Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, check_as,
-    nonempty, settings_as,
+    nonempty, nonempty_secret, settings_as,
 };
 use crate::limits::Kind;
 use async_trait::async_trait;
@@ -43,7 +43,7 @@ static MANIFEST: LazyLock<Manifest> = LazyLock::new(|| Manifest {
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct Block {
     pub server: Option<String>,
-    pub access_token: Option<String>,
+    pub access_token: Option<Secret>,
     pub user_id: Option<String>,
     pub username: Option<String>,
     pub device_id: Option<String>,
@@ -213,7 +213,7 @@ impl Provider for Jellyfin {
 
     fn import(&self, profile: &Profile, now: DateTime<Utc>) -> Option<Grant> {
         let b: &Block = profile.typed();
-        let mut grant = Grant { token_type: "MediaBrowser".into(), ..Grant::bearer(nonempty(&b.access_token)?, now) };
+        let mut grant = Grant { token_type: "MediaBrowser".into(), ..Grant::bearer(nonempty_secret(&b.access_token)?, now) };
         for (name, value) in [("user_id", &b.user_id), ("username", &b.username), ("server_url", &b.server)] {
             if let Some(v) = nonempty(value) {
                 grant.facts.insert(name.into(), v.into());

@@ -202,3 +202,8 @@ pub fn settings_as<T: serde::de::DeserializeOwned + Send + Sync + 'static>(
 pub fn nonempty(v: &Option<String>) -> Option<&str> {
     v.as_deref().filter(|s| !s.is_empty())
 }
+
+/// A non-empty secret setting (a config block's token or client secret), exposed for one use.
+pub fn nonempty_secret(v: &Option<authkeeper_state::Secret>) -> Option<&str> {
+    v.as_ref().map(authkeeper_state::Secret::expose).filter(|s| !s.is_empty())
+}

@@ -5,7 +5,7 @@
 
 use super::{
     Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, check_as,
-    nonempty, settings_as,
+    nonempty, nonempty_secret, settings_as,
 };
 use crate::limits::Kind;
 use async_trait::async_trait;
@@ -37,13 +37,13 @@ static MANIFEST: LazyLock<Manifest> = LazyLock::new(|| Manifest {
 /// The `plex` block of CrossWatch's config.json.
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct Block {
-    pub account_token: Option<String>,
+    pub account_token: Option<Secret>,
     pub client_id: Option<String>,
     pub server_url: Option<String>,
     pub machine_id: Option<String>,
     pub username: Option<String>,
     pub account_id: Option<Value>,
-    pub pms_token: Option<String>,
+    pub pms_token: Option<Secret>,
 }
 
 #[derive(Deserialize)]
@@ -141,8 +141,8 @@ impl Provider for Plex {
 
     fn import(&self, profile: &Profile, now: DateTime<Utc>) -> Option<Grant> {
         let b: &Block = profile.typed();
-        let mut grant = Grant { token_type: "plex".into(), ..Grant::bearer(nonempty(&b.account_token)?, now) };
-        if let Some(t) = nonempty(&b.pms_token) {
+        let mut grant = Grant { token_type: "plex".into(), ..Grant::bearer(nonempty_secret(&b.account_token)?, now) };
+        if let Some(t) = nonempty_secret(&b.pms_token) {
             grant.secrets.insert("server_token".into(), Secret::new(t));
         }
         for (name, value) in [("machine_id", &b.machine_id), ("server_url", &b.server_url)] {

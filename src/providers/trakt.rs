@@ -2,7 +2,7 @@
 
 use super::{
     Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, check_as,
-    nonempty, settings_as,
+    nonempty, nonempty_secret, settings_as,
 };
 use crate::limits::{Kind, Limits, Rate};
 use async_trait::async_trait;
@@ -34,9 +34,9 @@ static MANIFEST: LazyLock<Manifest> = LazyLock::new(|| Manifest {
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 pub struct Block {
     pub client_id: Option<String>,
-    pub client_secret: Option<String>,
-    pub access_token: Option<String>,
-    pub refresh_token: Option<String>,
+    pub client_secret: Option<Secret>,
+    pub access_token: Option<Secret>,
+    pub refresh_token: Option<Secret>,
     pub scope: Option<String>,
     pub token_type: Option<String>,
     pub expires_at: Option<f64>,
@@ -79,7 +79,7 @@ struct SettingsIds {
 /// The app's client id and secret, which every Trakt call needs.
 fn app(cx: &Adapter) -> Result<(&str, &str), String> {
     let block: &Block = cx.profile.typed();
-    match (nonempty(&block.client_id), nonempty(&block.client_secret)) {
+    match (nonempty(&block.client_id), nonempty_secret(&block.client_secret)) {
         (Some(id), Some(secret)) => Ok((id, secret)),
         _ => Err("the trakt block of config.json needs client_id and client_secret (a Trakt API app's; \
                   creating one needs a VIP account)"
@@ -138,11 +138,11 @@ impl Provider for Trakt {
     fn import(&self, profile: &Profile, now: DateTime<Utc>) -> Option<Grant> {
         let b: &Block = profile.typed();
         Some(Grant {
-            refresh_token: nonempty(&b.refresh_token).map(Secret::new),
+            refresh_token: nonempty_secret(&b.refresh_token).map(Secret::new),
             token_type: b.token_type.clone().unwrap_or_else(|| "bearer".into()),
             scope: b.scope.clone(),
             expires_at: b.expires_at.and_then(|s| DateTime::from_timestamp(s as i64, 0)),
-            ..Grant::bearer(nonempty(&b.access_token)?, now)
+            ..Grant::bearer(nonempty_secret(&b.access_token)?, now)
         })
     }
 
