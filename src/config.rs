@@ -296,14 +296,22 @@ fn parse_block(
     let typed_error = |e: serde_json::Error| typed_error(text, raw, provider, e);
     let default = Arc::new(Profile::new(provider, base.clone(), base_url.clone()).map_err(typed_error)?);
     profiles.insert(ConnKey::new(m.name, "default"), default.clone());
-    let mut last = default.clone();
+    // A credential in the base block is the default profile's own: profiles inherit the app's
+    // settings, never its login.
+    let inherited = if m.credential_keys.iter().any(|k| base.contains_key(*k)) {
+        base.retain(|k, _| !m.credential_keys.contains(&k.as_str()));
+        Arc::new(Profile::new(provider, base.clone(), base_url.clone()).map_err(typed_error)?)
+    } else {
+        default.clone()
+    };
+    let mut last = inherited.clone();
     for (id, own) in instances {
         check_profile_id(m, &id)?;
         let Value::Object(own) = own else {
             return Err(ConfigError::Invalid(format!("{}.instances.{id} must be an object", m.block)));
         };
         let profile = if own.is_empty() {
-            default.clone()
+            inherited.clone()
         } else {
             let mut block = base.clone();
             deep_merge(&mut block, own);
@@ -409,6 +417,23 @@ impl Paths {
 mod tests {
     use super::*;
     use crate::providers::trakt::Block as TraktBlock;
+
+    #[test]
+    fn profiles_inherit_the_apps_settings_but_never_the_base_blocks_login() {
+        let cfg = Config::parse(
+            r#"{"trakt": {"client_id": "c", "client_secret": "s", "access_token": "base-tok",
+                "refresh_token": "base-ref", "instances": {"TRAKT-P01": {}, "TRAKT-P02": {"access_token": "own"}}}}"#,
+        )
+        .unwrap();
+        let block = |p: &str| cfg.profile(&ConnKey::new("trakt", p)).unwrap().typed::<TraktBlock>().clone();
+        let token = |b: &TraktBlock| b.access_token.as_ref().map(|t| t.expose().to_owned());
+        assert_eq!(token(&block("default")).as_deref(), Some("base-tok"));
+        assert_eq!(token(&block("TRAKT-P01")), None, "an instance does not inherit the default's token");
+        assert!(block("TRAKT-P01").refresh_token.is_none());
+        assert_eq!(block("TRAKT-P01").client_id.as_deref(), Some("c"), "but does inherit the app");
+        assert_eq!(token(&block("TRAKT-P02")).as_deref(), Some("own"));
+        assert!(block("TRAKT-P02").refresh_token.is_none(), "nor a piece of the default's login");
+    }
 
     #[test]
     fn a_profile_debug_shows_no_secret() {

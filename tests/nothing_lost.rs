@@ -64,6 +64,13 @@ async fn a_missing_or_broken_config_at_start_up_changes_no_stored_connection() {
         assert_eq!(health["config"]["ok"], write.is_none(), "{case}: {health}");
         let (_, out, _) = h.cli(&["status", "--json"]).await;
         assert!(out.contains("settings stored from the last good config"), "{case}: {out}");
+        if write.is_none() {
+            // The daemon does not write a new file that would declare nothing else.
+            let (code, _, err) = h.cli(&["profiles", "add", "trakt"]).await;
+            assert_eq!(code, 1, "{err}");
+            assert!(err.contains("is missing; it is not recreated"), "{err}");
+            assert!(!h.config_path().exists());
+        }
 
         // The good file comes back: nothing changes, and the warning goes.
         let mut events = h.client().events().await.unwrap();

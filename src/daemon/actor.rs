@@ -97,6 +97,8 @@ pub fn next_for(
 const SLOW_DOWN_SECS: u64 = 5;
 /// The longest wait between attempts at a commit the store refused.
 const COMMIT_RETRY_CAP: Duration = Duration::from_secs(5);
+/// Attempts at a refused commit once the daemon is stopping (about half a minute with backoff).
+const COMMIT_ATTEMPTS_AT_SHUTDOWN: u32 = 10;
 /// How long scheduled provider calls wait while the store refuses writes.
 const STORE_DOWN_DEFER: TimeDelta = TimeDelta::seconds(5);
 
@@ -436,11 +438,17 @@ impl Actor {
                 Err(error) => error,
             };
             attempt += 1;
-            if *self.shared.shutdown.borrow() {
+            let stopping = *self.shared.shutdown.borrow();
+            if stopping && attempt > COMMIT_ATTEMPTS_AT_SHUTDOWN {
                 error!(connection = %next.key(), %error, "commit failed at shutdown; this change is not saved");
                 return Err(DaemonError::Store(error));
             }
             let wait = COMMIT_RETRY_CAP.min(Duration::from_millis(50) * 2u32.saturating_pow(attempt.min(10)));
+            if stopping {
+                // The commit thread outlives the connections: keep trying for a while.
+                tokio::time::sleep(wait).await;
+                continue;
+            }
             warn!(connection = %next.key(), %error, attempt, retry_in_ms = wait.as_millis() as u64, "commit failed; retrying");
             if attempt == 1 {
                 let message = format!("the store refused a change ({error}); retrying until it takes it");

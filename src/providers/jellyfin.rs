@@ -106,6 +106,13 @@ fn request(cx: &Adapter, method: Method, url: &str, token: Option<&str>) -> Requ
     cx.http.request(method, url).header("authorization", authorization(device_id(cx), token))
 }
 
+/// A call with `grant`'s token, from the device the token was issued to (one imported from
+/// CrossWatch keeps its DeviceId).
+fn authed(cx: &Adapter, method: Method, url: &str, grant: &Grant) -> RequestBuilder {
+    let device = grant.fact("device_id").unwrap_or_else(|| device_id(cx));
+    cx.http.request(method, url).header("authorization", authorization(device, Some(grant.access_token.expose())))
+}
+
 fn grant(cx: &Adapter, server: &str, body: AuthenticationResult, now: DateTime<Utc>) -> Grant {
     let mut facts = BTreeMap::from([
         ("server_url".to_owned(), server.to_owned()),
@@ -214,7 +221,8 @@ impl Provider for Jellyfin {
     fn import(&self, profile: &Profile, now: DateTime<Utc>) -> Option<Grant> {
         let b: &Block = profile.typed();
         let mut grant = Grant { token_type: "MediaBrowser".into(), ..Grant::bearer(nonempty_secret(&b.access_token)?, now) };
-        for (name, value) in [("user_id", &b.user_id), ("username", &b.username), ("server_url", &b.server)] {
+        let fields = [("user_id", &b.user_id), ("username", &b.username), ("server_url", &b.server), ("device_id", &b.device_id)];
+        for (name, value) in fields {
             if let Some(v) = nonempty(value) {
                 grant.facts.insert(name.into(), v.into());
             }
@@ -290,7 +298,7 @@ impl Provider for Jellyfin {
             Ok(s) => s,
             Err(e) => return Verdict::Unknown(e),
         };
-        let req = request(cx, Method::GET, &format!("{server}/Users/Me"), Some(grant.access_token.expose()));
+        let req = authed(cx, Method::GET, &format!("{server}/Users/Me"), grant);
         let resp = match cx.send(Kind::Read, req).await {
             Ok(r) => r,
             Err(e) => return Verdict::Unknown(e),
@@ -315,7 +323,7 @@ impl Provider for Jellyfin {
 
     async fn revoke(&self, cx: &Adapter, grant: &Grant) -> Result<(), String> {
         let server = server(cx)?;
-        let req = request(cx, Method::POST, &format!("{server}/Sessions/Logout"), Some(grant.access_token.expose()));
+        let req = authed(cx, Method::POST, &format!("{server}/Sessions/Logout"), grant);
         let resp = cx.send(Kind::Write, req).await?;
         if resp.status().is_success() { Ok(()) } else { Err(unknown_status(resp.status())) }
     }

@@ -88,16 +88,24 @@ fn client_identifier(cx: &Adapter) -> &str {
     cx.state.fact("client_identifier").unwrap_or(PRODUCT)
 }
 
-fn request(cx: &Adapter, method: Method, host: &str, path: &str, token: Option<&str>) -> RequestBuilder {
+/// The client identifier a token was issued to (an imported one keeps CrossWatch's).
+fn token_client<'a>(cx: &'a Adapter, grant: &'a Grant) -> &'a str {
+    grant.fact("client_identifier").unwrap_or_else(|| client_identifier(cx))
+}
+
+/// A call to plex.tv: as the profile's client, or with `grant`'s token as the client it was
+/// issued to.
+fn request(cx: &Adapter, method: Method, host: &str, path: &str, grant: Option<&Grant>) -> RequestBuilder {
+    let client = grant.map_or_else(|| client_identifier(cx), |g| token_client(cx, g));
     let req = cx
         .http
         .request(method, format!("{}{path}", cx.origin(host)))
         .header("accept", "application/json")
-        .header("x-plex-client-identifier", client_identifier(cx))
+        .header("x-plex-client-identifier", client)
         .header("x-plex-product", PRODUCT)
         .header("x-plex-version", env!("CARGO_PKG_VERSION"));
-    match token {
-        Some(token) => req.header("x-plex-token", token),
+    match grant {
+        Some(g) => req.header("x-plex-token", g.access_token.expose()),
         None => req,
     }
 }
@@ -109,11 +117,12 @@ fn unknown_status(status: StatusCode) -> String {
     }
 }
 
-/// The server to use: the user's own first, and its best connection (local, remote, relay).
-fn choose(resources: Vec<Resource>) -> Option<(Resource, String)> {
+/// The server to use: the one already chosen (`machine_id`) if it is listed, else the user's
+/// own first; and its best connection (local, remote, relay).
+fn choose(resources: Vec<Resource>, machine_id: Option<&str>) -> Option<(Resource, String)> {
     let mut servers: Vec<Resource> =
         resources.into_iter().filter(|r| r.provides.split(',').any(|p| p.trim() == "server")).collect();
-    servers.sort_by_key(|r| !r.owned);
+    servers.sort_by_key(|r| (Some(r.client_identifier.as_str()) != machine_id, !r.owned));
     servers.into_iter().find_map(|r| {
         let rank = |c: &Connection| match (c.relay, c.local) {
             (false, true) => 0,
@@ -145,7 +154,8 @@ impl Provider for Plex {
         if let Some(t) = nonempty_secret(&b.pms_token) {
             grant.secrets.insert("server_token".into(), Secret::new(t));
         }
-        for (name, value) in [("machine_id", &b.machine_id), ("server_url", &b.server_url)] {
+        let fields = [("machine_id", &b.machine_id), ("server_url", &b.server_url), ("client_identifier", &b.client_id)];
+        for (name, value) in fields {
             if let Some(v) = nonempty(value) {
                 grant.facts.insert(name.into(), v.into());
             }
@@ -223,8 +233,7 @@ impl Provider for Plex {
     }
 
     async fn validate(&self, cx: &Adapter, grant: &Grant) -> Verdict<Identity> {
-        let token = grant.access_token.expose();
-        let user = match cx.send(Kind::Read, request(cx, Method::GET, PLEX_TV, "/api/v2/user", Some(token))).await {
+        let user = match cx.send(Kind::Read, request(cx, Method::GET, PLEX_TV, "/api/v2/user", Some(grant))).await {
             Err(e) => return Verdict::Unknown(e),
             Ok(r) if r.status() == StatusCode::UNAUTHORIZED => {
                 return Verdict::Rejected("Plex rejected the account token (401)".into());
@@ -236,7 +245,7 @@ impl Provider for Plex {
             },
         };
         let path = "/api/v2/resources?includeHttps=1&includeRelay=1";
-        let resources = match cx.send(Kind::Read, request(cx, Method::GET, CLIENTS, path, Some(token))).await {
+        let resources = match cx.send(Kind::Read, request(cx, Method::GET, CLIENTS, path, Some(grant))).await {
             Err(e) => return Verdict::Unknown(e),
             Ok(r) if r.status() == StatusCode::UNAUTHORIZED => {
                 return Verdict::Rejected("Plex refused server discovery (401): the device was removed".into());
@@ -254,11 +263,8 @@ impl Provider for Plex {
         let mut updated = grant.clone();
         updated.facts.insert("username".into(), user.username.clone());
         updated.facts.insert("account_id".into(), id.clone());
-        for name in ["server_name", "machine_id", "server_url"] {
-            updated.facts.remove(name);
-        }
-        updated.secrets.remove("server_token");
-        if let Some((server, uri)) = choose(resources) {
+        // No server listed (a passing answer, a shared-only account): what was known stays.
+        if let Some((server, uri)) = choose(resources, grant.fact("machine_id")) {
             updated.facts.insert("server_name".into(), server.name);
             updated.facts.insert("machine_id".into(), server.client_identifier);
             updated.facts.insert("server_url".into(), uri);
@@ -271,14 +277,13 @@ impl Provider for Plex {
     }
 
     async fn revoke(&self, cx: &Adapter, grant: &Grant) -> Result<(), String> {
-        let token = grant.access_token.expose();
         let resp =
-            cx.send(Kind::Write, request(cx, Method::DELETE, PLEX_TV, "/api/v2/users/signout", Some(token))).await?;
+            cx.send(Kind::Write, request(cx, Method::DELETE, PLEX_TV, "/api/v2/users/signout", Some(grant))).await?;
         if resp.status().is_success() { Ok(()) } else { Err(unknown_status(resp.status())) }
     }
 
     fn token(&self, cx: &Adapter, grant: &Grant, out: &mut Map<String, Value>) {
-        out.insert("client_identifier".into(), client_identifier(cx).into());
+        out.insert("client_identifier".into(), token_client(cx, grant).into());
         let server = grant.fact("machine_id").map(|machine_id| {
             json!({
                 "name": grant.fact("server_name"),

@@ -21,6 +21,14 @@ impl ConfigOwner {
                 }
                 Ok(current)
             }
+            // Writing a file from nothing would declare nothing else, and the connections the
+            // missing file declared would go: refused until the file is back.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && (self.text.is_some() || self.stored_declared) => {
+                Err(DaemonError::Conflict(format!(
+                    "{} is missing; it is not recreated, so that the connections it declared stay: restore it first",
+                    self.path.display()
+                )))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
             Err(e) => Err(DaemonError::Edit(EditError::Io(self.path.display().to_string(), e))),
         }
@@ -69,12 +77,15 @@ impl ConfigOwner {
     /// connection's latest, in one write.
     pub(super) async fn write_back(&mut self) {
         let queued = self.shared.write_backs.take();
-        if queued.is_empty() || !self.config.settings.write_back {
+        if queued.is_empty() {
             return;
         }
         if self.from_store {
-            // No good config to write into yet: kept until one is read.
+            // No good config yet, so whether to write back is not known: kept until one is read.
             self.shared.write_backs.keep(queued);
+            return;
+        }
+        if !self.config.settings.write_back {
             return;
         }
         if let Err(e) = self.write_back_all(&queued).await {

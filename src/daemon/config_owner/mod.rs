@@ -42,6 +42,11 @@ pub struct ConfigOwner {
     config: Config,
     /// The config in force came from the store, not from a good file.
     from_store: bool,
+    /// The store held connections a config had declared when the daemon started.
+    stored_declared: bool,
+    /// The last background write of settings rows; a removal waits for it, so that a late
+    /// write cannot bring a removed connection's settings back.
+    settings_write: Option<tokio::task::JoinHandle<()>>,
     shared: Arc<Shared>,
     http: reqwest::Client,
     /// The file is missing and that has been reported.
@@ -82,6 +87,7 @@ impl ConfigOwner {
         states: Vec<(ConnKey, ProfileState)>,
     ) -> anyhow::Result<Self> {
         // Each stored machine, with the digest of the settings a config declared it with.
+        let stored_declared = stored.iter().any(|s| s.settings.is_some());
         let mut machines: BTreeMap<ConnKey, (Machine, Option<u64>)> =
             stored.into_iter().map(|s| (s.machine.key().clone(), (s.machine, s.settings))).collect();
         let (config, text, rejected, warning) = match read(&path) {
@@ -112,8 +118,20 @@ impl ConfigOwner {
         let http = providers::http_client(config.settings.http_timeout());
         let schedules = Schedules::new().await;
         let states = states.into_iter().map(|(k, s)| (k, Arc::new(s))).collect();
-        let mut owner =
-            Self { path, text, config, from_store: !good, shared, http, gone: false, rejected, states, schedules };
+        let mut owner = Self {
+            path,
+            text,
+            config,
+            from_store: !good,
+            stored_declared,
+            settings_write: None,
+            shared,
+            http,
+            gone: false,
+            rejected,
+            states,
+            schedules,
+        };
         owner.schedules.apply(&owner.config.settings, &owner.shared).await;
 
         let now = owner.shared.clock.now();
@@ -147,6 +165,17 @@ impl ConfigOwner {
                     }
                 }
                 None => match owner.owner_profile(&key) {
+                    // A config-style profile with no stored settings (a store kept from before
+                    // settings were stored): it waits for a good config, and says so.
+                    Some(p)
+                        if !good && (key.profile == "default" || config::profile_number(&key.profile).is_some()) =>
+                    {
+                        let why = format!(
+                            "{}; no settings are stored for it: waiting for a good config",
+                            warning.as_deref().unwrap_or("no good config")
+                        );
+                        (p, Some(why.into()))
+                    }
                     Some(p) => (p, None),
                     None => {
                         warn!(connection = %key, "stored connection of a provider this build does not know; left alone");
@@ -231,7 +260,10 @@ impl ConfigOwner {
                 () = shared.write_backs.ready() => self.write_back().await,
             }
         }
-        // What is still queued is written before the daemon goes.
+        // What is still queued, and what the connections' last steps queue, is written before
+        // the daemon goes.
+        self.shared.actors.close();
+        self.shared.actors.wait().await;
         self.write_back().await;
         self.schedules.stop().await;
     }
@@ -308,9 +340,9 @@ impl ConfigOwner {
         self.shared.config.write().unwrap().error = None;
         let mut old = std::mem::replace(&mut self.config, new);
         if self.from_store {
-            // The daemon's own settings were not stored; that they now come from a good file is
-            // no change to any connection.
-            old.settings = self.config.settings.clone();
+            // The daemon's own settings were not stored: a timeout that now comes from a good
+            // file is no change to any connection (the rest, policy and limits, apply below).
+            old.settings.http_timeout_secs = self.config.settings.http_timeout_secs;
             self.http = providers::http_client(self.config.settings.http_timeout());
         }
         let changed = self.apply_diff(&old).await;
@@ -403,17 +435,23 @@ impl ConfigOwner {
         self.write_settings(rows);
     }
 
-    fn write_settings(&self, rows: Vec<(ConnKey, Option<Arc<[u8]>>)>) {
+    fn write_settings(&mut self, rows: Vec<(ConnKey, Option<Arc<[u8]>>)>) {
         if rows.is_empty() {
             return;
         }
         let store = self.shared.store.clone();
-        // In the background: a daemon with many profiles is ready before they are all saved.
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = store.set_settings(&rows) {
+        let before = self.settings_write.take();
+        // In the background, in order: a daemon with many profiles is ready before they are
+        // all saved.
+        self.settings_write = Some(tokio::spawn(async move {
+            if let Some(before) = before {
+                let _ = before.await;
+            }
+            let written = tokio::task::spawn_blocking(move || store.set_settings(&rows)).await;
+            if let Ok(Err(e)) = written {
                 error!(error = %e, "could not keep the profiles' settings in the store");
             }
-        });
+        }));
     }
 
     /// If the file holds a credential for `key` that the user put there (not one the daemon
@@ -438,7 +476,9 @@ impl ConfigOwner {
         if new {
             info!(connection = %key, "importing the credential found in the config file");
             if let Err(e) = self.shared.ask(key, |reply| Command::Import(grant, reply)).await {
+                // Not marked as seen: it is tried again at the next load.
                 warn!(connection = %key, error = %e, "credential in the config file not imported");
+                return false;
             }
         }
         self.remember(key, digest).await;
@@ -476,6 +516,9 @@ impl ConfigOwner {
 
     /// The profile left a good config: disconnect it, stop its actor, forget it (history stays).
     async fn remove(&mut self, key: &ConnKey) {
+        if let Some(write) = self.settings_write.take() {
+            let _ = write.await;
+        }
         if let Err(e) = self.shared.ask(key, Command::Remove).await {
             warn!(connection = %key, error = %e, "removal did not complete");
         }
