@@ -161,8 +161,8 @@ impl ConnectionStore for Flaky {
     fn profile_states(&self) -> Result<Vec<(ConnKey, ProfileState)>, StoreError> {
         self.inner.profile_states()
     }
-    fn set_profile_state(&self, key: &ConnKey, state: &ProfileState) -> Result<(), StoreError> {
-        self.inner.set_profile_state(key, state)
+    fn set_profile_states(&self, states: &[(ConnKey, ProfileState)]) -> Result<(), StoreError> {
+        self.inner.set_profile_states(states)
     }
     fn config_seen(&self, key: &ConnKey) -> Result<Option<Vec<u8>>, StoreError> {
         self.inner.config_seen(key)

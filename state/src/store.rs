@@ -86,8 +86,8 @@ pub trait ConnectionStore: Send + Sync + 'static {
     fn set_settings(&self, rows: &[(ConnKey, Option<Arc<[u8]>>)]) -> Result<(), StoreError>;
     /// Every profile's provider state.
     fn profile_states(&self) -> Result<Vec<(ConnKey, ProfileState)>, StoreError>;
-    /// Save one profile's provider state, durably, before it is used.
-    fn set_profile_state(&self, key: &ConnKey, state: &ProfileState) -> Result<(), StoreError>;
+    /// Save profiles' provider state, durably, in one transaction, before it is used.
+    fn set_profile_states(&self, states: &[(ConnKey, ProfileState)]) -> Result<(), StoreError>;
     fn config_seen(&self, key: &ConnKey) -> Result<Option<Vec<u8>>, StoreError>;
     fn set_config_seen(&self, key: &ConnKey, digest: &[u8]) -> Result<(), StoreError>;
     fn allocate_profile(&self, provider: &str, in_use: u64) -> Result<u64, StoreError>;
@@ -321,12 +321,17 @@ impl Store {
         Ok(out)
     }
 
-    /// Save one profile's provider state, durably.
-    pub fn set_profile_state(&self, key: &ConnKey, state: &ProfileState) -> Result<(), StoreError> {
+    /// Save profiles' provider state, durably, in one transaction.
+    pub fn set_profile_states(&self, states: &[(ConnKey, ProfileState)]) -> Result<(), StoreError> {
         let mut txn = self.db.begin_write().map_err(db)?;
         txn.set_durability(Durability::Immediate).map_err(db)?;
-        let row = records::encode_profile_state(state);
-        txn.open_table(PROFILE_STATE).map_err(db)?.insert(key.to_string().as_str(), row.as_slice()).map_err(db)?;
+        {
+            let mut table = txn.open_table(PROFILE_STATE).map_err(db)?;
+            for (key, state) in states {
+                let row = records::encode_profile_state(state);
+                table.insert(key.to_string().as_str(), row.as_slice()).map_err(db)?;
+            }
+        }
         txn.commit().map_err(db)?;
         Ok(())
     }
@@ -531,8 +536,8 @@ impl ConnectionStore for Store {
     fn profile_states(&self) -> Result<Vec<(ConnKey, ProfileState)>, StoreError> {
         Store::profile_states(self)
     }
-    fn set_profile_state(&self, key: &ConnKey, state: &ProfileState) -> Result<(), StoreError> {
-        Store::set_profile_state(self, key, state)
+    fn set_profile_states(&self, states: &[(ConnKey, ProfileState)]) -> Result<(), StoreError> {
+        Store::set_profile_states(self, states)
     }
     fn config_seen(&self, key: &ConnKey) -> Result<Option<Vec<u8>>, StoreError> {
         Store::config_seen(self, key)

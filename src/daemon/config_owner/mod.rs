@@ -56,6 +56,8 @@ pub struct ConfigOwner {
     rejected: Option<String>,
     /// Per-profile provider state (stable device ids), as saved.
     states: HashMap<ConnKey, Arc<ProfileState>>,
+    /// Provider state made since the last save; saved before any adapter that uses it acts.
+    unsaved: Vec<(ConnKey, ProfileState)>,
     schedules: Schedules,
 }
 
@@ -125,6 +127,7 @@ impl ConfigOwner {
             from_store: !good,
             stored_declared,
             settings_write: None,
+            unsaved: Vec::new(),
             shared,
             http,
             gone: false,
@@ -139,6 +142,7 @@ impl ConfigOwner {
             machines.entry(key.clone()).or_insert_with(|| (Machine::new(key.clone(), now), None));
         }
         let mut gone = Vec::new();
+        let mut slots = Vec::new();
         let mut rows = Vec::new();
         let mut bytes = SharedBytes::default();
         for (key, (machine, declared)) in machines {
@@ -184,6 +188,10 @@ impl ConfigOwner {
                 },
             };
             let adapter = owner.adapter(&key, &profile);
+            slots.push((machine, adapter, warning));
+        }
+        owner.save_states().await;
+        for (machine, adapter, warning) in slots {
             owner.shared.add_connection(machine, adapter, warning);
         }
         for key in gone {
@@ -349,8 +357,10 @@ impl ConfigOwner {
         if std::mem::take(&mut self.from_store) {
             // The first good config: every connection it declares runs on its settings now.
             let keys: Vec<ConnKey> = self.config.profiles.keys().cloned().collect();
-            for key in &keys {
-                let adapter = self.adapter(key, &self.config.profiles[key].clone());
+            let adapters: Vec<Adapter> =
+                keys.iter().map(|key| self.adapter(key, &self.config.profiles[key].clone())).collect();
+            self.save_states().await;
+            for (key, adapter) in keys.iter().zip(adapters) {
                 self.shared.set_adapter(key, adapter, None);
             }
             self.save_settings(keys);
@@ -384,6 +394,7 @@ impl ConfigOwner {
                 Change::Added => {
                     let profile = self.config.profiles[&key].clone();
                     let adapter = self.adapter(&key, &profile);
+                    self.save_states().await;
                     if self.shared.lookup(&key.provider, &key.profile, |_| ()).is_ok() {
                         // An owner's connection by that name: the config declares it from now on.
                         self.shared.set_adapter(&key, adapter.clone(), None);
@@ -404,6 +415,7 @@ impl ConfigOwner {
                     if app {
                         let profile = self.config.profiles[&key].clone();
                         let adapter = self.adapter(&key, &profile);
+                        self.save_states().await;
                         self.shared.set_adapter(&key, adapter.clone(), None);
                         let _ = self.shared.ask(&key, |reply| Command::Reconfigure(adapter, reply)).await;
                         save.push(key.clone());
@@ -485,14 +497,13 @@ impl ConfigOwner {
         new
     }
 
-    /// The adapter for `key` with `profile`: its provider state prepared and saved first.
+    /// The adapter for `key` with `profile`, its provider state prepared; a new state must be
+    /// saved ([`Self::save_states`]) before the adapter acts.
     fn adapter(&mut self, key: &ConnKey, profile: &Arc<Profile>) -> Adapter {
         let provider = profile.provider;
         let mut state = self.states.get(key).map_or_else(ProfileState::default, |s| ProfileState::clone(s));
         if provider.prepare(&mut state) {
-            if let Err(e) = self.shared.store.set_profile_state(key, &state) {
-                error!(connection = %key, error = %e, "could not save the profile's provider state");
-            }
+            self.unsaved.push((key.clone(), state.clone()));
             self.states.insert(key.clone(), Arc::new(state));
         }
         let state = self.states.get(key).cloned().unwrap_or_else(|| empty_state().clone());
@@ -502,6 +513,19 @@ impl ConfigOwner {
             http: self.http.clone(),
             gate: self.shared.gates[&key.provider].clone(),
             account: key.to_string().into(),
+        }
+    }
+
+    /// Save the provider state made since the last save, in one durable transaction.
+    async fn save_states(&mut self) {
+        if self.unsaved.is_empty() {
+            return;
+        }
+        let (store, states) = (self.shared.store.clone(), std::mem::take(&mut self.unsaved));
+        match tokio::task::spawn_blocking(move || store.set_profile_states(&states)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error!(error = %e, "could not save the profiles' provider state; new device ids may change"),
+            Err(e) => error!(error = %e, "saving the profiles' provider state failed"),
         }
     }
 
