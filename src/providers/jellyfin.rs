@@ -220,8 +220,14 @@ impl Provider for Jellyfin {
 
     fn import(&self, profile: &Profile, now: DateTime<Utc>) -> Option<Grant> {
         let b: &Block = profile.typed();
-        let mut grant = Grant { token_type: "MediaBrowser".into(), ..Grant::bearer(nonempty_secret(&b.access_token)?, now) };
-        let fields = [("user_id", &b.user_id), ("username", &b.username), ("server_url", &b.server), ("device_id", &b.device_id)];
+        let mut grant =
+            Grant { token_type: "MediaBrowser".into(), ..Grant::bearer(nonempty_secret(&b.access_token)?, now) };
+        let fields = [
+            ("user_id", &b.user_id),
+            ("username", &b.username),
+            ("server_url", &b.server),
+            ("device_id", &b.device_id),
+        ];
         for (name, value) in fields {
             if let Some(v) = nonempty(value) {
                 grant.facts.insert(name.into(), v.into());

@@ -154,7 +154,8 @@ impl Provider for Plex {
         if let Some(t) = nonempty_secret(&b.pms_token) {
             grant.secrets.insert("server_token".into(), Secret::new(t));
         }
-        let fields = [("machine_id", &b.machine_id), ("server_url", &b.server_url), ("client_identifier", &b.client_id)];
+        let fields =
+            [("machine_id", &b.machine_id), ("server_url", &b.server_url), ("client_identifier", &b.client_id)];
         for (name, value) in fields {
             if let Some(v) = nonempty(value) {
                 grant.facts.insert(name.into(), v.into());
