@@ -154,7 +154,7 @@ pub fn credential_digest(g: Option<&Grant>) -> Vec<u8> {
     h.update(g.refresh_token.as_ref().map_or("", |t| t.expose()));
     h.update([0]);
     h.update(g.expires_at.map_or(0, |t| t.timestamp()).to_le_bytes());
-    for (name, secret) in &g.secrets {
+    for (name, secret) in g.secrets() {
         h.update([0]);
         h.update(name);
         h.update([0]);

@@ -82,7 +82,7 @@ impl ConnectionView {
             last_error: c.last_error.clone(),
             next_attempt_at: next_action(machine, policy).map(|(at, _)| at),
             warnings: Vec::new(),
-            facts: c.grant.as_ref().map(|g| g.facts.clone()).unwrap_or_default(),
+            facts: c.grant.as_ref().map(|g| g.facts().clone()).unwrap_or_default(),
             pending: machine.pending_flow().map(PendingView::of),
         }
     }

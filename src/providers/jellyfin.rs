@@ -114,16 +114,15 @@ fn authed(cx: &Adapter, method: Method, url: &str, grant: &Grant) -> RequestBuil
 }
 
 fn grant(cx: &Adapter, server: &str, body: AuthenticationResult, now: DateTime<Utc>) -> Grant {
-    let mut facts = BTreeMap::from([
-        ("server_url".to_owned(), server.to_owned()),
-        ("user_id".to_owned(), body.user.id),
-        ("username".to_owned(), body.user.name),
-        ("device_id".to_owned(), device_id(cx).to_owned()),
-    ]);
+    let mut grant = Grant { token_type: "MediaBrowser".into(), ..Grant::bearer(body.access_token, now) };
+    grant.set_fact("server_url", server);
+    grant.set_fact("user_id", body.user.id);
+    grant.set_fact("username", body.user.name);
+    grant.set_fact("device_id", device_id(cx));
     if let Some(id) = body.server_id {
-        facts.insert("server_id".into(), id);
+        grant.set_fact("server_id", id);
     }
-    Grant { token_type: "MediaBrowser".into(), facts, ..Grant::bearer(body.access_token, now) }
+    grant
 }
 
 fn unknown_status(status: StatusCode) -> String {
@@ -230,7 +229,7 @@ impl Provider for Jellyfin {
         ];
         for (name, value) in fields {
             if let Some(v) = nonempty(value) {
-                grant.facts.insert(name.into(), v.into());
+                grant.set_fact(name, v);
             }
         }
         Some(grant)
@@ -313,9 +312,9 @@ impl Provider for Jellyfin {
             StatusCode::OK => match resp.json::<User>().await {
                 Ok(user) => {
                     let mut updated = grant.clone();
-                    updated.facts.insert("user_id".into(), user.id.clone());
-                    updated.facts.insert("username".into(), user.name.clone());
-                    updated.facts.insert("server_url".into(), server);
+                    updated.set_fact("user_id", user.id.clone());
+                    updated.set_fact("username", user.name.clone());
+                    updated.set_fact("server_url", server);
                     let grant = (updated != *grant).then_some(updated);
                     Verdict::Valid(Identity { account: Account { name: user.name, id: Some(user.id) }, grant })
                 }

@@ -152,13 +152,13 @@ impl Provider for Plex {
         let b: &Block = profile.typed();
         let mut grant = Grant { token_type: "plex".into(), ..Grant::bearer(nonempty_secret(&b.account_token)?, now) };
         if let Some(t) = nonempty_secret(&b.pms_token) {
-            grant.secrets.insert("server_token".into(), Secret::new(t));
+            grant.set_secret("server_token", Secret::new(t));
         }
         let fields =
             [("machine_id", &b.machine_id), ("server_url", &b.server_url), ("client_identifier", &b.client_id)];
         for (name, value) in fields {
             if let Some(v) = nonempty(value) {
-                grant.facts.insert(name.into(), v.into());
+                grant.set_fact(name, v);
             }
         }
         Some(grant)
@@ -222,7 +222,7 @@ impl Provider for Plex {
             StatusCode::OK => match resp.json::<Pin>().await {
                 Ok(Pin { auth_token: Some(token), .. }) if !token.is_empty() => {
                     let mut grant = Grant { token_type: "plex".into(), ..Grant::bearer(token, now) };
-                    grant.facts.insert("client_identifier".into(), client_identifier(cx).into());
+                    grant.set_fact("client_identifier", client_identifier(cx));
                     Poll::Approved(grant)
                 }
                 Ok(_) => Poll::Pending,
@@ -262,15 +262,15 @@ impl Provider for Plex {
             other => other.to_string(),
         };
         let mut updated = grant.clone();
-        updated.facts.insert("username".into(), user.username.clone());
-        updated.facts.insert("account_id".into(), id.clone());
+        updated.set_fact("username", user.username.clone());
+        updated.set_fact("account_id", id.clone());
         // No server listed (a passing answer, a shared-only account): what was known stays.
         if let Some((server, uri)) = choose(resources, grant.fact("machine_id")) {
-            updated.facts.insert("server_name".into(), server.name);
-            updated.facts.insert("machine_id".into(), server.client_identifier);
-            updated.facts.insert("server_url".into(), uri);
+            updated.set_fact("server_name", server.name);
+            updated.set_fact("machine_id", server.client_identifier);
+            updated.set_fact("server_url", uri);
             if let Some(t) = server.access_token {
-                updated.secrets.insert("server_token".into(), Secret::new(t));
+                updated.set_secret("server_token", Secret::new(t));
             }
         }
         let grant = (updated != *grant).then_some(updated);

@@ -20,11 +20,22 @@ pub struct Grant {
     /// When the daemon received it; with `expires_at` this gives the lifetime.
     pub issued_at: DateTime<Utc>,
     pub expires_at: Option<DateTime<Utc>>,
-    /// Named secrets besides the tokens: a per-server token, a session id, an API key.
+    /// Named secrets and facts besides the tokens; boxed, because most grants have none and
+    /// a daemon holds many.
+    pub extras: Option<Box<Extras>>,
+}
+
+/// What a grant holds besides its tokens.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Extras {
+    /// Named secrets: a per-server token, a session id, an API key.
     pub secrets: BTreeMap<String, Secret>,
     /// Named facts that are not secret: a server URL, a user id, a machine id.
     pub facts: BTreeMap<String, String>,
 }
+
+static NO_FACTS: BTreeMap<String, String> = BTreeMap::new();
+static NO_SECRETS: BTreeMap<String, Secret> = BTreeMap::new();
 
 impl Grant {
     /// A bearer grant with no extras.
@@ -36,17 +47,32 @@ impl Grant {
             scope: None,
             issued_at,
             expires_at: None,
-            secrets: BTreeMap::new(),
-            facts: BTreeMap::new(),
+            extras: None,
         }
     }
 
     pub fn fact(&self, name: &str) -> Option<&str> {
-        self.facts.get(name).map(String::as_str)
+        self.facts().get(name).map(String::as_str)
     }
 
     pub fn secret(&self, name: &str) -> Option<&Secret> {
-        self.secrets.get(name)
+        self.secrets().get(name)
+    }
+
+    pub fn facts(&self) -> &BTreeMap<String, String> {
+        self.extras.as_ref().map_or(&NO_FACTS, |e| &e.facts)
+    }
+
+    pub fn secrets(&self) -> &BTreeMap<String, Secret> {
+        self.extras.as_ref().map_or(&NO_SECRETS, |e| &e.secrets)
+    }
+
+    pub fn set_fact(&mut self, name: impl Into<String>, value: impl Into<String>) {
+        self.extras.get_or_insert_default().facts.insert(name.into(), value.into());
+    }
+
+    pub fn set_secret(&mut self, name: impl Into<String>, value: Secret) {
+        self.extras.get_or_insert_default().secrets.insert(name.into(), value);
     }
 }
 

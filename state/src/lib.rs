@@ -19,7 +19,7 @@ pub mod schedule;
 pub mod secret;
 pub mod store;
 
-pub use grant::{Grant, PendingFlow, ProfileState};
+pub use grant::{Extras, Grant, PendingFlow, ProfileState};
 pub use machine::{Account, Cause, ConnKey, Connection, Effect, Event, Machine, Refusal, StateName, Step, Transition};
 pub use schedule::{Action, Policy};
 pub use secret::Secret;

@@ -6,7 +6,7 @@
 //! Format 3 is this build's. Values of the schema-2 release (JSON rows of the state-machine
 //! library's own encoding) are read by [`legacy`] and rewritten on open.
 
-use crate::grant::{Grant, PendingFlow, ProfileState};
+use crate::grant::{Extras, Grant, PendingFlow, ProfileState};
 use crate::machine::{Account, Cause, ConnKey, Connection, Machine, PendingKind, State, StateName, Transition};
 use crate::secret::Secret;
 use chrono::{DateTime, Utc};
@@ -154,8 +154,8 @@ fn grant_out(g: &Grant) -> GrantRec {
         scope: g.scope.clone(),
         issued_at: nanos(g.issued_at),
         expires_at: g.expires_at.map(nanos),
-        secrets: secrets_out(&g.secrets),
-        facts: facts_out(&g.facts),
+        secrets: secrets_out(g.secrets()),
+        facts: facts_out(g.facts()),
     }
 }
 
@@ -167,8 +167,8 @@ fn grant_in(r: GrantRec) -> Grant {
         scope: r.scope,
         issued_at: time(r.issued_at),
         expires_at: r.expires_at.map(time),
-        secrets: secrets_in(r.secrets),
-        facts: r.facts.into_iter().collect(),
+        extras: (!r.secrets.is_empty() || !r.facts.is_empty())
+            .then(|| Box::new(Extras { secrets: secrets_in(r.secrets), facts: r.facts.into_iter().collect() })),
     }
 }
 
@@ -345,8 +345,7 @@ mod legacy {
             scope: g.scope,
             issued_at: g.issued_at,
             expires_at: g.expires_at,
-            secrets: BTreeMap::new(),
-            facts: BTreeMap::new(),
+            extras: None,
         });
         let connection = Connection {
             key: c.key,

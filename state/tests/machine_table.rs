@@ -16,8 +16,10 @@ fn creds(expires_in: i64) -> Grant {
         refresh_token: Some(Secret::new("refresh-1")),
         scope: Some("public".into()),
         expires_at: Some(t0() + TimeDelta::seconds(expires_in)),
-        facts: BTreeMap::from([("server_url".to_owned(), "http://127.0.0.1:8096".to_owned())]),
-        secrets: BTreeMap::from([("server_token".to_owned(), Secret::new("server-1"))]),
+        extras: Some(Box::new(authkeeper_state::Extras {
+            facts: BTreeMap::from([("server_url".to_owned(), "http://127.0.0.1:8096".to_owned())]),
+            secrets: BTreeMap::from([("server_token".to_owned(), Secret::new("server-1"))]),
+        })),
         ..Grant::bearer("access-1", t0())
     }
 }
