@@ -60,14 +60,10 @@ fn app() -> Value {
 /// Four ways editors save a file. Tests about something else save with "rename", so that the
 /// watcher can never catch a file that is half written by the test itself.
 fn save(style: &str, path: &Path, text: &str) {
-    let tmp = path.with_extension("json.tmp");
     let backup = path.with_extension("json~");
     match style {
         "in-place" => std::fs::write(path, text).unwrap(),
-        "rename" => {
-            std::fs::write(&tmp, text).unwrap();
-            std::fs::rename(&tmp, path).unwrap();
-        }
+        "rename" => save_by_rename(path, text),
         "delete-recreate" => {
             std::fs::remove_file(path).unwrap();
             std::fs::write(path, text).unwrap();

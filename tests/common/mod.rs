@@ -178,23 +178,12 @@ impl Daemon {
     }
 }
 
-/// Wait on the events stream for a transition of `trakt/default` with this cause.
+/// Wait on the events stream for a transition of a Trakt connection with this cause.
 pub async fn wait_transition(
     events: &mut EventStream,
     cause: Cause,
 ) -> (StateName, StateName, chrono::DateTime<chrono::Utc>) {
-    tokio::time::timeout(PATIENCE, async {
-        loop {
-            match events.next().await {
-                Some(Ok(WireEvent::Transition { from, to, cause: c, at, .. })) if c == cause => return (from, to, at),
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => panic!("events stream failed: {e}"),
-                None => panic!("events stream ended while waiting for {cause:?}"),
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no {cause:?} transition in time"))
+    wait_for(events, "trakt", cause).await
 }
 
 /// Wait on the events stream for a transition of `provider`'s connections with this cause.
