@@ -86,7 +86,7 @@ async fn list_providers() -> Response {
 }
 
 /// A connection's view, with its warning, from a snapshot of the read side.
-type Snapshot = (Arc<Machine>, Option<Arc<str>>);
+type Snapshot = (Arc<Machine>, Vec<String>);
 
 /// Views written per chunk of the `GET /v1/connections` stream.
 const LIST_CHUNK: usize = 256;
@@ -95,18 +95,21 @@ const LIST_CHUNK: usize = 256;
 /// pointers to the committed machines, so a list of 100,000 never sits whole in memory.
 async fn list_connections(State(shared): App) -> Response {
     let machines: Arc<Vec<Snapshot>> =
-        Arc::new(shared.conns.read().unwrap().values().map(|s| (s.committed.clone(), s.warning.clone())).collect());
+        {
+        let now = shared.clock.now();
+        Arc::new(shared.conns.read().unwrap().values().map(|s| (s.committed.clone(), s.warnings(now))).collect())
+    };
     let policy = shared.policy();
     let n = machines.len();
     let chunks = futures_util::stream::iter((0..n.max(1)).step_by(LIST_CHUNK)).map(move |start| {
         let end = (start + LIST_CHUNK).min(n);
         let mut out = Vec::with_capacity((end - start) * 320 + 2);
         out.push(if start == 0 { b'[' } else { b',' });
-        for (i, (machine, warning)) in machines[start..end].iter().enumerate() {
+        for (i, (machine, warnings)) in machines[start..end].iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            serde_json::to_writer(&mut out, &ConnectionView::with_warning(machine, &policy, warning.as_deref()))?;
+            serde_json::to_writer(&mut out, &ConnectionView::with_warnings(machine, &policy, warnings.clone()))?;
         }
         if end == n {
             out.push(b']');
@@ -117,7 +120,7 @@ async fn list_connections(State(shared): App) -> Response {
 }
 
 async fn connection(State(shared): App, Path((provider, profile)): Key) -> Result<Response, ApiError> {
-    let view = shared.lookup(&provider, &profile, |s| s.view(&shared.policy()))?;
+    let view = shared.lookup(&provider, &profile, |s| s.view(&shared.policy(), shared.clock.now()))?;
     Ok(Json(view).into_response())
 }
 
@@ -217,7 +220,7 @@ async fn token(State(shared): App, Path((provider, profile)): Key) -> Result<Res
         let live = s.committed.state_name() == StateName::Connected;
         match c.grant.as_ref().filter(|g| live && g.expires_at.is_none_or(|at| at > now)) {
             Some(grant) => Ok(serde_json::to_vec(&s.adapter.token(grant, c.account.as_ref().map(|a| a.name.as_str())))),
-            None => Err(Box::new(s.view(&shared.policy()))),
+            None => Err(Box::new(s.view(&shared.policy(), shared.clock.now()))),
         }
     })?;
     match answer {

@@ -40,6 +40,8 @@ pub struct Settings {
     /// `compact_history` drops history rows older than this (the newest row of each
     /// connection is always kept).
     pub history_retention_days: u64,
+    /// The web listener (OAuth callbacks); off when absent.
+    pub web: Option<crate::web::WebSettings>,
 }
 
 /// The schedules a user can declare.
@@ -68,6 +70,7 @@ impl Default for Settings {
             rate_limits: BTreeMap::new(),
             schedules: BTreeMap::new(),
             history_retention_days: 365,
+            web: None,
         }
     }
 }
@@ -237,6 +240,9 @@ impl Config {
                     "authkeeper.schedules.{name}: {expr:?} is not a cron expression with seconds (\"sec min hour day month weekday\"): {e}"
                 )));
             }
+        }
+        if let Some(web) = &settings.web {
+            web.check().map_err(ConfigError::Invalid)?;
         }
         let mut profiles = BTreeMap::new();
         for &provider in providers::REGISTRY {

@@ -23,4 +23,5 @@ pub mod emulate;
 pub mod limits;
 pub mod providers;
 pub mod socket;
+pub mod web;
 pub mod wire;

@@ -62,11 +62,9 @@ impl PendingView {
 }
 
 impl ConnectionView {
-    /// The view of `machine`, with `warning` (settings not from a good config, say) if any.
-    pub fn with_warning(machine: &Machine, policy: &Policy, warning: Option<&str>) -> Self {
-        let mut view = Self::of(machine, policy);
-        view.warnings.extend(warning.map(str::to_owned));
-        view
+    /// The view of `machine`, with what the user should know about it.
+    pub fn with_warnings(machine: &Machine, policy: &Policy, warnings: Vec<String>) -> Self {
+        Self { warnings, ..Self::of(machine, policy) }
     }
 
     pub fn of(machine: &Machine, policy: &Policy) -> Self {

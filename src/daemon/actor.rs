@@ -4,12 +4,13 @@
 //! connection. When its inbox is empty it hands the machine back to the slot and ends, so an
 //! idle connection costs neither a task nor an inbox; the next command starts a new task.
 
-use super::{DaemonError, Owner, Shared};
+use super::{CallbackError, DaemonError, Owner, Shared};
+use crate::web::{CallbackQuery, flow_key};
 use crate::providers::{Adapter, Begun, Identity, Input, Poll, Verdict};
 use crate::wire::{ConnectReply, ConnectionView, PendingView};
 use authkeeper_state::records::encode_connection;
 use authkeeper_state::schedule::{Action, next_action};
-use authkeeper_state::{Cause, Commit, Effect, Event, Grant, Machine, Refusal, StateName, Step};
+use authkeeper_state::{Cause, Commit, Effect, Event, Grant, Machine, PendingFlow, Refusal, StateName, Step};
 use chrono::{DateTime, TimeDelta, Utc};
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +40,8 @@ pub enum Command {
     /// The daemon restarted during a connect flow: wait one interval before polling the same
     /// code again.
     Resume,
+    /// A browser came back to the web listener from the provider with this query.
+    Callback(CallbackQuery, oneshot::Sender<Result<ConnectionView, CallbackError>>),
 }
 
 /// What [`Actor::sleep`] found.
@@ -222,9 +225,10 @@ impl Actor {
     }
 
     fn view(&self) -> ConnectionView {
+        let now = self.shared.clock.now();
         let conns = self.shared.conns.read().unwrap();
-        let warning = conns.get(self.machine.key()).and_then(|s| s.warning.clone());
-        ConnectionView::with_warning(&self.machine, &self.shared.policy(), warning.as_deref())
+        let warnings = conns.get(self.machine.key()).map(|s| s.warnings(now)).unwrap_or_default();
+        ConnectionView::with_warnings(&self.machine, &self.shared.policy(), warnings)
     }
 
     /// Handle one command; false when the connection is done (removed).
@@ -276,6 +280,9 @@ impl Actor {
             }
             Command::Wake => self.on_wake().await,
             Command::SweepAt(at) => self.sweep_at = Some(at),
+            Command::Callback(query, reply) => {
+                let _ = reply.send(self.callback(query).await);
+            }
             Command::Resume => {
                 if self.machine.pending_flow().is_some() {
                     let _ = self.apply(Event::Resumed).await;
@@ -304,7 +311,11 @@ impl Actor {
             Begun::Pending(pending) => {
                 reply.pending = Some(PendingView::of(&pending));
                 reply.interval = pending.interval_secs;
+                let state = pending.secret("state").map(|s| s.expose().to_owned());
                 self.apply(Event::ConnectRequested { flow: pending }).await?;
+                if let Some(state) = state {
+                    self.shared.callbacks.insert(&state, self.machine.key());
+                }
             }
             Begun::Granted(grant) => {
                 self.apply(Event::CredentialsSupplied { grant }).await?;
@@ -334,7 +345,13 @@ impl Actor {
         let Some(flow) = self.machine.pending_flow().cloned() else {
             return Ok(());
         };
-        let event = match self.provider.poll(&flow, self.shared.clock.now()).await {
+        let answer = self.provider.poll(&flow, self.shared.clock.now()).await;
+        self.flow_answer(&flow, answer).await
+    }
+
+    /// What a poll or a callback learned about the pending `flow`.
+    async fn flow_answer(&mut self, flow: &PendingFlow, answer: Poll) -> Result<(), DaemonError> {
+        let event = match answer {
             Poll::Pending => Event::FlowPending,
             Poll::SlowDown => Event::FlowSlowDown { interval_secs: flow.interval_secs.unwrap_or(0) + SLOW_DOWN_SECS },
             // Committed before any other call: who it belongs to is asked afterwards, by the
@@ -347,13 +364,39 @@ impl Actor {
         self.step(event).await.map(drop)
     }
 
+    /// A browser came back with `query`. Only the pending flow's own `state`, before the flow
+    /// expires, is taken; anything else changes nothing.
+    async fn callback(&mut self, query: CallbackQuery) -> Result<ConnectionView, CallbackError> {
+        let flow = self.machine.pending_flow().cloned().ok_or(CallbackError::UnknownState)?;
+        let expected = flow.secret("state").map(|s| s.expose().as_bytes());
+        let presented = flow_key(&query).map(str::as_bytes);
+        match (expected, presented) {
+            (Some(e), Some(p)) if bool::from(subtle::ConstantTimeEq::ct_eq(e, p)) => {}
+            _ => return Err(CallbackError::UnknownState),
+        }
+        let now = self.shared.clock.now();
+        if now >= flow.expires_at {
+            return Err(CallbackError::Expired);
+        }
+        let answer = self.provider.complete(&flow, &query, now).await;
+        self.flow_answer(&flow, answer).await?;
+        Ok(self.view())
+    }
+
     async fn validate_now(&mut self) -> Result<(), DaemonError> {
         self.sweep_at = None;
         let Some(grant) = self.machine.connection().grant.clone() else {
             return Ok(());
         };
+        let last = self.machine.connection().validated_at.unwrap_or(self.machine.connection().since);
         let event = match self.provider.validate(&grant).await {
-            Verdict::Valid(Identity { account, grant }) => Event::Validated { account, grant },
+            Verdict::Valid(Identity { account, grant: learned }) => {
+                // A token with no refresh that nears its end: said once at each notice point.
+                if let Some(notice) = self.provider.expiry_notice(&grant, last, self.shared.clock.now()) {
+                    self.shared.publish_warning(Some(self.machine.key()), notice, grant.expires_at);
+                }
+                Event::Validated { account, grant: learned }
+            }
             Verdict::Rejected(detail) => {
                 // A refresh may still save a credential whose access token was rejected.
                 if grant.refresh_token.is_some() {
@@ -413,6 +456,12 @@ impl Actor {
             || encode_connection(&next) != encode_connection(&self.machine);
         if changed {
             self.commit(&next, &step).await?;
+        }
+        // A callback flow that ended takes its `state` out of the index: it is used once.
+        if let Some(old) = self.machine.pending_flow().filter(|f| next.pending_flow() != Some(*f))
+            && let Some(state) = old.secret("state")
+        {
+            self.shared.callbacks.remove(state.expose());
         }
         self.machine = next;
         // Deadline first: whoever sees the event can rely on the queue being up to date.

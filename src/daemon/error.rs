@@ -58,3 +58,17 @@ impl DaemonError {
         Self::NotConnected(Box::new(view))
     }
 }
+
+/// Why a browser's return to `/oauth/callback/{provider}` was refused. A refused callback
+/// changes nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum CallbackError {
+    #[error("this login is unknown, or its answer was already used")]
+    UnknownState,
+    #[error("this answer belongs to a {expected} login, not {got}")]
+    WrongProvider { expected: String, got: String },
+    #[error("this login expired before the answer came back")]
+    Expired,
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+}

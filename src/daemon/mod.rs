@@ -14,7 +14,7 @@ pub use actor::{Command, Dormant};
 pub use committer::Committer;
 pub use config_owner::ConfigCommand;
 pub use deadlines::{Deadlines, Stats as SchedulerStats};
-pub use error::DaemonError;
+pub use error::{CallbackError, DaemonError};
 pub use write_back::{StoreHealth, WriteBacks};
 
 use crate::api;
@@ -27,6 +27,7 @@ use crate::limits::{Gate, RefreshPlanner};
 pub const REFRESH_SHARE: f64 = 0.8;
 use crate::providers::{self, Adapter};
 use crate::socket::ControlSocket;
+use crate::web::{Callbacks, PublicUrl};
 use crate::wire::{ConnectionView, WireEvent};
 use actor::{Actor, INBOX};
 use anyhow::Context;
@@ -61,8 +62,18 @@ pub struct Slot {
 }
 
 impl Slot {
-    pub fn view(&self, policy: &Policy) -> ConnectionView {
-        ConnectionView::with_warning(&self.committed, policy, self.warning.as_deref())
+    pub fn view(&self, policy: &Policy, now: DateTime<Utc>) -> ConnectionView {
+        ConnectionView::with_warnings(&self.committed, policy, self.warnings(now))
+    }
+
+    /// What the user should know about this connection now: settings not from a good config,
+    /// a redirect URI that changed since the login, a token that will expire with no refresh.
+    pub fn warnings(&self, now: DateTime<Utc>) -> Vec<String> {
+        let mut out: Vec<String> = self.warning.iter().map(|w| w.to_string()).collect();
+        if let Some(grant) = &self.committed.connection().grant {
+            out.extend(self.adapter.warnings(grant, now));
+        }
+        out
     }
 }
 
@@ -94,6 +105,10 @@ pub struct Shared {
     pub deadlines: Arc<Deadlines>,
     /// The cron schedules in force, by name.
     pub schedules: RwLock<BTreeMap<String, String>>,
+    /// The web listener's public URL in force (every adapter shares it).
+    pub public_url: Arc<PublicUrl>,
+    /// Pending callback flows by their `state`.
+    pub callbacks: Callbacks,
     actors: TaskTracker,
 }
 
@@ -165,6 +180,9 @@ impl Shared {
     fn add_connection(self: &Arc<Self>, machine: Machine, adapter: Adapter, warning: Option<Arc<str>>) {
         let key = machine.key().clone();
         let resume = machine.pending_flow().is_some();
+        if let Some(state) = machine.pending_flow().and_then(|f| f.secret("state")) {
+            self.callbacks.insert(state.expose(), &key);
+        }
         let next = actor::next_for(&machine, None, self).map(|(at, _)| at);
         let owner = Owner::Asleep(Box::new(Dormant { sweep_at: None }));
         let slot = Slot { committed: Arc::new(machine), adapter, warning, owner };
@@ -277,6 +295,8 @@ pub struct Running {
     pub socket: PathBuf,
     stop: watch::Sender<bool>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The web listener, when configured.
+    web: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     owner: tokio::task::JoinHandle<()>,
     scheduler: tokio::task::JoinHandle<()>,
     commit_thread: std::thread::JoinHandle<()>,
@@ -289,6 +309,11 @@ impl Running {
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
         let served = self.server.await;
+        if let Some(web) = self.web
+            && let Ok(Err(e)) = web.await
+        {
+            tracing::warn!(error = %e, "the web listener failed");
+        }
         let _ = self.owner.await;
         let _ = self.scheduler.await;
         self.shared.actors.close();
@@ -358,6 +383,8 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
             .collect(),
         deadlines: Arc::new(Deadlines::default()),
         schedules: RwLock::new(BTreeMap::new()),
+        public_url: Arc::default(),
+        callbacks: Callbacks::default(),
         actors: TaskTracker::new(),
     });
     let scheduler = tokio::spawn(shared.deadlines.clone().run(shared.clone(), shutdown.clone()));
@@ -365,6 +392,10 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
     // Bind first, to fail fast when another daemon answers there; serve once connections exist.
     let socket = ControlSocket::bind(&paths.socket).await?;
     let owner = ConfigOwner::start(paths.config.clone(), shared.clone(), stored, profile_states).await?;
+    let web = match owner.web() {
+        Some(settings) => Some(crate::web::serve(&settings, shared.clone(), shutdown.clone()).await?),
+        None => None,
+    };
     let owner = tokio::spawn(owner.run(config_rx, shutdown.clone()));
     let socket_path = socket.path().to_owned();
     let router = api::router(shared.clone());
@@ -382,5 +413,5 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
         connections = shared.conns.read().unwrap().len(),
         "authkeeper ready"
     );
-    Ok(Running { socket: socket_path, stop, server, owner, scheduler, commit_thread, shared })
+    Ok(Running { socket: socket_path, stop, server, web, owner, scheduler, commit_thread, shared })
 }

@@ -4,7 +4,8 @@
 use super::{Begun, FlowError, Identity, Input, Poll, Provider, Verdict, transport_error};
 use crate::limits::{Gate, Kind};
 use authkeeper_state::{Grant, PendingFlow, ProfileState};
-use chrono::{DateTime, Utc};
+use crate::web::{CallbackQuery, PublicUrl};
+use chrono::{DateTime, TimeDelta, Utc};
 use reqwest::{RequestBuilder, Response, StatusCode};
 use serde_json::{Map, Value, json};
 use std::any::Any;
@@ -103,7 +104,12 @@ pub struct Adapter {
     pub gate: Arc<Gate>,
     /// Whose per-account limits a call counts against: the connection's key.
     pub account: Arc<str>,
+    /// The web listener's public URL in force, shared by every adapter.
+    pub public_url: Arc<PublicUrl>,
 }
+
+/// Days before the end of a token with no refresh at which the user is told.
+const NOTICE_DAYS: [i64; 3] = [30, 7, 1];
 
 impl Adapter {
     pub fn provider(&self) -> &'static dyn Provider {
@@ -128,12 +134,74 @@ impl Adapter {
         Ok(resp)
     }
 
+    /// `{public_url}/oauth/callback/{provider}` now, when the web listener is configured.
+    pub fn redirect_uri(&self) -> Option<String> {
+        self.public_url.redirect_uri(self.provider().manifest().name)
+    }
+
+    /// What the user should know about `grant` now: the redirect URI it was authorised with is
+    /// no longer the one a login would use; it ends within 30 days and cannot be refreshed.
+    pub fn warnings(&self, grant: &Grant, now: DateTime<Utc>) -> Vec<String> {
+        let mut out: Vec<String> = self.redirect_warning(grant).into_iter().collect();
+        if let Some(end) = grant.expires_at.filter(|end| grant.refresh_token.is_none() && *end > now)
+            && end - now <= TimeDelta::days(NOTICE_DAYS[0])
+        {
+            out.push(self.expiry_message(end, now));
+        }
+        out
+    }
+
+    /// Set when `grant` was authorised with a redirect URI that a login would no longer use.
+    pub fn redirect_warning(&self, grant: &Grant) -> Option<String> {
+        let used = grant.fact("redirect_uri")?;
+        match self.redirect_uri() {
+            Some(current) if current == used => None,
+            Some(current) => Some(format!(
+                "authorised with the redirect URI {used}, but authkeeper.web.public_url now gives {current}: \
+                 register {current} with the provider's app before the next login"
+            )),
+            None => Some(format!(
+                "authorised with the redirect URI {used}, but the web listener is no longer configured: \
+                 the next browser login needs authkeeper.web"
+            )),
+        }
+    }
+
+    /// The notice to publish when a notice point (30, 7, 1 days before the end of a token with
+    /// no refresh) fell after `last` and by `now`.
+    pub fn expiry_notice(&self, grant: &Grant, last: DateTime<Utc>, now: DateTime<Utc>) -> Option<String> {
+        let end = grant.expires_at.filter(|_| grant.refresh_token.is_none())?;
+        let due = NOTICE_DAYS.iter().any(|d| {
+            let at = end - TimeDelta::days(*d);
+            last < at && at <= now
+        });
+        due.then(|| self.expiry_message(end, now))
+    }
+
+    fn expiry_message(&self, end: DateTime<Utc>, now: DateTime<Utc>) -> String {
+        let left = end - now;
+        let left = if left >= TimeDelta::days(1) {
+            format!("{} days", left.num_days())
+        } else {
+            format!("{} hours", left.num_hours().max(1))
+        };
+        format!(
+            "the token expires at {} (in {left}) and {} cannot refresh it: log in again before then",
+            end.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            self.provider().manifest().label
+        )
+    }
+
     pub async fn begin(&self, flow: &str, input: Input, now: DateTime<Utc>) -> Result<Begun, FlowError> {
         self.provider().begin(self, flow, input, now).await
     }
 
     pub async fn poll(&self, flow: &PendingFlow, now: DateTime<Utc>) -> Poll {
         self.provider().poll(self, flow, now).await
+    }
+
+    pub async fn complete(&self, flow: &PendingFlow, query: &CallbackQuery, now: DateTime<Utc>) -> Poll {
+        self.provider().complete(self, flow, query, now).await
     }
 
     pub async fn validate(&self, grant: &Grant) -> Verdict<Identity> {

@@ -247,12 +247,7 @@ impl Provider for Jellyfin {
 
     /// A DeviceId made once per profile and kept: a login on it revokes only its own token.
     fn prepare(&self, state: &mut ProfileState) -> bool {
-        if state.fact("device_id").is_some() {
-            return false;
-        }
-        let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-        state.facts.insert("device_id".into(), id);
-        true
+        super::stable_device_id(state)
     }
 
     async fn begin(&self, cx: &Adapter, flow: &str, input: Input, now: DateTime<Utc>) -> Result<Begun, FlowError> {

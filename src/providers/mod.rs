@@ -7,12 +7,16 @@
 //! changes state.
 
 mod adapter;
+mod answer;
+pub mod device_grant;
 mod http;
+pub mod oauth_code;
 
 pub use adapter::{Adapter, Profile};
 pub use http::{http_client, install_crypto, transport_error};
 
 use crate::limits::Limits;
+use crate::web::CallbackQuery;
 use async_trait::async_trait;
 use authkeeper_state::{Account, Grant, PendingFlow, ProfileState};
 use chrono::{DateTime, Utc};
@@ -34,6 +38,12 @@ registry! {
     trakt => trakt::Trakt,
     jellyfin => jellyfin::Jellyfin,
     plex => plex::Plex,
+    simkl => simkl::Simkl,
+    anilist => anilist::AniList,
+    mdblist => mdblist::MdbList,
+    tautulli => tautulli::Tautulli,
+    tmdb => tmdb::Tmdb,
+    emby => emby::Emby,
 }
 
 /// The provider named `name` on the socket.
@@ -168,6 +178,12 @@ pub trait Provider: Send + Sync + 'static {
         Poll::Unknown("this flow is not polled".into())
     }
 
+    /// Finish a callback flow with the query the browser brought back (its `state` already
+    /// checked): exchange the code for a grant.
+    async fn complete(&self, _cx: &Adapter, _flow: &PendingFlow, _query: &CallbackQuery, _now: DateTime<Utc>) -> Poll {
+        Poll::Gone("this flow does not end by callback".into())
+    }
+
     /// Confirm the credential and learn whose it is.
     async fn validate(&self, cx: &Adapter, grant: &Grant) -> Verdict<Identity>;
 
@@ -196,6 +212,26 @@ pub fn settings_as<T: serde::de::DeserializeOwned + Send + Sync + 'static>(
 ) -> Result<Box<dyn Any + Send + Sync>, serde_json::Error> {
     let typed: T = serde_json::from_value(Value::Object(block.clone()))?;
     Ok(Box::new(typed))
+}
+
+/// When a JWT says it expires (its `exp` claim), read without checking its signature: only to
+/// schedule, never to trust.
+pub fn jwt_expiry(token: &str) -> Option<DateTime<Utc>> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    let claims: Value = serde_json::from_slice(&bytes).ok()?;
+    DateTime::from_timestamp(claims.get("exp")?.as_i64()?, 0)
+}
+
+/// Give the profile a random `device_id` fact once, kept across logins; true when it was made.
+pub fn stable_device_id(state: &mut ProfileState) -> bool {
+    if state.fact("device_id").is_some() {
+        return false;
+    }
+    let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    state.facts.insert("device_id".into(), id);
+    true
 }
 
 /// A non-empty string setting.

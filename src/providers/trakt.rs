@@ -1,10 +1,11 @@
 //! Trakt: device-code flow, rotating refresh tokens, revoke, whoami via `/users/settings`.
 
 use super::{
-    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, check_as,
+    oauth_code, Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, check_as,
     nonempty, nonempty_secret, settings_as,
 };
 use crate::limits::{Kind, Limits, Rate};
+use crate::web::CallbackQuery;
 use async_trait::async_trait;
 use authkeeper_state::{Account, Grant, PendingFlow, Secret};
 use chrono::{DateTime, TimeDelta, Utc};
@@ -16,6 +17,8 @@ use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
 pub const API: &str = "https://api.trakt.tv";
+/// Where the browser authorizes an app (`/oauth/authorize`).
+const AUTHORIZE_ORIGIN: &str = "https://trakt.tv";
 /// Refresh for device-flow apps uses the out-of-band redirect URI.
 const OOB: &str = "urn:ietf:wg:oauth:2.0:oob";
 
@@ -25,7 +28,10 @@ static MANIFEST: LazyLock<Manifest> = LazyLock::new(|| Manifest {
     name: "trakt",
     label: "Trakt",
     block: "trakt",
-    flows: vec![FlowManifest { flow: "device_pin", fields: vec![], secret_fields: vec![] }],
+    flows: vec![
+        FlowManifest { flow: "device_pin", fields: vec![], secret_fields: vec![] },
+        FlowManifest { flow: "oauth_code", fields: vec![], secret_fields: vec![] },
+    ],
     config: vec!["client_id", "client_secret"],
     credential_keys: &["access_token", "refresh_token", "scope", "token_type", "expires_at"],
 });
@@ -157,8 +163,17 @@ impl Provider for Trakt {
         ]
     }
 
-    async fn begin(&self, cx: &Adapter, _flow: &str, _input: Input, now: DateTime<Utc>) -> Result<Begun, FlowError> {
+    async fn begin(&self, cx: &Adapter, flow: &str, _input: Input, now: DateTime<Utc>) -> Result<Begun, FlowError> {
         let (client_id, _) = app(cx).map_err(FlowError::Config)?;
+        if flow == "oauth_code" {
+            let authorize = oauth_code::Authorize {
+                endpoint: format!("{}/oauth/authorize", cx.origin(AUTHORIZE_ORIGIN)),
+                client_id,
+                scope: None,
+                pkce: false,
+            };
+            return oauth_code::begin(cx, authorize, now).map(Begun::Pending);
+        }
         let req = request(cx, reqwest::Method::POST, "/oauth/device/code", client_id)
             .json(&json!({ "client_id": client_id }));
         let resp = cx.send(Kind::Write, req).await.map_err(FlowError::Unavailable)?;
@@ -208,6 +223,34 @@ impl Provider for Trakt {
         }
     }
 
+    async fn complete(&self, cx: &Adapter, flow: &PendingFlow, query: &CallbackQuery, now: DateTime<Utc>) -> Poll {
+        let (client_id, secret) = match app(cx) {
+            Ok(app) => app,
+            Err(e) => return Poll::Unknown(e),
+        };
+        let code = match oauth_code::code(query) {
+            Ok(code) => code,
+            Err(end) => return end,
+        };
+        let mut body = oauth_code::as_json(&oauth_code::exchange_fields(flow, code, client_id));
+        body["client_secret"] = secret.into();
+        let req = request(cx, reqwest::Method::POST, "/oauth/token", client_id).json(&body);
+        let resp = match cx.send(Kind::Write, req).await {
+            Ok(r) => r,
+            Err(e) => return Poll::Unknown(e),
+        };
+        match resp.status() {
+            StatusCode::OK => match resp.json::<TokenResponse>().await {
+                Ok(body) => Poll::Approved(oauth_code::authorised(grant(body, now), flow)),
+                Err(_) => Poll::Unknown("unreadable token from Trakt".into()),
+            },
+            s @ (StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED) => {
+                Poll::Gone(format!("Trakt refused the authorization code ({})", s.as_u16()))
+            }
+            s => Poll::Unknown(unknown_status(s)),
+        }
+    }
+
     async fn validate(&self, cx: &Adapter, grant: &Grant) -> Verdict<Identity> {
         let (client_id, _) = match app(cx) {
             Ok(app) => app,
@@ -245,7 +288,8 @@ impl Provider for Trakt {
             "refresh_token": refresh_token.expose(),
             "client_id": client_id,
             "client_secret": secret,
-            "redirect_uri": OOB,
+            // The redirect URI the grant was authorised with; device grants use the out-of-band one.
+            "redirect_uri": grant.fact("redirect_uri").unwrap_or(OOB),
             "grant_type": "refresh_token",
         }));
         let resp = match cx.send(Kind::Write, req).await {

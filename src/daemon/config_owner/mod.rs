@@ -113,6 +113,7 @@ impl ConfigOwner {
         };
         let good = warning.is_none();
         shared.set_policy(config.settings.policy());
+        shared.public_url.set(config.settings.web.as_ref().map(|w| w.public_url()));
         for (provider, gate) in &shared.gates {
             gate.set_limits(config.settings.limits(provider));
             shared.planners[provider].set_rate(config.settings.limits(provider).per_second * super::REFRESH_SHARE);
@@ -209,6 +210,11 @@ impl ConfigOwner {
     }
 
     /// The config made of the settings the store kept, for when no good file is read.
+    /// The web listener's settings in force.
+    pub fn web(&self) -> Option<crate::web::WebSettings> {
+        self.config.settings.web.clone()
+    }
+
     fn from_stored(store: &dyn authkeeper_state::ConnectionStore) -> Config {
         let mut config = Config::parse("{}").expect("the empty config loads");
         let stored = store.settings().unwrap_or_else(|e| {
@@ -383,6 +389,7 @@ impl ConfigOwner {
         if was.http_timeout() != now.http_timeout() {
             self.http = providers::http_client(now.http_timeout());
         }
+        crate::web::reconfigure(&self.shared, was.web.as_ref(), now.web.as_ref());
         for (provider, gate) in &self.shared.gates {
             gate.set_limits(now.limits(provider));
             self.shared.planners[provider].set_rate(now.limits(provider).per_second * super::REFRESH_SHARE);
@@ -513,6 +520,7 @@ impl ConfigOwner {
             http: self.http.clone(),
             gate: self.shared.gates[&key.provider].clone(),
             account: key.to_string().into(),
+            public_url: self.shared.public_url.clone(),
         }
     }
 
