@@ -124,6 +124,11 @@ impl Gate {
     }
 
     /// Until when the provider asked for no calls, if that is still ahead.
+    /// Now, on the gate's clock.
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
     pub fn paused_until(&self) -> Option<DateTime<Utc>> {
         let now = self.clock.now();
         self.inner.lock().unwrap().paused_until.filter(|p| *p > now)

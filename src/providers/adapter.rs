@@ -108,6 +108,9 @@ pub struct Adapter {
     pub public_url: Arc<PublicUrl>,
 }
 
+/// The longest `Retry-After` pause a call waits out; a longer one fails the call at once.
+const MAX_PAUSE_WAIT: TimeDelta = TimeDelta::seconds(10);
+
 /// Days before the end of a token with no refresh at which the user is told.
 const NOTICE_DAYS: [i64; 3] = [30, 7, 1];
 
@@ -123,7 +126,18 @@ impl Adapter {
 
     /// Send through the provider's gate: wait for a slot under the rate limits, and honour a
     /// `Retry-After` for every later call.
+    /// A pause longer than [`MAX_PAUSE_WAIT`] is not waited out: the call fails at once, saying
+    /// until when the provider asked for quiet.
     pub async fn send(&self, kind: Kind, req: RequestBuilder) -> Result<Response, String> {
+        if let Some(until) = self.gate.paused_until()
+            && until - self.gate.now() > MAX_PAUSE_WAIT
+        {
+            let label = self.provider().manifest().label;
+            return Err(format!(
+                "{label} asked for no calls until {} (Retry-After); not calling it before then",
+                until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ));
+        }
         self.gate.acquire(&self.account, kind).await.map_err(|e| e.to_string())?;
         let resp = req.send().await.map_err(transport_error)?;
         if resp.status() == StatusCode::TOO_MANY_REQUESTS

@@ -179,7 +179,8 @@ impl Provider for MdbList {
                 Verdict::Rejected(format!("MDBList rejected the {what} ({})", status.as_u16()))
             }
             StatusCode::TOO_MANY_REQUESTS => Verdict::Unknown(
-                "MDBList's daily request quota is spent (429); it resets at the time its X-RateLimit-Reset says".into(),
+                "rate limited by MDBList (429): when the daily request quota is spent, it comes back at the reset"
+                    .into(),
             ),
             s => Verdict::Unknown(status_error(LABEL, s)),
         }

@@ -2,6 +2,8 @@
 //! socket with a real redb file, all in a temporary directory.
 #![allow(dead_code)]
 
+pub mod trackers;
+
 use authkeeper::client::{Client, ClientError, EventStream};
 use authkeeper::wire::WireEvent;
 use authkeeper_fixtures::{TraktEmulator, TraktOptions};

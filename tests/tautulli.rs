@@ -1,0 +1,74 @@
+//! Tautulli through the real binary and socket, against its emulator: a key and a server URL,
+//! from the connect body or the profile; the verdict follows the envelope, so a wrong key, a
+//! disabled API and an unreachable server each read differently.
+
+mod common;
+
+use authkeeper_fixtures::tautulli::{TautulliEmulator, TautulliOptions};
+use authkeeper_state::StateName;
+use common::trackers::{Conn, assert_no_leaks, failures_keep_state, harness};
+use serde_json::{Value, json};
+
+async fn emulator() -> TautulliEmulator {
+    let opts = TautulliOptions { http_root: "/tautulli".into(), ..TautulliOptions::default() };
+    TautulliEmulator::start(opts).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_with_the_server_in_the_body_connects_and_a_wrong_key_expires() {
+    let emu = emulator().await;
+    let h = harness(json!({"tautulli": {}})).await;
+    let daemon = h.start_daemon().await;
+    let conn = Conn::new(&h, "tautulli", "default");
+
+    // No server anywhere: a clear error before anything is stored.
+    let err = conn.connect(json!({"flow": "api_key", "api_key": emu.api_key()})).await.unwrap_err();
+    assert!(err.to_string().contains("server URL"), "{err}");
+    assert_eq!(conn.view().await.state, StateName::Disconnected);
+
+    let body = json!({"flow": "api_key", "api_key": emu.api_key(), "server_url": emu.server_url()});
+    conn.connect(body).await.unwrap();
+    let view = conn.view().await;
+    assert_eq!(view.state, StateName::Connected);
+    assert_eq!(view.account.as_deref(), Some("Tautulli for Emulated Plex"));
+    assert_eq!(view.facts["server_url"], emu.server_url());
+    let token: Value = conn.token().await.unwrap();
+    assert_eq!(token["access_token"], emu.api_key());
+    assert_eq!((token["token_type"].as_str(), token["server_url"].as_str()), (Some("api_key"), Some(emu.server_url().as_str())));
+
+    failures_keep_state(&conn, emu.log(), "/tautulli/api/v2").await;
+
+    // The API turned off: no verdict on the key, said plainly, state kept.
+    emu.set_api_enabled(false);
+    let view = conn.validate().await;
+    assert_eq!(view.state, StateName::Connected);
+    assert!(view.last_error.as_deref().unwrap().contains("API is not enabled"), "{:?}", view.last_error);
+    emu.set_api_enabled(true);
+
+    // A new key on the server: the old one is rejected → expired, with Tautulli's words.
+    emu.revoke_all();
+    assert_eq!(conn.validate().await.state, StateName::Expired);
+    assert!(conn.last_detail().await.contains("Invalid apikey"), "{}", conn.last_detail().await);
+    conn.connect(json!({"flow": "api_key", "api_key": emu.api_key(), "server_url": emu.server_url()})).await.unwrap();
+    assert_eq!(conn.view().await.state, StateName::Connected);
+    daemon.stop().await;
+    assert_no_leaks(&h, &emu.issued_tokens());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_profiles_server_url_is_used_and_an_unreachable_server_changes_nothing() {
+    let emu = emulator().await;
+    let h = harness(json!({"tautulli": {"server_url": emu.server_url()}})).await;
+    let daemon = h.start_daemon().await;
+    let conn = Conn::new(&h, "tautulli", "default");
+    conn.connect(json!({"flow": "api_key", "api_key": emu.api_key()})).await.unwrap();
+    assert_eq!(conn.view().await.state, StateName::Connected);
+
+    let log = emu.log().clone();
+    drop(emu); // the server goes away
+    let view = conn.validate().await;
+    assert_eq!(view.state, StateName::Connected);
+    assert!(view.last_error.as_deref().unwrap().contains("cannot reach"), "{:?}", view.last_error);
+    assert!(!log.calls().is_empty());
+    daemon.stop().await;
+}
