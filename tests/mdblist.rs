@@ -111,6 +111,7 @@ async fn the_device_login_connects_refreshes_with_rotation_and_reconnects_after_
     assert_eq!(conn.validate().await.state, StateName::Expired);
     let reply = conn.connect(json!({"flow": "device_pin"})).await.unwrap();
     assert!(emu.approve(reply.user_code().unwrap()));
+    wait_for(&mut events, "mdblist", Cause::Approved).await;
     wait_for(&mut events, "mdblist", Cause::Validated).await;
     assert_eq!(conn.view().await.state, StateName::Connected);
 
