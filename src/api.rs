@@ -94,8 +94,7 @@ const LIST_CHUNK: usize = 256;
 /// Streamed: the list is written a chunk at a time as the client reads it, from a snapshot of
 /// pointers to the committed machines, so a list of 100,000 never sits whole in memory.
 async fn list_connections(State(shared): App) -> Response {
-    let machines: Arc<Vec<Snapshot>> =
-        {
+    let machines: Arc<Vec<Snapshot>> = {
         let now = shared.clock.now();
         Arc::new(shared.conns.read().unwrap().values().map(|s| (s.committed.clone(), s.warnings(now))).collect())
     };

@@ -304,19 +304,43 @@ async fn client_command(client: &Client, json: bool, command: Cmd) -> Result<i32
             if json {
                 print_json(&providers);
             } else {
-                for p in providers.as_array().into_iter().flatten() {
-                    let flows: Vec<_> =
-                        p["flows"].as_array().into_iter().flatten().filter_map(|f| f["flow"].as_str()).collect();
-                    println!(
-                        "{:<10} {:<10} flows: {}",
-                        p["name"].as_str().unwrap_or(""),
-                        p["label"].as_str().unwrap_or(""),
-                        flows.join(", ")
-                    );
-                }
+                print_providers(&providers);
             }
             Ok(0)
         }
+    }
+}
+
+/// One line per provider: its name, label, flows with the fields each asks for (`*`: secret,
+/// asked without echo), and the config keys it needs.
+fn print_providers(providers: &Value) {
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array().into_iter().flatten().filter_map(|s| s.as_str().map(str::to_owned)).collect()
+    };
+    println!("{:<10} {:<10} {:<58} CONFIG", "PROVIDER", "LABEL", "FLOWS (fields; * secret)");
+    for p in providers.as_array().into_iter().flatten() {
+        let flows: Vec<String> = p["flows"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|f| {
+                let secret = strings(&f["secret_fields"]);
+                let fields: Vec<String> = strings(&f["fields"])
+                    .into_iter()
+                    .map(|name| if secret.contains(&name) { format!("{name}*") } else { name })
+                    .collect();
+                let flow = f["flow"].as_str().unwrap_or_default();
+                if fields.is_empty() { flow.to_owned() } else { format!("{flow} ({})", fields.join(", ")) }
+            })
+            .collect();
+        let config = strings(&p["config"]);
+        println!(
+            "{:<10} {:<10} {:<58} {}",
+            p["name"].as_str().unwrap_or_default(),
+            p["label"].as_str().unwrap_or_default(),
+            flows.join("; "),
+            if config.is_empty() { "-".to_owned() } else { config.join(", ") }
+        );
     }
 }
 

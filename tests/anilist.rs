@@ -25,9 +25,10 @@ fn app() -> serde_json::Value {
 async fn the_browser_login_needs_the_exact_redirect_uri_and_lasts_a_year() {
     let (listen, public_url) = free_port();
     let redirect = format!("{public_url}/oauth/callback/anilist");
-    let emu = AniListEmulator::start(AniListOptions { redirect_uri: Some(redirect.clone()), ..AniListOptions::default() })
-        .await
-        .unwrap();
+    let emu =
+        AniListEmulator::start(AniListOptions { redirect_uri: Some(redirect.clone()), ..AniListOptions::default() })
+            .await
+            .unwrap();
     let config = json!({"anilist": app(), "authkeeper": {"base_url": {"anilist": emu.url()},
         "web": {"listen": listen, "public_url": public_url}}});
     let h = harness(config).await;
@@ -106,7 +107,8 @@ async fn a_token_with_no_refresh_is_announced_30_7_and_1_days_ahead_then_expires
     let path = "/v1/connections/anilist/default";
 
     let token = emu.issue_token(); // lives 40 days from t0
-    client.post::<serde_json::Value>(&format!("{path}/connect"), Some(json!({"flow": "token", "access_token": token})))
+    client
+        .post::<serde_json::Value>(&format!("{path}/connect"), Some(json!({"flow": "token", "access_token": token})))
         .await
         .unwrap();
     let view: ConnectionView = client.get(path).await.unwrap();

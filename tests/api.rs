@@ -90,6 +90,23 @@ async fn curl_works_and_the_socket_and_database_are_private() {
     assert_eq!(providers[0]["name"], "trakt");
     assert_eq!(providers[0]["flows"][0]["flow"], "device_pin");
 
+    // `authkeeper providers`: every provider, each flow with the fields it asks for.
+    let (code, out, _) = h.cli(&["providers"]).await;
+    assert_eq!(code, 0);
+    for line in [
+        "trakt      Trakt      device_pin; oauth_code",
+        "plex       Plex       device_pin",
+        "jellyfin   Jellyfin   quick_connect; password (username, password*)",
+        "emby       Emby       password (username, password*)",
+        "simkl      Simkl      device_pin; oauth_code",
+        "anilist    AniList    oauth_code; token (access_token*)",
+        "mdblist    MDBList    api_key (api_key*); device_pin",
+        "tautulli   Tautulli   api_key (api_key*, server_url)",
+        "tmdb       TMDB       api_key (api_key*); request_token (api_key*)",
+    ] {
+        assert!(out.lines().any(|l| l.starts_with(line)), "{line:?} in\n{out}");
+    }
+
     // A second daemon on the same socket refuses to start and leaves the first one alone.
     let (code, _, err) = h.cli(&["daemon"]).await;
     assert_eq!(code, 1);

@@ -73,7 +73,8 @@ async fn refused_callbacks_answer_400_and_change_nothing() {
     let authorize = begin(&conn).await;
     let state = state_of(&authorize);
     let before = conn.view().await;
-    let callback = |provider: &str, state: &str| format!("{public_url}/oauth/callback/{provider}?code=c0de&state={state}");
+    let callback =
+        |provider: &str, state: &str| format!("{public_url}/oauth/callback/{provider}?code=c0de&state={state}");
 
     for (url, says) in [
         (callback("trakt", "not-the-state"), "unknown"),

@@ -41,7 +41,10 @@ async fn an_api_key_connects_shows_the_quota_and_is_rejected_once_replaced() {
     assert_eq!(view.facts["requests_remaining"], emu.remaining().to_string());
     assert_eq!(view.facts["requests_limit"], "1000");
     let token: Value = conn.token().await.unwrap();
-    assert_eq!((token["access_token"].as_str(), token["token_type"].as_str()), (Some(emu.api_key().as_str()), Some("api_key")));
+    assert_eq!(
+        (token["access_token"].as_str(), token["token_type"].as_str()),
+        (Some(emu.api_key().as_str()), Some("api_key"))
+    );
 
     // Each check spends a request, and status follows.
     let before = emu.remaining();
@@ -98,8 +101,7 @@ async fn the_device_login_connects_refreshes_with_rotation_and_reconnects_after_
 
     // A refresh rotates the refresh token; the old one is never presented again.
     let (_, first_refresh) = emu.latest_tokens().unwrap();
-    let view: authkeeper::wire::ConnectionView =
-        client.post(&format!("{}/refresh", conn.path), None).await.unwrap();
+    let view: authkeeper::wire::ConnectionView = client.post(&format!("{}/refresh", conn.path), None).await.unwrap();
     assert_eq!(view.state, StateName::Connected);
     let (access, second_refresh) = emu.latest_tokens().unwrap();
     assert_ne!(first_refresh, second_refresh);

@@ -107,3 +107,16 @@ async fn the_browser_login_uses_pkce_and_comes_back_through_the_callback() {
     daemon.stop().await;
     assert_no_leaks(&h, &emu.issued_tokens());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_simkl_does_not_know_is_named_as_the_cause() {
+    let emu = SimklEmulator::start(SimklOptions::default()).await.unwrap();
+    let config = json!({"simkl": {"client_id": "not-our-app"}, "authkeeper": {"base_url": {"simkl": emu.url()}}});
+    let h = harness(config).await;
+    let daemon = h.start_daemon().await;
+    let conn = Conn::new(&h, "simkl", "default");
+    let err = conn.connect(json!({"flow": "device_pin"})).await.unwrap_err();
+    assert!(err.to_string().contains("client_id_failed"), "{err}");
+    assert_eq!(conn.view().await.state, StateName::Disconnected);
+    daemon.stop().await;
+}

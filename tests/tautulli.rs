@@ -34,7 +34,10 @@ async fn a_key_with_the_server_in_the_body_connects_and_a_wrong_key_expires() {
     assert_eq!(view.facts["server_url"], emu.server_url());
     let token: Value = conn.token().await.unwrap();
     assert_eq!(token["access_token"], emu.api_key());
-    assert_eq!((token["token_type"].as_str(), token["server_url"].as_str()), (Some("api_key"), Some(emu.server_url().as_str())));
+    assert_eq!(
+        (token["token_type"].as_str(), token["server_url"].as_str()),
+        (Some("api_key"), Some(emu.server_url().as_str()))
+    );
 
     failures_keep_state(&conn, emu.log(), "/tautulli/api/v2").await;
 

@@ -20,6 +20,7 @@ fn adapter(block: Value, url: &str) -> Adapter {
         http: http_client(Duration::from_secs(2)),
         gate: open_gate(),
         account: "trakt/default".into(),
+        public_url: Arc::default(),
     }
 }
 

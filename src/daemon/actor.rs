@@ -5,8 +5,8 @@
 //! idle connection costs neither a task nor an inbox; the next command starts a new task.
 
 use super::{CallbackError, DaemonError, Owner, Shared};
-use crate::web::{CallbackQuery, flow_key};
 use crate::providers::{Adapter, Begun, Identity, Input, Poll, Verdict};
+use crate::web::{CallbackQuery, flow_key};
 use crate::wire::{ConnectReply, ConnectionView, PendingView};
 use authkeeper_state::records::encode_connection;
 use authkeeper_state::schedule::{Action, next_action};

@@ -3,8 +3,8 @@
 
 use super::{Begun, FlowError, Identity, Input, Poll, Provider, Verdict, transport_error};
 use crate::limits::{Gate, Kind};
-use authkeeper_state::{Grant, PendingFlow, ProfileState};
 use crate::web::{CallbackQuery, PublicUrl};
+use authkeeper_state::{Grant, PendingFlow, ProfileState};
 use chrono::{DateTime, TimeDelta, Utc};
 use reqwest::{RequestBuilder, Response, StatusCode};
 use serde_json::{Map, Value, json};

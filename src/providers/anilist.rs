@@ -5,8 +5,8 @@
 
 use super::answer::{json, status_error};
 use super::{
-    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, check_as,
-    jwt_expiry, nonempty, nonempty_secret, oauth_code, settings_as,
+    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, jwt_expiry,
+    nonempty, nonempty_secret, oauth_code,
 };
 use crate::limits::{Kind, Limits};
 use crate::web::CallbackQuery;
@@ -16,7 +16,6 @@ use chrono::{DateTime, TimeDelta, Utc};
 use reqwest::StatusCode;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use std::any::Any;
 use std::sync::LazyLock;
 
 pub struct AniList;
@@ -104,13 +103,7 @@ impl Provider for AniList {
         Limits { per_second: 0.5, burst: 5, account_reads: None, account_writes: None }
     }
 
-    fn check(&self, block: &str) -> Result<(), serde_json::Error> {
-        check_as::<Block>(block)
-    }
-
-    fn settings(&self, block: &Map<String, Value>) -> Result<Box<dyn Any + Send + Sync>, serde_json::Error> {
-        settings_as::<Block>(block)
-    }
+    typed_block!(Block);
 
     fn import(&self, profile: &Profile, now: DateTime<Utc>) -> Option<Grant> {
         let b: &Block = profile.typed();
@@ -140,7 +133,7 @@ impl Provider for AniList {
         };
         let code = match oauth_code::code(query) {
             Ok(code) => code,
-            Err(end) => return end,
+            Err(end) => return *end,
         };
         let mut body = oauth_code::as_json(&oauth_code::exchange_fields(flow, code, client_id));
         body["client_secret"] = secret.into();

@@ -156,7 +156,8 @@ impl Client<'_> {
         let Some(refresh) = &grant.refresh_token else {
             return Verdict::Rejected("no refresh token".into());
         };
-        let form = [("grant_type", "refresh_token"), ("refresh_token", refresh.expose()), ("client_id", self.client_id)];
+        let form =
+            [("grant_type", "refresh_token"), ("refresh_token", refresh.expose()), ("client_id", self.client_id)];
         let resp = match self.token_call(cx, &form).await {
             Ok(resp) => resp,
             Err(e) => return Verdict::Unknown(e),

@@ -5,8 +5,8 @@
 
 use super::answer::{json, status_error};
 use super::{
-    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Profile, Provider, Verdict, check_as,
-    nonempty, nonempty_secret, settings_as,
+    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Profile, Provider, Verdict, nonempty,
+    nonempty_secret,
 };
 use crate::limits::Kind;
 use async_trait::async_trait;
@@ -15,7 +15,6 @@ use chrono::{DateTime, Utc};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use std::any::Any;
 use std::sync::LazyLock;
 
 pub struct Emby;
@@ -127,13 +126,7 @@ impl Provider for Emby {
         &MANIFEST
     }
 
-    fn check(&self, block: &str) -> Result<(), serde_json::Error> {
-        check_as::<Block>(block)
-    }
-
-    fn settings(&self, block: &Map<String, Value>) -> Result<Box<dyn Any + Send + Sync>, serde_json::Error> {
-        settings_as::<Block>(block)
-    }
+    typed_block!(Block);
 
     fn import(&self, profile: &Profile, now: DateTime<Utc>) -> Option<Grant> {
         let b: &Block = profile.typed();

@@ -4,8 +4,8 @@
 //! same DeviceId revokes that device's earlier token). Tokens live until revoked.
 
 use super::{
-    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, check_as,
-    nonempty, nonempty_secret, settings_as,
+    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, nonempty,
+    nonempty_secret,
 };
 use crate::limits::Kind;
 use async_trait::async_trait;
@@ -14,7 +14,6 @@ use chrono::{DateTime, TimeDelta, Utc};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use std::any::Any;
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
@@ -209,13 +208,7 @@ impl Provider for Jellyfin {
         &MANIFEST
     }
 
-    fn check(&self, block: &str) -> Result<(), serde_json::Error> {
-        check_as::<Block>(block)
-    }
-
-    fn settings(&self, block: &Map<String, Value>) -> Result<Box<dyn Any + Send + Sync>, serde_json::Error> {
-        settings_as::<Block>(block)
-    }
+    typed_block!(Block);
 
     fn import(&self, profile: &Profile, now: DateTime<Utc>) -> Option<Grant> {
         let b: &Block = profile.typed();

@@ -4,8 +4,8 @@
 use super::answer::{json, status_error};
 use super::device_grant::{self, Client};
 use super::{
-    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, check_as,
-    nonempty, nonempty_secret, settings_as,
+    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, nonempty,
+    nonempty_secret,
 };
 use crate::limits::Kind;
 use async_trait::async_trait;
@@ -15,7 +15,6 @@ use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use std::any::Any;
 use std::sync::LazyLock;
 
 pub struct MdbList;
@@ -96,13 +95,7 @@ impl Provider for MdbList {
         &MANIFEST
     }
 
-    fn check(&self, block: &str) -> Result<(), serde_json::Error> {
-        check_as::<Block>(block)
-    }
-
-    fn settings(&self, block: &Map<String, Value>) -> Result<Box<dyn Any + Send + Sync>, serde_json::Error> {
-        settings_as::<Block>(block)
-    }
+    typed_block!(Block);
 
     fn import(&self, profile: &Profile, now: DateTime<Utc>) -> Option<Grant> {
         let b: &Block = profile.typed();
@@ -136,7 +129,8 @@ impl Provider for MdbList {
             return client.begin(cx, None, now).await.map(Begun::Pending);
         }
         let key = input.get("api_key").map(|k| k.expose().trim()).filter(|k| !k.is_empty());
-        let key = key.ok_or_else(|| FlowError::Input("the api_key flow needs api_key (mdblist.com/preferences)".into()))?;
+        let key =
+            key.ok_or_else(|| FlowError::Input("the api_key flow needs api_key (mdblist.com/preferences)".into()))?;
         Ok(Begun::Granted(key_grant(key, now)))
     }
 

@@ -25,6 +25,22 @@ use serde_json::{Map, Value};
 use std::any::Any;
 use std::collections::BTreeMap;
 
+/// `check` and `settings` for a provider whose config block deserializes as `$block`.
+macro_rules! typed_block {
+    ($block:ty) => {
+        fn check(&self, block: &str) -> Result<(), serde_json::Error> {
+            $crate::providers::check_as::<$block>(block)
+        }
+
+        fn settings(
+            &self,
+            block: &serde_json::Map<String, serde_json::Value>,
+        ) -> Result<Box<dyn std::any::Any + Send + Sync>, serde_json::Error> {
+            $crate::providers::settings_as::<$block>(block)
+        }
+    };
+}
+
 /// Declares the provider modules and the registry table: one line per provider.
 macro_rules! registry {
     ($($module:ident => $provider:expr,)*) => {

@@ -89,17 +89,17 @@ pub fn begin(cx: &Adapter, a: Authorize<'_>, now: DateTime<Utc>) -> Result<Pendi
 }
 
 /// The authorization code a callback carries, or how the flow ends instead.
-pub fn code(query: &CallbackQuery) -> Result<&str, Poll> {
+pub fn code(query: &CallbackQuery) -> Result<&str, Box<Poll>> {
     if let Some(error) = query.get("error") {
         if error == "access_denied" {
-            return Err(Poll::Denied);
+            return Err(Box::new(Poll::Denied));
         }
         let detail = query.get("error_description").map(|d| format!(": {d}")).unwrap_or_default();
-        return Err(Poll::Gone(format!("the provider refused the login ({error}{detail})")));
+        return Err(Box::new(Poll::Gone(format!("the provider refused the login ({error}{detail})"))));
     }
     match query.get("code").filter(|c| !c.is_empty()) {
         Some(code) => Ok(code),
-        None => Err(Poll::Gone("the provider's answer carried no authorization code".into())),
+        None => Err(Box::new(Poll::Gone("the provider's answer carried no authorization code".into()))),
     }
 }
 

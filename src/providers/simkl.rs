@@ -4,8 +4,8 @@
 
 use super::answer::{json, status_error};
 use super::{
-    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, check_as,
-    nonempty, nonempty_secret, oauth_code, settings_as,
+    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, nonempty,
+    nonempty_secret, oauth_code,
 };
 use crate::limits::{Kind, Limits, Rate};
 use crate::web::CallbackQuery;
@@ -15,7 +15,6 @@ use chrono::{DateTime, TimeDelta, Utc};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use std::any::Any;
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
@@ -85,8 +84,9 @@ struct SettingsAccount {
 
 fn client_id(cx: &Adapter) -> Result<&str, String> {
     let block: &Block = cx.profile.typed();
-    nonempty(&block.client_id)
-        .ok_or_else(|| "the simkl block of config.json needs client_id (a Simkl app's, from simkl.com/settings/developer)".into())
+    nonempty(&block.client_id).ok_or_else(|| {
+        "the simkl block of config.json needs client_id (a Simkl app's, from simkl.com/settings/developer)".into()
+    })
 }
 
 /// A call to the API with the app's identity on it.
@@ -95,6 +95,16 @@ fn request(cx: &Adapter, method: Method, path: &str, client_id: &str) -> Request
         .request(method, format!("{}{path}", cx.origin(API)))
         .query(&[("client_id", client_id), ("app-name", "authkeeper"), ("app-version", env!("CARGO_PKG_VERSION"))])
         .header("simkl-api-key", client_id)
+}
+
+/// A status with no verdict on the token; 412 is Simkl refusing the app itself.
+fn simkl_error(status: StatusCode) -> String {
+    match status {
+        StatusCode::PRECONDITION_FAILED => {
+            "Simkl refused the app's client_id (412 client_id_failed): check client_id in the simkl block".into()
+        }
+        s => status_error(LABEL, s),
+    }
 }
 
 fn grant(token: Token, now: DateTime<Utc>) -> Grant {
@@ -113,16 +123,15 @@ impl Provider for Simkl {
     }
 
     fn limits(&self) -> Limits {
-        Limits { per_second: 10.0, burst: 1, account_reads: None, account_writes: Some(Rate { count: 1, per_secs: 1.0 }) }
+        Limits {
+            per_second: 10.0,
+            burst: 1,
+            account_reads: None,
+            account_writes: Some(Rate { count: 1, per_secs: 1.0 }),
+        }
     }
 
-    fn check(&self, block: &str) -> Result<(), serde_json::Error> {
-        check_as::<Block>(block)
-    }
-
-    fn settings(&self, block: &Map<String, Value>) -> Result<Box<dyn Any + Send + Sync>, serde_json::Error> {
-        settings_as::<Block>(block)
-    }
+    typed_block!(Block);
 
     fn import(&self, profile: &Profile, now: DateTime<Utc>) -> Option<Grant> {
         let b: &Block = profile.typed();
@@ -150,7 +159,7 @@ impl Provider for Simkl {
         let resp = cx.send(Kind::Read, request(cx, Method::GET, "/oauth/pin", client_id)).await;
         let resp = resp.map_err(FlowError::Unavailable)?;
         if !resp.status().is_success() {
-            return Err(FlowError::Unavailable(status_error(LABEL, resp.status())));
+            return Err(FlowError::Unavailable(simkl_error(resp.status())));
         }
         let pin: Pin = json(resp, LABEL).await.map_err(FlowError::Unavailable)?;
         let (Some(device_code), Some(user_code)) = (pin.device_code, pin.user_code) else {
@@ -179,13 +188,11 @@ impl Provider for Simkl {
         let req = request(cx, Method::GET, &format!("/oauth/pin/{code}"), client_id);
         let resp = match cx.send(Kind::Read, req).await {
             Ok(r) if r.status().is_success() => r,
-            Ok(r) => return Poll::Unknown(status_error(LABEL, r.status())),
+            Ok(r) => return Poll::Unknown(simkl_error(r.status())),
             Err(e) => return Poll::Unknown(e),
         };
         match json::<Pin>(resp, LABEL).await {
-            Ok(Pin { access_token: Some(token), .. }) if !token.is_empty() => {
-                Poll::Approved(Grant::bearer(token, now))
-            }
+            Ok(Pin { access_token: Some(token), .. }) if !token.is_empty() => Poll::Approved(Grant::bearer(token, now)),
             // Simkl's quirk: a code it no longer knows is answered with a fresh PIN.
             Ok(Pin { device_code: Some(_), .. }) => {
                 Poll::Gone("Simkl no longer knows this PIN (it answered with a new one)".into())
@@ -203,7 +210,7 @@ impl Provider for Simkl {
         };
         let code = match oauth_code::code(query) {
             Ok(code) => code,
-            Err(end) => return end,
+            Err(end) => return *end,
         };
         let mut body = oauth_code::as_json(&oauth_code::exchange_fields(flow, code, client_id));
         let block: &Block = cx.profile.typed();
@@ -248,7 +255,7 @@ impl Provider for Simkl {
                 Err(e) => Verdict::Unknown(e),
             },
             StatusCode::UNAUTHORIZED => Verdict::Rejected("Simkl rejected the access token (401)".into()),
-            s => Verdict::Unknown(status_error(LABEL, s)),
+            s => Verdict::Unknown(simkl_error(s)),
         }
     }
 

@@ -5,8 +5,8 @@
 
 use super::answer::status_error;
 use super::{
-    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Profile, Provider, Verdict, check_as,
-    nonempty, nonempty_secret, settings_as,
+    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Profile, Provider, Verdict, nonempty,
+    nonempty_secret,
 };
 use crate::limits::Kind;
 use async_trait::async_trait;
@@ -14,7 +14,6 @@ use authkeeper_state::{Account, Grant, Secret};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use std::any::Any;
 use std::sync::LazyLock;
 
 pub struct Tautulli;
@@ -111,13 +110,7 @@ impl Provider for Tautulli {
         &MANIFEST
     }
 
-    fn check(&self, block: &str) -> Result<(), serde_json::Error> {
-        check_as::<Block>(block)
-    }
-
-    fn settings(&self, block: &Map<String, Value>) -> Result<Box<dyn Any + Send + Sync>, serde_json::Error> {
-        settings_as::<Block>(block)
-    }
+    typed_block!(Block);
 
     fn import(&self, profile: &Profile, now: DateTime<Utc>) -> Option<Grant> {
         let b: &Block = profile.typed();
@@ -164,7 +157,9 @@ impl Provider for Tautulli {
         let text = |k: &str| info.get(k).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned);
         let mut updated = grant.clone();
         updated.set_fact("server_url", &server);
-        for (field, fact) in [("pms_name", "plex_server"), ("pms_version", "plex_version"), ("pms_identifier", "machine_id")] {
+        for (field, fact) in
+            [("pms_name", "plex_server"), ("pms_version", "plex_version"), ("pms_identifier", "machine_id")]
+        {
             if let Some(v) = text(field) {
                 updated.set_fact(fact, v);
             }

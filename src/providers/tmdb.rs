@@ -6,8 +6,8 @@
 
 use super::answer::{json, status_error};
 use super::{
-    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, check_as,
-    nonempty_secret, settings_as,
+    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict,
+    nonempty_secret,
 };
 use crate::limits::Kind;
 use crate::web::CallbackQuery;
@@ -17,7 +17,6 @@ use chrono::{DateTime, NaiveDateTime, TimeDelta, Utc};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use std::any::Any;
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
@@ -78,11 +77,7 @@ struct AccountBody {
 
 /// A v4 read-access token is a JWT, sent as a bearer; a v3 key goes in `?api_key=`.
 fn with_app(req: RequestBuilder, key: &str) -> RequestBuilder {
-    if key.starts_with("eyJ") && key.contains('.') {
-        req.bearer_auth(key)
-    } else {
-        req.query(&[("api_key", key)])
-    }
+    if key.starts_with("eyJ") && key.contains('.') { req.bearer_auth(key) } else { req.query(&[("api_key", key)]) }
 }
 
 fn request(cx: &Adapter, method: Method, path: &str, key: &str) -> RequestBuilder {
@@ -98,9 +93,11 @@ fn app_key<'a>(cx: &'a Adapter, input: &'a Input) -> Result<&'a str, FlowError> 
         .filter(|k| !k.is_empty())
         .or(nonempty_secret(&block.api_key))
         .ok_or_else(|| {
-            FlowError::Input("TMDB needs the app's api_key (a v3 key or a v4 read-access token, from \
+            FlowError::Input(
+                "TMDB needs the app's api_key (a v3 key or a v4 read-access token, from \
                               themoviedb.org/settings/api): in the tmdb_sync block or the connect body"
-                .into())
+                    .into(),
+            )
         })
 }
 
@@ -165,13 +162,7 @@ impl Provider for Tmdb {
         &MANIFEST
     }
 
-    fn check(&self, block: &str) -> Result<(), serde_json::Error> {
-        check_as::<Block>(block)
-    }
-
-    fn settings(&self, block: &Map<String, Value>) -> Result<Box<dyn Any + Send + Sync>, serde_json::Error> {
-        settings_as::<Block>(block)
-    }
+    typed_block!(Block);
 
     fn import(&self, profile: &Profile, now: DateTime<Utc>) -> Option<Grant> {
         let b: &Block = profile.typed();
@@ -268,7 +259,10 @@ impl Provider for Tmdb {
         let http = resp.status();
         if http.is_success() && !session {
             let kind = if key.starts_with("eyJ") { "v4 read-access token" } else { "v3 API key" };
-            return Verdict::Valid(Identity { account: Account { name: format!("TMDB app ({kind})"), id: None }, grant: None });
+            return Verdict::Valid(Identity {
+                account: Account { name: format!("TMDB app ({kind})"), id: None },
+                grant: None,
+            });
         }
         if http.is_success() {
             return match json::<AccountBody>(resp, LABEL).await {

@@ -1,8 +1,8 @@
 //! Trakt: device-code flow, rotating refresh tokens, revoke, whoami via `/users/settings`.
 
 use super::{
-    oauth_code, Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, check_as,
-    nonempty, nonempty_secret, settings_as,
+    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, nonempty,
+    nonempty_secret, oauth_code,
 };
 use crate::limits::{Kind, Limits, Rate};
 use crate::web::CallbackQuery;
@@ -12,7 +12,6 @@ use chrono::{DateTime, TimeDelta, Utc};
 use reqwest::{RequestBuilder, StatusCode};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use std::any::Any;
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
@@ -133,13 +132,7 @@ impl Provider for Trakt {
         }
     }
 
-    fn check(&self, block: &str) -> Result<(), serde_json::Error> {
-        check_as::<Block>(block)
-    }
-
-    fn settings(&self, block: &Map<String, Value>) -> Result<Box<dyn Any + Send + Sync>, serde_json::Error> {
-        settings_as::<Block>(block)
-    }
+    typed_block!(Block);
 
     fn import(&self, profile: &Profile, now: DateTime<Utc>) -> Option<Grant> {
         let b: &Block = profile.typed();
@@ -230,7 +223,7 @@ impl Provider for Trakt {
         };
         let code = match oauth_code::code(query) {
             Ok(code) => code,
-            Err(end) => return end,
+            Err(end) => return *end,
         };
         let mut body = oauth_code::as_json(&oauth_code::exchange_fields(flow, code, client_id));
         body["client_secret"] = secret.into();

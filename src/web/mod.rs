@@ -43,7 +43,8 @@ impl WebSettings {
             return Err(format!("authkeeper.web.listen: {listen:?} is not an address like \"127.0.0.1:8765\""));
         }
         if let Some(url) = &self.public_url {
-            let parsed = Url::parse(url).map_err(|e| format!("authkeeper.web.public_url: {url:?} is not a URL: {e}"))?;
+            let parsed =
+                Url::parse(url).map_err(|e| format!("authkeeper.web.public_url: {url:?} is not a URL: {e}"))?;
             let plain = parsed.query().is_none() && parsed.fragment().is_none();
             if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() || !plain {
                 return Err(format!(

@@ -1,6 +1,7 @@
-//! `authkeeper demo`: three providers of three shapes, offline, in about half a minute.
-//! Trakt, Jellyfin and plex.tv emulators and a real daemon run in a temporary directory; each
-//! connect flow, the automatic refresh, history and disconnect go through the real socket API.
+//! `authkeeper demo`: every provider, offline, in about half a minute. The emulators and a real
+//! daemon (with its web listener for browser logins) run in a temporary directory; each connect
+//! flow, the automatic refresh, history and disconnect go through the real socket API, and the
+//! demo plays the user: it waits for codes to be approved and follows browser logins.
 
 use crate::client::{self, Client, connection_path};
 use crate::clock::SystemClock;
@@ -11,20 +12,34 @@ use anyhow::{Context, bail};
 use authkeeper_fixtures::{JellyfinEmulator, JellyfinOptions, PlexEmulator, PlexOptions, TraktEmulator, TraktOptions};
 use authkeeper_state::{Cause, Transition};
 use indicatif::{ProgressBar, ProgressStyle};
+use more::{More, free_port};
 use serde_json::{Value, json};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod more;
+
 const APPROVE_AFTER: Duration = Duration::from_secs(3);
 const TOKEN_LIFETIME: u64 = 12;
 
-/// The providers, in the order the demo connects them: (name, flow, how the user approves).
+/// The providers whose user approves a code, in the order the demo connects them:
+/// (name, flow, how the user approves).
 const STEPS: [(&str, &str, &str); 3] = [
     ("trakt", "device_pin", "a device code entered at trakt.tv/activate"),
     ("jellyfin", "quick_connect", "a Quick Connect code entered in a signed-in Jellyfin app"),
     ("plex", "device_pin", "a PIN linked at plex.tv, then server discovery"),
+];
+
+/// The rest, each its own way: (name, flow, what the user does).
+const MORE: [(&str, &str, &str); 6] = [
+    ("simkl", "device_pin", "a PIN entered at simkl.com/pin"),
+    ("anilist", "oauth_code", "a browser login that comes back to the daemon's callback"),
+    ("tmdb", "request_token", "an approval page that sends the browser back to the callback"),
+    ("mdblist", "api_key", "an API key (the CLI asks for it without echo)"),
+    ("tautulli", "api_key", "an API key and the server's URL"),
+    ("emby", "password", "a username and password, used once and kept nowhere"),
 ];
 
 pub async fn run() -> anyhow::Result<()> {
@@ -40,8 +55,10 @@ pub async fn run() -> anyhow::Result<()> {
     let jellyfin =
         JellyfinEmulator::start(JellyfinOptions { auto_approve_after: approve, ..Default::default() }).await?;
     let plex = PlexEmulator::start(PlexOptions { auto_approve_after: approve, ..PlexOptions::default() }).await?;
+    let (listen, public_url) = free_port()?;
+    let more = More::start(&public_url).await?;
     let config = dir.path().join("config.json");
-    let body = json!({
+    let mut body = json!({
         "trakt": {"client_id": "emulator-client-id", "client_secret": "emulator-client-secret"},
         "jellyfin": {"server": jellyfin.url()},
         "plex": {},
@@ -49,8 +66,10 @@ pub async fn run() -> anyhow::Result<()> {
             "base_url": {"trakt": trakt.url(), "plex": plex.url()},
             "refresh_margin_secs": 4,
             "backoff_base_secs": 1,
+            "web": {"listen": listen, "public_url": public_url},
         },
     });
+    more.configure(&mut body);
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -62,6 +81,8 @@ pub async fn run() -> anyhow::Result<()> {
     println!("  Trakt emulator     {}", trakt.url());
     println!("  Jellyfin emulator  {}", jellyfin.url());
     println!("  plex.tv emulator   {}", plex.url());
+    println!("  six more emulators Simkl, AniList, TMDB, MDBList, Tautulli, Emby");
+    println!("  web listener       {public_url} (browser logins come back here)");
     println!("  working dir        {}", dir.path().display());
     let paths = Paths { config, state_dir: dir.path().join("state"), socket: dir.path().join("authkeeper.sock") };
     let running = daemon::start(daemon::Options::new(paths, Arc::new(SystemClock))).await?;
@@ -79,9 +100,16 @@ pub async fn run() -> anyhow::Result<()> {
         views.push(view);
     }
 
-    println!("4. Three shapes side by side: what `GET …/token` gives a consumer (secrets elided)");
+    println!("4. Six more, each its own way:");
+    for (provider, flow, how) in MORE {
+        let account = more.connect(&client, provider, flow).await?;
+        println!("   {provider:<9} {flow:<14} {how}: connected as {account}");
+    }
+    println!();
+
+    println!("5. Every shape side by side: what `GET …/token` gives a consumer (secrets elided)");
     println!("   {:<9} {:<14} {:<22} BESIDES access_token", "PROVIDER", "FLOW", "EXPIRES");
-    for (provider, flow, _) in STEPS {
+    for (provider, flow, _) in STEPS.iter().chain(MORE.iter()).copied() {
         let token: Value = client.get(&format!("{}/token", connection_path(provider, "default"))).await?;
         let expires =
             token["expires_at"].as_str().map_or("never (until revoked)".to_owned(), |t| format!("{} UTC", &t[11..19]));
@@ -91,29 +119,29 @@ pub async fn run() -> anyhow::Result<()> {
 
     let trakt_view = &views[0];
     let old_refresh = trakt.latest_tokens().map(|(_, r)| r).unwrap_or_default();
-    println!("5. Trakt's token lives {TOKEN_LIFETIME} s; the daemon refreshes it ahead of expiry, unasked:");
+    println!("6. Trakt's token lives {TOKEN_LIFETIME} s; the daemon refreshes it ahead of expiry, unasked:");
     wait_for_refresh(&client, trakt_view).await?;
     println!(
         "   the emulator saw the old refresh token used {} time(s); the new pair was saved first\n",
         trakt.refresh_token_uses(&old_refresh)
     );
 
-    println!("6. Disconnect all three (each revokes upstream where the provider allows), and their history:");
-    for (provider, _, _) in STEPS {
+    println!("7. Disconnect everything (each revokes upstream where the provider allows); Trakt's history:");
+    for (provider, _, _) in STEPS.iter().chain(MORE.iter()).copied() {
         let path = connection_path(provider, "default");
         let view: ConnectionView = client.post(&format!("{path}/disconnect"), None).await?;
         println!("   {provider}/default is now {}", view.state.as_str());
-        let rows: Vec<Transition> = client.get(&format!("{path}/history")).await?;
-        for r in rows {
-            let cause = serde_json::to_value(r.cause)?;
-            println!(
-                "     {}  {:>12} → {:<12} {}",
-                r.at.format("%H:%M:%S"),
-                r.from.as_str(),
-                r.to.as_str(),
-                cause.as_str().unwrap_or("")
-            );
-        }
+    }
+    let rows: Vec<Transition> = client.get(&format!("{}/history", connection_path("trakt", "default"))).await?;
+    for r in rows {
+        let cause = serde_json::to_value(r.cause)?;
+        println!(
+            "     {}  {:>12} → {:<12} {}",
+            r.at.format("%H:%M:%S"),
+            r.from.as_str(),
+            r.to.as_str(),
+            cause.as_str().unwrap_or("")
+        );
     }
     running.stop().await?;
     println!("\nDone. Run `cargo test --workspace` to see all of this checked.");
