@@ -55,11 +55,11 @@ async fn a_password_login_connects_and_the_password_is_kept_nowhere() {
     // A consumer gets what it needs to call the server.
     let token: Value = conn.token().await.unwrap();
     let access = token["access_token"].as_str().unwrap().to_owned();
-    assert_eq!(emu.live_tokens(), [access.clone()]);
+    assert_eq!(emu.live_tokens(), std::slice::from_ref(&access));
     assert_eq!(token["server_url"], emu.url());
     assert_eq!(token["user_id"], emu.user_id());
     let device_id = token["device_id"].as_str().unwrap().to_owned();
-    assert_eq!(emu.device_ids_seen(), [device_id.clone()], "the DeviceId the server saw");
+    assert_eq!(emu.device_ids_seen(), std::slice::from_ref(&device_id), "the DeviceId the server saw");
     assert_eq!(token["authorization"], json!({"header": "X-Emby-Token", "value": access}));
     daemon.stop().await;
 
@@ -138,7 +138,7 @@ async fn a_revoked_token_expires_a_new_login_reconnects_and_disconnect_logs_out(
     assert_eq!(conn.view().await.state, StateName::Connected);
     let second = conn.token().await.unwrap()["access_token"].as_str().unwrap().to_owned();
     assert_ne!(first, second);
-    assert_eq!(emu.live_tokens(), [second.clone()]);
+    assert_eq!(emu.live_tokens(), std::slice::from_ref(&second));
 
     // Disconnect logs the session out on the server: the token is dead there.
     assert_eq!(conn.disconnect().await.state, StateName::Disconnected);

@@ -123,3 +123,54 @@ async fn the_device_login_connects_refreshes_with_rotation_and_reconnects_after_
     daemon.stop().await;
     assert_no_leaks(&h, &emu.issued_tokens());
 }
+
+/// The next `config_written` event.
+async fn written(events: &mut authkeeper::client::EventStream) {
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            match events.next().await {
+                Some(Ok(authkeeper::wire::WireEvent::ConfigWritten { .. })) => return,
+                Some(Ok(_)) => continue,
+                other => panic!("events ended: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the config was written in time")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_back_mirrors_the_device_login_and_never_removes_the_users_key() {
+    let emu = MdblistEmulator::start(MdblistOptions { interval: 1, ..MdblistOptions::default() }).await.unwrap();
+    let config = json!({
+        "mdblist": {"client_id": MdblistOptions::default().client_id, "api_key": emu.api_key()},
+        "authkeeper": {"base_url": {"mdblist": emu.url()}, "write_back": true},
+    });
+    let h = harness(config).await;
+    // A file that will hold secrets must be the user's alone, or nothing is written into it.
+    std::fs::set_permissions(h.config_path(), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let daemon = h.start_daemon().await;
+    let mut events = h.client().events().await.unwrap();
+    let conn = Conn::new(&h, "mdblist", "default");
+    assert_eq!(conn.view().await.state, StateName::Connected, "the key in the file connects by itself");
+    let file = || -> Value { serde_json::from_slice(&std::fs::read(h.config_path()).unwrap()).unwrap() };
+
+    conn.disconnect().await;
+    let reply = conn.connect(json!({"flow": "device_pin"})).await.unwrap();
+    assert!(emu.approve(reply.user_code().unwrap()));
+    written(&mut events).await;
+    let (access, _) = emu.latest_tokens().unwrap();
+    let block = &file()["mdblist"];
+    assert_eq!(
+        (block["access_token"].as_str(), block["auth_method"].as_str()),
+        (Some(access.as_str()), Some("device_code"))
+    );
+    assert_eq!(block["api_key"], emu.api_key(), "the user's key stays");
+
+    conn.disconnect().await;
+    written(&mut events).await;
+    let block = &file()["mdblist"];
+    assert!(block.get("access_token").is_none() && block.get("refresh_token").is_none(), "{block}");
+    assert_eq!(block["api_key"], emu.api_key(), "a disconnect never removes the user's key");
+    daemon.stop().await;
+}

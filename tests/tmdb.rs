@@ -242,7 +242,7 @@ async fn with_the_web_listener_the_approval_page_returns_to_the_daemon_and_conne
     let url = reqwest::Url::parse(&reply.pending.unwrap().authorize_url.unwrap()).unwrap();
     assert_eq!(url.path(), format!("/authenticate/{}", pending_token(&emu)));
     let redirect: Vec<_> = url.query_pairs().filter(|(k, _)| k == "redirect_to").map(|(_, v)| v.into_owned()).collect();
-    assert_eq!(redirect, [callback.clone()]);
+    assert_eq!(redirect, std::slice::from_ref(&callback));
 
     // The user approves; the browser lands on the daemon's page, and the connection is made.
     let (status, at, page) = browse(url.as_str()).await;

@@ -52,7 +52,7 @@ impl More {
         let (s, a) = (SimklOptions::default(), AniListOptions::default());
         config["simkl"] = json!({"client_id": s.client_id, "client_secret": s.client_secret});
         config["anilist"] = json!({"client_id": a.client_id, "client_secret": a.client_secret});
-        config["tmdb_sync"] = json!({"api_key": TmdbOptions::default().api_key});
+        config["tmdb_sync"] = json!({});
         config["tautulli"] = json!({"server_url": self.tautulli.server_url()});
         config["emby"] = json!({"server": self.emby.url()});
         let base = &mut config["authkeeper"]["base_url"];
@@ -67,7 +67,11 @@ impl More {
         let path = connection_path(provider, "default");
         let view = match flow {
             "oauth_code" | "request_token" => {
-                let reply: ConnectReply = client.post(&format!("{path}/connect"), Some(json!({"flow": flow}))).await?;
+                let mut body = json!({"flow": flow});
+                if provider == "tmdb" {
+                    body["api_key"] = TmdbOptions::default().api_key.into(); // the app's key, given at connect
+                }
+                let reply: ConnectReply = client.post(&format!("{path}/connect"), Some(body)).await?;
                 let url = reply.pending.and_then(|p| p.authorize_url).context("no authorize URL")?;
                 // The browser: to the provider's page, which approves and sends it back.
                 reqwest::get(&url).await.context("the browser could not follow the login")?;

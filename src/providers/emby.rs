@@ -202,7 +202,10 @@ impl Provider for Emby {
             },
             StatusCode::UNAUTHORIZED => Verdict::Rejected("Emby rejected the access token (401)".into()),
             StatusCode::FORBIDDEN => Verdict::Rejected("Emby refused the account (403): disabled?".into()),
-            StatusCode::NOT_FOUND => Verdict::Rejected("Emby no longer knows this user (404)".into()),
+            // A proxy with the wrong path answers 404 too: no verdict on the token.
+            StatusCode::NOT_FOUND => {
+                Verdict::Unknown(format!("Emby answered 404 for the user at {base}: is the server URL right?"))
+            }
             s => Verdict::Unknown(status_error(LABEL, s)),
         }
     }

@@ -114,13 +114,19 @@ impl Provider for MdbList {
     fn export(&self, grant: Option<&Grant>) -> Vec<(&'static str, Option<Value>)> {
         let by_key = grant.is_some_and(|g| g.token_type == API_KEY);
         let oauth = grant.filter(|_| !by_key);
-        vec![
-            ("auth_method", grant.map(|_| if by_key { API_KEY } else { "device_code" }.into())),
-            ("api_key", grant.filter(|_| by_key).map(|g| g.access_token.expose().into())),
+        let mut out = vec![
             ("access_token", oauth.map(|g| g.access_token.expose().into())),
             ("refresh_token", oauth.and_then(|g| g.refresh_token.as_ref()).map(|t| t.expose().into())),
             ("expires_at", oauth.and_then(|g| g.expires_at).map(|t| t.timestamp().into())),
-        ]
+        ];
+        // A key is the user's to keep: written when in use, never removed.
+        if let Some(g) = grant {
+            out.push(("auth_method", Some(if by_key { API_KEY } else { "device_code" }.into())));
+            if by_key {
+                out.push(("api_key", Some(g.access_token.expose().into())));
+            }
+        }
+        out
     }
 
     async fn begin(&self, cx: &Adapter, flow: &str, input: Input, now: DateTime<Utc>) -> Result<Begun, FlowError> {

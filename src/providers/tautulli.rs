@@ -118,7 +118,8 @@ impl Provider for Tautulli {
     }
 
     fn export(&self, grant: Option<&Grant>) -> Vec<(&'static str, Option<Value>)> {
-        vec![("api_key", grant.map(|g| g.access_token.expose().into()))]
+        // A key is the user's to keep: written when in use, never removed.
+        grant.map(|g| ("api_key", Some(g.access_token.expose().into()))).into_iter().collect()
     }
 
     async fn begin(&self, cx: &Adapter, _flow: &str, input: Input, now: DateTime<Utc>) -> Result<Begun, FlowError> {

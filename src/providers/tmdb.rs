@@ -176,12 +176,14 @@ impl Provider for Tmdb {
     fn export(&self, grant: Option<&Grant>) -> Vec<(&'static str, Option<Value>)> {
         let session = grant.filter(|g| g.token_type == "session");
         let fact = |name: &str| session.and_then(|g| g.fact(name)).map(Value::from);
-        vec![
-            ("api_key", grant.map(|g| grant_key(g).into())),
+        let mut out = vec![
             ("session_id", session.map(|g| g.access_token.expose().into())),
             ("account_id", fact("account_id")),
             ("username", fact("username")),
-        ]
+        ];
+        // The app's key is the user's to keep: written when in use, never removed.
+        out.extend(grant.map(|g| ("api_key", Some(grant_key(g).into()))));
+        out
     }
 
     async fn begin(&self, cx: &Adapter, flow: &str, input: Input, now: DateTime<Utc>) -> Result<Begun, FlowError> {
