@@ -3,7 +3,8 @@
 //! - [`daemon`]: start-up, one actor per connection, group commit, ordered shutdown.
 //! - [`api`]: the control socket's HTTP API; [`wire`]: the types it speaks.
 //! - [`socket`]: the private unix listener.
-//! - [`providers`]: protocol adapters (Trakt).
+//! - [`providers`]: one protocol adapter per provider, behind one trait and a registry.
+//! - [`web`]: the optional web listener (browser logins come back to its callback).
 //! - [`config`]: `config.json` in the CrossWatch layout, and path resolution.
 //! - [`clock`]: the injected clock.
 //! - [`client`]: the CLI's socket client; [`cli`]: the command line; [`demo`]: the offline demo.

@@ -68,6 +68,12 @@ async fn the_browser_login_needs_the_exact_redirect_uri_and_lasts_a_year() {
     let view = conn.view().await;
     assert_eq!(view.state, StateName::Connected);
     assert!(view.expires_at.is_some(), "a pasted token's end is read from the token itself");
+
+    // A pasted token is rejected like any other once revoked → expired; a new paste, and back.
+    emu.revoke_all();
+    assert_eq!(conn.validate().await.state, StateName::Expired);
+    conn.connect(json!({"flow": "token", "access_token": emu.issue_token()})).await.unwrap();
+    assert_eq!(conn.view().await.state, StateName::Connected);
     daemon.stop().await;
     assert_no_leaks(&h, &emu.issued_tokens());
 }

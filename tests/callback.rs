@@ -153,3 +153,48 @@ async fn a_new_public_url_warns_the_connections_authorised_with_the_old_one_and_
     assert!(by_code.view().await.warnings.is_empty(), "a device login has no redirect URI to break");
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_after_the_flow_expired_is_refused_and_changes_nothing() {
+    let t0 = chrono::Utc::now();
+    let clock = std::sync::Arc::new(authkeeper::clock::ManualClock::new(t0));
+    let emulator = authkeeper_fixtures::TraktEmulator::start(fast_trakt()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (listen, public_url) = free_port();
+    let store = authkeeper_state::Store::open(&dir.path().join("store.redb")).unwrap();
+    let settings = json!({"web": {"listen": listen, "public_url": public_url}});
+    let running = start_in_process(dir.path(), &emulator, clock.clone(), store, 0, settings).await;
+    let client = authkeeper::client::Client::new(&running.socket);
+    let path = "/v1/connections/trakt/default";
+
+    let reply: ConnectReply =
+        client.post(&format!("{path}/connect"), Some(json!({"flow": "oauth_code"}))).await.unwrap();
+    let authorize = reply.pending.unwrap().authorize_url.unwrap();
+    let state = state_of(&authorize);
+    clock.advance(chrono::TimeDelta::minutes(16)); // a browser login lives 15 minutes
+    let (status, _, page) = browse(&format!("{public_url}/oauth/callback/trakt?code=c0de&state={state}")).await;
+    assert_eq!(status, 400, "{page}");
+    assert!(page.contains("Nothing was changed"), "{page}");
+    assert!(emulator.log().calls_to("/oauth/token").is_empty(), "no code was exchanged");
+    let view: ConnectionView = client.get(path).await.unwrap();
+    assert_ne!(view.state, StateName::Connected);
+    let history: Vec<Value> = client.get(&format!("{path}/history")).await.unwrap();
+    assert!(history.iter().all(|t| t["cause"] != "approved"), "{history:?}");
+    running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_login_pending_across_kill_9_still_comes_back() {
+    let (h, _, _) = setup().await;
+    let daemon = h.start_daemon().await;
+    let conn = Conn::new(&h, "trakt", "default");
+    let authorize = begin(&conn).await;
+    daemon.kill9().await;
+
+    let daemon = h.start_daemon().await;
+    assert_eq!(conn.view().await.state, StateName::Pending, "the flow and its state were on disk");
+    let (status, _, page) = browse(&authorize).await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(conn.view().await.state, StateName::Connected);
+    daemon.stop().await;
+}

@@ -7,6 +7,7 @@ mod common;
 use authkeeper::wire::{ConnectReply, ConnectionView};
 use authkeeper_fixtures::{JellyfinEmulator, JellyfinOptions};
 use authkeeper_state::{Cause, StateName};
+use common::trackers::{Conn, failures_keep_state};
 use common::*;
 use serde_json::{Value, json};
 
@@ -64,6 +65,8 @@ async fn quick_connect_connects_is_rejected_when_revoked_and_connects_again() {
     assert!(header.contains(&format!("DeviceId=\"{device_id}\"")) && header.contains(&format!("Token=\"{access}\"")));
     assert!(jellyfin.live_tokens().contains(&access));
 
+    failures_keep_state(&Conn::new(&h, "jellyfin", "default"), jellyfin.log(), "/Users/Me").await;
+
     // The server forgets every token → the next validation is a rejection → expired.
     jellyfin.revoke_all();
     let view: ConnectionView = client.post(&format!("{PATH}/validate"), None).await.unwrap();
@@ -74,6 +77,7 @@ async fn quick_connect_connects_is_rejected_when_revoked_and_connects_again() {
     // And back: a new Quick Connect from expired.
     let reply: ConnectReply = client.post(&format!("{PATH}/connect"), Some(json!({}))).await.unwrap();
     assert!(jellyfin.approve(reply.user_code().unwrap()));
+    wait_for(&mut events, "jellyfin", Cause::Approved).await;
     wait_for(&mut events, "jellyfin", Cause::Validated).await;
     assert_eq!(state(&h).await.state, StateName::Connected);
     assert_eq!(jellyfin.device_ids_seen(), [device_id.clone(), device_id], "one DeviceId per profile");

@@ -8,6 +8,7 @@ use authkeeper::wire::{ConnectReply, ConnectionView};
 use authkeeper_fixtures::plex::{PlexConnection, PlexServer};
 use authkeeper_fixtures::{PlexEmulator, PlexOptions};
 use authkeeper_state::{Cause, StateName};
+use common::trackers::{Conn, failures_keep_state};
 use common::*;
 use serde_json::{Value, json};
 
@@ -66,6 +67,8 @@ async fn a_pin_connects_discovers_the_server_is_rejected_when_revoked_and_connec
     let cid = token["client_identifier"].as_str().unwrap().to_owned();
     assert!(url.contains(&cid), "the PIN was asked for with the profile's client identifier");
 
+    failures_keep_state(&Conn::new(&h, "plex", "default"), plex.log(), "/api/v2/user").await;
+
     // Plex forgets the token → the next validation is a rejection → expired, no token.
     plex.revoke_all();
     let view: ConnectionView = client.post(&format!("{PATH}/validate"), None).await.unwrap();
@@ -76,6 +79,7 @@ async fn a_pin_connects_discovers_the_server_is_rejected_when_revoked_and_connec
     // And back, with the same client identifier.
     let reply: ConnectReply = client.post(&format!("{PATH}/connect"), None).await.unwrap();
     assert!(plex.approve(reply.user_code().unwrap()));
+    wait_for(&mut events, "plex", Cause::Approved).await;
     wait_for(&mut events, "plex", Cause::Validated).await;
     let token: Value = client.get(&format!("{PATH}/token")).await.unwrap();
     assert_eq!(token["client_identifier"], cid.as_str());
@@ -109,6 +113,7 @@ async fn discovery_prefers_remote_to_relay_and_an_expired_pin_ends_the_flow() {
 
     let reply: ConnectReply = client.post(&format!("{PATH}/connect"), None).await.unwrap();
     assert!(plex.approve(reply.user_code().unwrap()));
+    wait_for(&mut events, "plex", Cause::Approved).await;
     wait_for(&mut events, "plex", Cause::Validated).await;
     let token: Value = client.get(&format!("{PATH}/token")).await.unwrap();
     assert_eq!(token["server"]["url"], plex.servers()[0].connections[1].uri, "remote before relay");

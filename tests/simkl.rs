@@ -96,6 +96,13 @@ async fn the_browser_login_uses_pkce_and_comes_back_through_the_callback() {
     assert_eq!(view.facts["redirect_uri"], format!("{public_url}/oauth/callback/simkl"));
     assert_eq!(conn.causes().await, ["connect_requested", "approved", "validated"]);
 
+    // Rejected once revoked → expired; a new browser login brings it back.
+    emu.revoke_all();
+    assert_eq!(conn.validate().await.state, StateName::Expired);
+    let reply = conn.connect(json!({"flow": "oauth_code"})).await.unwrap();
+    let (status, _, _) = browse(reply.pending.unwrap().authorize_url.as_deref().unwrap()).await;
+    assert_eq!((status, conn.view().await.state), (200, StateName::Connected));
+
     // Denied in the browser: back to disconnected.
     conn.disconnect().await;
     emu.deny_next_authorize();
