@@ -289,8 +289,11 @@ fn parse_block(
     let m = provider.manifest();
     let base_url = settings.base_url.get(m.name).cloned();
     let Some(raw) = raw else {
-        let profile = Profile::new(provider, Map::new(), base_url).map_err(|e| ConfigError::Invalid(e.to_string()))?;
-        profiles.insert(ConnKey::new(m.name, "default"), Arc::new(profile));
+        if !m.named_profiles {
+            let profile =
+                Profile::new(provider, Map::new(), base_url).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            profiles.insert(ConnKey::new(m.name, "default"), Arc::new(profile));
+        }
         return Ok(());
     };
     let mut base: Map<String, Value> = serde_json::from_str(raw.get()).map_err(|e| located(text, raw, &e))?;
@@ -301,7 +304,9 @@ fn parse_block(
     };
     let typed_error = |e: serde_json::Error| typed_error(text, raw, provider, e);
     let default = Arc::new(Profile::new(provider, base.clone(), base_url.clone()).map_err(typed_error)?);
-    profiles.insert(ConnKey::new(m.name, "default"), default.clone());
+    if !m.named_profiles {
+        profiles.insert(ConnKey::new(m.name, "default"), default.clone());
+    }
     // A credential in the base block is the default profile's own: profiles inherit the app's
     // settings, never its login.
     let inherited = if m.credential_keys.iter().any(|k| base.contains_key(*k)) {
@@ -379,8 +384,19 @@ fn typed_error(text: &str, raw: &RawValue, provider: &dyn Provider, e: serde_jso
     ConfigError::Invalid(format!("{}: {e}", provider.manifest().block))
 }
 
-/// Profile ids are `PROVIDER-P##`: `TRAKT-P01`.
+/// Profile ids are `PROVIDER-P##` (`TRAKT-P01`), or for named instances `[a-z0-9_-]{1,64}`.
 fn check_profile_id(m: &Manifest, id: &str) -> Result<(), ConfigError> {
+    if m.named_profiles {
+        let ok = (1..=64).contains(&id.len())
+            && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        return match ok {
+            true => Ok(()),
+            false => Err(ConfigError::Invalid(format!(
+                "{}.instances: {id:?} must be 1 to 64 lowercase letters, digits, '-' or '_'",
+                m.block
+            ))),
+        };
+    }
     let (provider, prefix) = (m.block, format!("{}-P", m.name.to_ascii_uppercase()));
     let ok = id.strip_prefix(&prefix).is_some_and(|n| n.len() >= 2 && n.bytes().all(|b| b.is_ascii_digit()));
     if ok {

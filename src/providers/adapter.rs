@@ -108,6 +108,15 @@ pub struct Adapter {
     pub public_url: Arc<PublicUrl>,
 }
 
+/// Why a call that must not be repeated blindly failed.
+#[derive(Debug)]
+pub enum Unsent {
+    /// It never reached the provider (no connection, or a pause in force).
+    NotSent(String),
+    /// It went out and no answer came back: the provider may have acted on it.
+    Lost(String),
+}
+
 /// The longest `Retry-After` pause a call waits out; a longer one fails the call at once.
 const MAX_PAUSE_WAIT: TimeDelta = TimeDelta::seconds(10);
 
@@ -204,6 +213,19 @@ impl Adapter {
             end.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             self.provider().manifest().label
         )
+    }
+
+    /// [`Adapter::send`] for a call that must not be repeated blindly (a refresh that rotates):
+    /// says whether a failed request may have reached the provider.
+    pub async fn send_once(&self, kind: Kind, req: RequestBuilder) -> Result<Response, Unsent> {
+        let req = req.build().map_err(|e| Unsent::NotSent(transport_error(e)))?;
+        let (http, gate) = (self.http.clone(), self.gate.clone());
+        gate.acquire(&self.account, kind).await.map_err(|e| Unsent::NotSent(e.to_string()))?;
+        match http.execute(req).await {
+            Ok(resp) => Ok(resp),
+            Err(e) if e.is_connect() || e.is_builder() => Err(Unsent::NotSent(transport_error(e))),
+            Err(e) => Err(Unsent::Lost(transport_error(e))),
+        }
     }
 
     pub async fn begin(&self, flow: &str, input: Input, now: DateTime<Utc>) -> Result<Begun, FlowError> {

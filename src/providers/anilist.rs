@@ -36,6 +36,7 @@ static MANIFEST: LazyLock<Manifest> = LazyLock::new(|| Manifest {
     ],
     config: vec!["client_id", "client_secret"],
     credential_keys: &["access_token"],
+    named_profiles: false,
 });
 
 /// The `anilist` block of CrossWatch's config.json (its `user` object is kept as it is).
@@ -122,7 +123,7 @@ impl Provider for AniList {
         }
         let (client_id, _) = app(cx).map_err(FlowError::Config)?;
         let endpoint = format!("{}/api/v2/oauth/authorize", cx.origin(SITE));
-        let authorize = oauth_code::Authorize { endpoint, client_id, scope: None, pkce: false };
+        let authorize = oauth_code::Authorize { endpoint, client_id, scope: None, pkce: false, nonce: false, extra: Vec::new() };
         oauth_code::begin(cx, authorize, now).map(Begun::Pending)
     }
 

@@ -34,6 +34,7 @@ static MANIFEST: LazyLock<Manifest> = LazyLock::new(|| Manifest {
     }],
     config: vec!["server"],
     credential_keys: &["access_token", "user_id", "device_id"],
+    named_profiles: false,
 });
 
 /// The `emby` block of CrossWatch's config.json.
@@ -149,7 +150,7 @@ impl Provider for Emby {
     }
 
     /// A DeviceId made once per profile and kept.
-    fn prepare(&self, state: &mut ProfileState) -> bool {
+    fn prepare(&self, _profile: &Profile, state: &mut ProfileState) -> bool {
         super::stable_device_id(state)
     }
 

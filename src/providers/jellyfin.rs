@@ -36,6 +36,7 @@ static MANIFEST: LazyLock<Manifest> = LazyLock::new(|| Manifest {
     ],
     config: vec!["server"],
     credential_keys: &["access_token", "user_id", "username", "device_id"],
+    named_profiles: false,
 });
 
 /// The `jellyfin` block of CrossWatch's config.json.
@@ -239,7 +240,7 @@ impl Provider for Jellyfin {
     }
 
     /// A DeviceId made once per profile and kept: a login on it revokes only its own token.
-    fn prepare(&self, state: &mut ProfileState) -> bool {
+    fn prepare(&self, _profile: &Profile, state: &mut ProfileState) -> bool {
         super::stable_device_id(state)
     }
 

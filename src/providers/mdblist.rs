@@ -2,7 +2,7 @@
 //! and tells the daily request quota, which the connection's status shows.
 
 use super::answer::{json, status_error};
-use super::device_grant::{self, Client};
+use super::oauth2::{Client, ClientAuth};
 use super::{
     Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, nonempty,
     nonempty_secret,
@@ -34,6 +34,7 @@ static MANIFEST: LazyLock<Manifest> = LazyLock::new(|| Manifest {
     ],
     config: vec![],
     credential_keys: &["api_key", "access_token", "refresh_token", "expires_at", "auth_method"],
+    named_profiles: false,
 });
 
 /// The `mdblist` block of CrossWatch's config.json.
@@ -64,6 +65,8 @@ fn oauth(cx: &Adapter) -> Result<Client<'_>, String> {
     Ok(Client {
         label: LABEL,
         client_id,
+        client_secret: None,
+        auth: ClientAuth::None,
         device_endpoint: format!("{origin}/oauth/device-authorization/"),
         token_endpoint: format!("{origin}/oauth/token/"),
     })
@@ -132,7 +135,7 @@ impl Provider for MdbList {
     async fn begin(&self, cx: &Adapter, flow: &str, input: Input, now: DateTime<Utc>) -> Result<Begun, FlowError> {
         if flow == "device_pin" {
             let client = oauth(cx).map_err(FlowError::Config)?;
-            return client.begin(cx, None, now).await.map(Begun::Pending);
+            return client.begin(cx, None, &[], now).await.map(Begun::Pending);
         }
         let key = input.get("api_key").map(|k| k.expose().trim()).filter(|k| !k.is_empty());
         let key =
@@ -200,7 +203,7 @@ impl Provider for MdbList {
         let client = oauth(cx)?;
         let endpoint = format!("{}/oauth/revoke_token/", cx.origin(API));
         let token = grant.refresh_token.as_ref().unwrap_or(&grant.access_token);
-        device_grant::revoke(cx, &endpoint, client.client_id, token.expose(), LABEL).await
+        client.revoke(cx, &endpoint, token.expose()).await
     }
 
     fn token(&self, _cx: &Adapter, _grant: &Grant, _out: &mut Map<String, Value>) {}

@@ -7,12 +7,12 @@
 //! changes state.
 
 mod adapter;
-mod answer;
-pub mod device_grant;
+pub(crate) mod answer;
+pub mod oauth2;
 mod http;
 pub mod oauth_code;
 
-pub use adapter::{Adapter, Profile};
+pub use adapter::{Adapter, Profile, Unsent};
 pub use http::{http_client, install_crypto, transport_error};
 
 use crate::limits::Limits;
@@ -60,6 +60,7 @@ registry! {
     tautulli => tautulli::Tautulli,
     tmdb => tmdb::Tmdb,
     emby => emby::Emby,
+    oauth => oauth::OAuth,
 }
 
 /// The provider named `name` on the socket.
@@ -87,6 +88,9 @@ pub struct Manifest {
     /// settings).
     #[serde(skip)]
     pub credential_keys: &'static [&'static str],
+    /// Profiles are freely named instances (`oauth/authentik`), with no `default` profile;
+    /// otherwise `default` and numbered ids (`TRAKT-P01`).
+    pub named_profiles: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -182,7 +186,7 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Fill in the per-profile state the provider needs before its first call (a stable device
     /// id). True when it changed, so that the caller saves it before use.
-    fn prepare(&self, _state: &mut ProfileState) -> bool {
+    fn prepare(&self, _profile: &Profile, _state: &mut ProfileState) -> bool {
         false
     }
 

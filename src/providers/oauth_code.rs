@@ -36,6 +36,10 @@ pub struct Authorize<'a> {
     pub scope: Option<&'a str>,
     /// Send a PKCE S256 challenge (and the verifier at the exchange).
     pub pkce: bool,
+    /// Send an OpenID Connect `nonce`, kept with the flow to check the ID token against.
+    pub nonce: bool,
+    /// More parameters for the authorize request (an `audience`, a `prompt`).
+    pub extra: Vec<(String, String)>,
 }
 
 /// The redirect URI a login would use now, or why there is none.
@@ -74,8 +78,14 @@ pub fn begin(cx: &Adapter, a: Authorize<'_>, now: DateTime<Utc>) -> Result<Pendi
         params.push(("code_challenge_method", "S256".to_owned()));
         secrets.insert("code_verifier".into(), Secret::new(verifier));
     }
-    let url = Url::parse_with_params(&a.endpoint, &params)
+    if a.nonce {
+        let nonce = random_token();
+        params.push(("nonce", nonce.clone()));
+        secrets.insert("nonce".into(), Secret::new(nonce));
+    }
+    let mut url = Url::parse_with_params(&a.endpoint, &params)
         .map_err(|e| FlowError::Config(format!("bad authorize endpoint {}: {e}", a.endpoint)))?;
+    url.query_pairs_mut().extend_pairs(&a.extra);
     Ok(PendingFlow {
         kind: "oauth_code".into(),
         user_code: None,

@@ -35,6 +35,7 @@ static MANIFEST: LazyLock<Manifest> = LazyLock::new(|| Manifest {
     ],
     config: vec!["client_id"],
     credential_keys: &["access_token", "refresh_token", "token_expires_at"],
+    named_profiles: false,
 });
 
 /// The `simkl` block of CrossWatch's config.json.
@@ -153,7 +154,7 @@ impl Provider for Simkl {
         let client_id = client_id(cx).map_err(FlowError::Config)?;
         if flow == "oauth_code" {
             let endpoint = format!("{}/oauth/authorize", cx.origin(SITE));
-            let authorize = oauth_code::Authorize { endpoint, client_id, scope: None, pkce: true };
+            let authorize = oauth_code::Authorize { endpoint, client_id, scope: None, pkce: true, nonce: false, extra: Vec::new() };
             return oauth_code::begin(cx, authorize, now).map(Begun::Pending);
         }
         let resp = cx.send(Kind::Read, request(cx, Method::GET, "/oauth/pin", client_id)).await;

@@ -31,6 +31,7 @@ static MANIFEST: LazyLock<Manifest> = LazyLock::new(|| Manifest {
     }],
     config: vec!["server_url"],
     credential_keys: &["api_key"],
+    named_profiles: false,
 });
 
 /// The `tautulli` block of CrossWatch's config.json.

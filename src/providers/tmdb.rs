@@ -41,6 +41,7 @@ static MANIFEST: LazyLock<Manifest> = LazyLock::new(|| Manifest {
     ],
     config: vec![],
     credential_keys: &["api_key", "session_id", "account_id", "username"],
+    named_profiles: false,
 });
 
 /// The `tmdb_sync` block of CrossWatch's config.json.

@@ -33,6 +33,7 @@ static MANIFEST: LazyLock<Manifest> = LazyLock::new(|| Manifest {
     ],
     config: vec!["client_id", "client_secret"],
     credential_keys: &["access_token", "refresh_token", "scope", "token_type", "expires_at"],
+    named_profiles: false,
 });
 
 /// The `trakt` block of CrossWatch's config.json.
@@ -164,6 +165,8 @@ impl Provider for Trakt {
                 client_id,
                 scope: None,
                 pkce: false,
+                nonce: false,
+                extra: Vec::new(),
             };
             return oauth_code::begin(cx, authorize, now).map(Begun::Pending);
         }

@@ -20,7 +20,9 @@ pub mod secret;
 pub mod store;
 
 pub use grant::{Extras, Grant, PendingFlow, ProfileState};
-pub use machine::{Account, Cause, ConnKey, Connection, Effect, Event, Machine, Refusal, StateName, Step, Transition};
+pub use machine::{
+    Account, Cause, ConnKey, Connection, Effect, Event, Machine, REFRESH_ANSWER_LOST, Refusal, StateName, Step, Transition,
+};
 pub use schedule::{Action, Policy};
 pub use secret::Secret;
 pub use store::{Commit, ConnectionStore, Store, StoreError, Stored};

@@ -131,7 +131,13 @@ pub enum Cause {
     ExpiredUnrefreshed,
     Disconnected,
     Removed,
+    /// The provider rotated the refresh token, but its answer never arrived.
+    RefreshAnswerLost,
 }
+
+/// How an unknown answer to a refresh begins when the request went out and no answer came
+/// back; a refusal of the next attempt is then [`Cause::RefreshAnswerLost`].
+pub const REFRESH_ANSWER_LOST: &str = "the refresh answer was lost";
 
 /// The public state names; the wire never sees the internal state enum.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -294,8 +300,9 @@ impl Connection {
                 Transition(State::connected())
             }
             (PendingKind::Validating, Event::RefreshRejected { detail }) => {
+                let cause = self.refusal_cause();
                 self.clear_errors();
-                context.record(Cause::RefreshRejected, Some(detail.clone()));
+                context.record(cause, Some(detail.clone()));
                 Transition(State::expired(false))
             }
             (PendingKind::Validating, Event::Rejected { detail }) => {
@@ -330,8 +337,9 @@ impl Connection {
                 Transition(State::expired(false))
             }
             Event::RefreshRejected { detail } => {
+                let cause = self.refusal_cause();
                 self.clear_errors();
-                context.record(Cause::RefreshRejected, Some(detail.clone()));
+                context.record(cause, Some(detail.clone()));
                 Transition(State::expired(false))
             }
             Event::ExpiryPassed => {
@@ -476,6 +484,14 @@ impl Connection {
     fn end_flow(&mut self) {
         self.flow = None;
         self.last_poll_at = None;
+    }
+
+    /// A refused refresh after one whose answer was lost: the provider had rotated.
+    fn refusal_cause(&self) -> Cause {
+        match &self.last_error {
+            Some(e) if e.starts_with(REFRESH_ANSWER_LOST) => Cause::RefreshAnswerLost,
+            _ => Cause::RefreshRejected,
+        }
     }
 
     fn clear_errors(&mut self) {

@@ -106,7 +106,7 @@ fn facts_out(m: &BTreeMap<String, String>) -> Pairs {
 
 /// Stable numbers: appended to, never reordered.
 const STATES: [StateName; 4] = [StateName::Disconnected, StateName::Pending, StateName::Connected, StateName::Expired];
-const CAUSES: [Cause; 13] = [
+const CAUSES: [Cause; 14] = [
     Cause::ConnectRequested,
     Cause::CredentialsSupplied,
     Cause::Approved,
@@ -120,6 +120,7 @@ const CAUSES: [Cause; 13] = [
     Cause::ExpiredUnrefreshed,
     Cause::Disconnected,
     Cause::Removed,
+    Cause::RefreshAnswerLost,
 ];
 
 fn number<T: PartialEq>(table: &[T], v: &T) -> u8 {

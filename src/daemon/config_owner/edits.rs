@@ -38,6 +38,12 @@ impl ConfigOwner {
         let Some(p) = providers::find(provider) else {
             return Err(DaemonError::UnknownProvider(provider.to_owned()));
         };
+        if p.manifest().named_profiles {
+            return Err(DaemonError::BadRequest(format!(
+                "{provider} profiles are named: add one under \"{}\": {{\"instances\": {{\"NAME\": {{…}}}}}} in config.json",
+                p.manifest().block
+            )));
+        }
         let text = self.catch_up().await?;
         let store = self.shared.store.clone();
         let (name, in_use) = (provider.to_owned(), self.config.highest_profile(provider));
@@ -63,7 +69,8 @@ impl ConfigOwner {
             ));
         }
         let text = self.catch_up().await?;
-        if profile_number(profile).is_none() || !self.config.profiles.contains_key(&ConnKey::new(provider, profile)) {
+        let named = p.manifest().named_profiles || profile_number(profile).is_some();
+        if !named || !self.config.profiles.contains_key(&ConnKey::new(provider, profile)) {
             return Err(DaemonError::unknown_profile(provider, profile));
         }
         let edited = config_edit::remove_profile(&text, p.manifest().block, profile)?;

@@ -509,7 +509,7 @@ impl ConfigOwner {
     fn adapter(&mut self, key: &ConnKey, profile: &Arc<Profile>) -> Adapter {
         let provider = profile.provider;
         let mut state = self.states.get(key).map_or_else(ProfileState::default, |s| ProfileState::clone(s));
-        if provider.prepare(&mut state) {
+        if provider.prepare(profile, &mut state) {
             self.unsaved.push((key.clone(), state.clone()));
             self.states.insert(key.clone(), Arc::new(state));
         }

@@ -17,6 +17,10 @@ use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
+mod jwt;
+
+use jwt::DeviceKey;
+
 /// plex.tv and clients.plex.tv; `base_url` puts both at one origin.
 const PLEX_TV: &str = "https://plex.tv";
 const CLIENTS: &str = "https://clients.plex.tv";
@@ -31,6 +35,7 @@ static MANIFEST: LazyLock<Manifest> = LazyLock::new(|| Manifest {
     flows: vec![FlowManifest { flow: "device_pin", fields: vec![], secret_fields: vec![] }],
     config: vec![],
     credential_keys: &["account_token", "pms_token", "username", "account_id"],
+    named_profiles: false,
 });
 
 /// The `plex` block of CrossWatch's config.json.
@@ -43,6 +48,9 @@ pub struct Block {
     pub username: Option<String>,
     pub account_id: Option<Value>,
     pub pms_token: Option<Secret>,
+    /// Use Plex's JWT authentication (a device key, 7-day tokens refreshed unattended). Opt-in:
+    /// the device's legacy token stops working once the first JWT is issued.
+    pub jwt: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -109,6 +117,11 @@ fn request(cx: &Adapter, method: Method, host: &str, path: &str, grant: Option<&
     }
 }
 
+/// The profile opted in to JWT authentication.
+fn jwt_mode(profile: &Profile) -> bool {
+    profile.typed::<Block>().jwt == Some(true)
+}
+
 fn unknown_status(status: StatusCode) -> String {
     match status {
         StatusCode::TOO_MANY_REQUESTS => "rate limited by Plex (429)".into(),
@@ -170,14 +183,19 @@ impl Provider for Plex {
         ]
     }
 
-    /// An `X-Plex-Client-Identifier` made once per profile and kept.
-    fn prepare(&self, state: &mut ProfileState) -> bool {
-        if state.fact("client_identifier").is_some() {
-            return false;
+    /// An `X-Plex-Client-Identifier` made once per profile and kept; with `jwt`, a device key.
+    fn prepare(&self, profile: &Profile, state: &mut ProfileState) -> bool {
+        let mut changed = false;
+        if state.fact("client_identifier").is_none() {
+            let id = format!("authkeeper-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+            state.facts.insert("client_identifier".into(), id);
+            changed = true;
         }
-        let id = format!("authkeeper-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-        state.facts.insert("client_identifier".into(), id);
-        true
+        if jwt_mode(profile) && DeviceKey::of(state).is_none() {
+            DeviceKey::generate(state);
+            changed = true;
+        }
+        changed
     }
 
     async fn begin(&self, cx: &Adapter, _flow: &str, _input: Input, now: DateTime<Utc>) -> Result<Begun, FlowError> {
