@@ -123,7 +123,8 @@ impl Provider for AniList {
         }
         let (client_id, _) = app(cx).map_err(FlowError::Config)?;
         let endpoint = format!("{}/api/v2/oauth/authorize", cx.origin(SITE));
-        let authorize = oauth_code::Authorize { endpoint, client_id, scope: None, pkce: false, nonce: false, extra: Vec::new() };
+        let authorize =
+            oauth_code::Authorize { endpoint, client_id, scope: None, pkce: false, nonce: false, extra: Vec::new() };
         oauth_code::begin(cx, authorize, now).map(Begun::Pending)
     }
 

@@ -8,8 +8,8 @@
 
 mod adapter;
 pub(crate) mod answer;
-pub mod oauth2;
 mod http;
+pub mod oauth2;
 pub mod oauth_code;
 
 pub use adapter::{Adapter, Profile, Unsent};

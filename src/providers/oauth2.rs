@@ -110,7 +110,10 @@ fn normalise_type(t: &str) -> String {
 
 /// RFC 6749 Appendix B: what Basic authentication carries is form-urlencoded first.
 fn form_encode(s: &str) -> String {
-    reqwest::Url::parse_with_params("x:", [("", s)]).ok().and_then(|u| u.query().map(|q| q[1..].to_owned())).unwrap_or_default()
+    reqwest::Url::parse_with_params("x:", [("", s)])
+        .ok()
+        .and_then(|u| u.query().map(|q| q[1..].to_owned()))
+        .unwrap_or_default()
 }
 
 impl Client<'_> {
@@ -199,8 +202,7 @@ impl Client<'_> {
     /// Exchange the code a callback brought back (with the flow's PKCE verifier).
     pub async fn exchange(&self, cx: &Adapter, fields: Vec<(&'static str, String)>, now: DateTime<Utc>) -> Poll {
         let form = fields.into_iter().filter(|(k, _)| *k != "client_id").collect();
-        self.token_answer(cx, form, now, |e| Poll::Gone(self.described(&e.error, e.error_description.as_deref())))
-            .await
+        self.token_answer(cx, form, now, |e| Poll::Gone(self.described(&e.error, e.error_description.as_deref()))).await
     }
 
     async fn token_answer(

@@ -154,7 +154,8 @@ impl Provider for Simkl {
         let client_id = client_id(cx).map_err(FlowError::Config)?;
         if flow == "oauth_code" {
             let endpoint = format!("{}/oauth/authorize", cx.origin(SITE));
-            let authorize = oauth_code::Authorize { endpoint, client_id, scope: None, pkce: true, nonce: false, extra: Vec::new() };
+            let authorize =
+                oauth_code::Authorize { endpoint, client_id, scope: None, pkce: true, nonce: false, extra: Vec::new() };
             return oauth_code::begin(cx, authorize, now).map(Begun::Pending);
         }
         let resp = cx.send(Kind::Read, request(cx, Method::GET, "/oauth/pin", client_id)).await;

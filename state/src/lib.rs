@@ -21,7 +21,8 @@ pub mod store;
 
 pub use grant::{Extras, Grant, PendingFlow, ProfileState};
 pub use machine::{
-    Account, Cause, ConnKey, Connection, Effect, Event, Machine, REFRESH_ANSWER_LOST, Refusal, StateName, Step, Transition,
+    Account, Cause, ConnKey, Connection, Effect, Event, Machine, REFRESH_ANSWER_LOST, Refusal, StateName, Step,
+    Transition,
 };
 pub use schedule::{Action, Policy};
 pub use secret::Secret;

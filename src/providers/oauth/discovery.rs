@@ -3,9 +3,9 @@
 //! `/.well-known/oauth-authorization-server`), fetched once an hour per issuer.
 
 use super::Block;
+use crate::limits::Kind;
 use crate::providers::Adapter;
 use crate::providers::answer::{json, status_error};
-use crate::limits::Kind;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
@@ -54,7 +54,10 @@ pub async fn endpoints(cx: &Adapter) -> Result<Arc<Metadata>, String> {
         issuer: Some(issuer.to_owned()),
         authorization_endpoint: or(configured.authorization_endpoint, &found.authorization_endpoint),
         token_endpoint: or(configured.token_endpoint, &found.token_endpoint),
-        device_authorization_endpoint: or(configured.device_authorization_endpoint, &found.device_authorization_endpoint),
+        device_authorization_endpoint: or(
+            configured.device_authorization_endpoint,
+            &found.device_authorization_endpoint,
+        ),
         userinfo_endpoint: or(configured.userinfo_endpoint, &found.userinfo_endpoint),
         introspection_endpoint: or(configured.introspection_endpoint, &found.introspection_endpoint),
         revocation_endpoint: or(configured.revocation_endpoint, &found.revocation_endpoint),

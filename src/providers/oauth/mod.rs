@@ -7,8 +7,8 @@ mod discovery;
 
 use super::oauth2::{Client, ClientAuth};
 use super::{
-    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict,
-    jwt_expiry, nonempty, nonempty_secret, oauth_code,
+    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, jwt_expiry,
+    nonempty, nonempty_secret, oauth_code,
 };
 use crate::limits::Kind;
 use crate::web::CallbackQuery;
@@ -71,9 +71,10 @@ fn client<'a>(cx: &'a Adapter, meta: &Metadata) -> Result<Client<'a>, String> {
     let block: &Block = cx.profile.typed();
     let client_id = nonempty(&block.client_id).ok_or("an oauth instance needs client_id in config.json")?;
     let secret = nonempty_secret(&block.client_secret);
-    let only_post = meta.token_endpoint_auth_methods_supported.as_ref().is_some_and(|m| {
-        m.iter().any(|x| x == "client_secret_post") && !m.iter().any(|x| x == "client_secret_basic")
-    });
+    let only_post = meta
+        .token_endpoint_auth_methods_supported
+        .as_ref()
+        .is_some_and(|m| m.iter().any(|x| x == "client_secret_post") && !m.iter().any(|x| x == "client_secret_basic"));
     let auth = match (block.token_endpoint_auth_method.as_deref(), secret) {
         (Some("none"), _) | (None, None) => ClientAuth::None,
         (Some("client_secret_post"), _) => ClientAuth::Post,
@@ -114,7 +115,8 @@ fn by_expiry(grant: &Grant, now: DateTime<Utc>) -> Verdict<Identity> {
 /// Who `claims` (userinfo or introspection) name.
 fn account(claims: &Value) -> Account {
     let text = |k: &str| claims.get(k).and_then(Value::as_str).map(str::to_owned);
-    let name = text("preferred_username").or_else(|| text("username")).or_else(|| text("email")).or_else(|| text("name"));
+    let name =
+        text("preferred_username").or_else(|| text("username")).or_else(|| text("email")).or_else(|| text("name"));
     let id = text("sub");
     Account { name: name.or_else(|| id.clone()).unwrap_or_else(|| "(unnamed)".into()), id }
 }
@@ -159,14 +161,14 @@ impl Provider for OAuth {
             let extra: Vec<(&str, String)> = block.audience.iter().map(|a| ("audience", a.clone())).collect();
             return client.begin(cx, scope, &extra, now).await.map(Begun::Pending);
         }
-        let endpoint = meta
-            .authorization_endpoint
-            .clone()
-            .ok_or_else(|| FlowError::Config("this server names no authorization endpoint: use --flow device_pin".into()))?;
+        let endpoint = meta.authorization_endpoint.clone().ok_or_else(|| {
+            FlowError::Config("this server names no authorization endpoint: use --flow device_pin".into())
+        })?;
         let mut extra: Vec<(String, String)> = block.authorize_params.clone().into_iter().collect();
         extra.extend(block.audience.iter().map(|a| ("audience".to_owned(), a.clone())));
         let openid = scope.is_some_and(|s| s.split_whitespace().any(|s| s == "openid"));
-        let authorize = oauth_code::Authorize { endpoint, client_id: client.client_id, scope, pkce: true, nonce: openid, extra };
+        let authorize =
+            oauth_code::Authorize { endpoint, client_id: client.client_id, scope, pkce: true, nonce: openid, extra };
         oauth_code::begin(cx, authorize, now).map(Begun::Pending)
     }
 
@@ -243,7 +245,9 @@ impl Provider for OAuth {
                 Ok(claims) => Verdict::Valid(Identity { account: account(&claims), grant: None }),
                 Err(e) => Verdict::Unknown(e),
             },
-            StatusCode::UNAUTHORIZED => Verdict::Rejected("the server rejected the access token (401 at userinfo)".into()),
+            StatusCode::UNAUTHORIZED => {
+                Verdict::Rejected("the server rejected the access token (401 at userinfo)".into())
+            }
             s => Verdict::Unknown(super::answer::status_error("the userinfo endpoint", s)),
         }
     }

@@ -104,17 +104,26 @@ fn token_client<'a>(cx: &'a Adapter, grant: &'a Grant) -> &'a str {
 /// issued to.
 fn request(cx: &Adapter, method: Method, host: &str, path: &str, grant: Option<&Grant>) -> RequestBuilder {
     let client = grant.map_or_else(|| client_identifier(cx), |g| token_client(cx, g));
-    let req = cx
-        .http
-        .request(method, format!("{}{path}", cx.origin(host)))
-        .header("accept", "application/json")
-        .header("x-plex-client-identifier", client)
-        .header("x-plex-product", PRODUCT)
-        .header("x-plex-version", env!("CARGO_PKG_VERSION"));
+    let req = request_as(cx, method, host, path, client);
     match grant {
         Some(g) => req.header("x-plex-token", g.access_token.expose()),
         None => req,
     }
+}
+
+/// A call to plex.tv as `client`, with no token.
+fn request_as(cx: &Adapter, method: Method, host: &str, path: &str, client: &str) -> RequestBuilder {
+    cx.http
+        .request(method, format!("{}{path}", cx.origin(host)))
+        .header("accept", "application/json")
+        .header("x-plex-client-identifier", client)
+        .header("x-plex-product", PRODUCT)
+        .header("x-plex-version", env!("CARGO_PKG_VERSION"))
+}
+
+/// The profile's device key, for a profile in JWT mode.
+fn device_key(cx: &Adapter) -> Result<DeviceKey, String> {
+    DeviceKey::of(&cx.state).ok_or_else(|| "this Plex profile has no device key yet (set \"jwt\": true)".into())
 }
 
 /// The profile opted in to JWT authentication.
@@ -199,7 +208,12 @@ impl Provider for Plex {
     }
 
     async fn begin(&self, cx: &Adapter, _flow: &str, _input: Input, now: DateTime<Utc>) -> Result<Begun, FlowError> {
-        let req = request(cx, Method::POST, PLEX_TV, "/api/v2/pins?strong=true", None);
+        let mut req = request(cx, Method::POST, PLEX_TV, "/api/v2/pins?strong=true", None);
+        let key = if jwt_mode(&cx.profile) { Some(device_key(cx).map_err(FlowError::Config)?) } else { None };
+        if let Some(key) = &key {
+            // A new login in JWT mode sends the device key with the PIN.
+            req = req.json(&json!({"jwk": key.jwk(), "strong": true}));
+        }
         let resp = cx.send(Kind::Write, req).await.map_err(FlowError::Unavailable)?;
         if !resp.status().is_success() {
             return Err(FlowError::Unavailable(unknown_status(resp.status())));
@@ -218,24 +232,42 @@ impl Provider for Plex {
             issued_at: now,
             expires_at: now + TimeDelta::seconds(pin.expires_in.unwrap_or(1800)),
             interval_secs: Some(1),
-            secrets: BTreeMap::from([("pin_id".to_owned(), Secret::new(pin.id.to_string()))]),
+            secrets: BTreeMap::from([("pin_id".to_owned(), Secret::new(pin.id.to_string()))])
+                .into_iter()
+                .chain(key.map(|k| ("device_key".to_owned(), jwt::marker(&k))))
+                .collect(),
         }))
     }
 
     async fn poll(&self, cx: &Adapter, flow: &PendingFlow, now: DateTime<Utc>) -> Poll {
         let Some(id) = flow.secret("pin_id") else { return Poll::Gone("the pending PIN has no id".into()) };
-        let path = format!("/api/v2/pins/{}", id.expose());
+        let mut path = format!("/api/v2/pins/{}", id.expose());
+        // A PIN made with the device key is asked about with a device JWT, and yields a Plex JWT.
+        let key = match flow.secret("device_key").map(|_| device_key(cx)) {
+            Some(Ok(key)) => {
+                match jwt::device_jwt(cx, &key, client_identifier(cx), now).await {
+                    Ok(signed) => path.push_str(&format!("?deviceJWT={signed}")),
+                    Err(e) => return Poll::Unknown(e),
+                }
+                Some(key)
+            }
+            Some(Err(e)) => return Poll::Gone(e),
+            None => None,
+        };
         let resp = match cx.send(Kind::Read, request(cx, Method::GET, PLEX_TV, &path, None)).await {
             Ok(r) => r,
             Err(e) => return Poll::Unknown(e),
         };
         match resp.status() {
             StatusCode::OK => match resp.json::<Pin>().await {
-                Ok(Pin { auth_token: Some(token), .. }) if !token.is_empty() => {
-                    let mut grant = Grant { token_type: "plex".into(), ..Grant::bearer(token, now) };
-                    grant.set_fact("client_identifier", client_identifier(cx));
-                    Poll::Approved(grant)
-                }
+                Ok(Pin { auth_token: Some(token), .. }) if !token.is_empty() => match &key {
+                    Some(key) => Poll::Approved(jwt::grant(token, key, client_identifier(cx), now)),
+                    None => {
+                        let mut grant = Grant { token_type: "plex".into(), ..Grant::bearer(token, now) };
+                        grant.set_fact("client_identifier", client_identifier(cx));
+                        Poll::Approved(grant)
+                    }
+                },
                 Ok(_) => Poll::Pending,
                 Err(_) => Poll::Unknown("unreadable PIN from Plex".into()),
             },
@@ -245,10 +277,30 @@ impl Provider for Plex {
     }
 
     async fn validate(&self, cx: &Adapter, grant: &Grant) -> Verdict<Identity> {
+        // A legacy token on a profile in JWT mode is upgraded first: the key is registered with
+        // it, and the first Plex JWT replaces it (the legacy token dies then; the key stays).
+        let upgraded = match (jwt_mode(&cx.profile) && !jwt::is_jwt(grant)).then(|| device_key(cx)) {
+            Some(Ok(key)) => {
+                if let Err(verdict) = jwt::register(cx, grant, &key).await {
+                    return verdict;
+                }
+                match jwt::refresh(cx, &key, token_client(cx, grant), grant, cx.gate.now()).await {
+                    Verdict::Valid(fresh) => Some(fresh),
+                    Verdict::Rejected(e) => return Verdict::Rejected(e),
+                    Verdict::Unknown(e) => return Verdict::Unknown(e),
+                }
+            }
+            Some(Err(e)) => return Verdict::Unknown(e),
+            None => None,
+        };
+        let grant = upgraded.as_ref().unwrap_or(grant);
         let user = match cx.send(Kind::Read, request(cx, Method::GET, PLEX_TV, "/api/v2/user", Some(grant))).await {
             Err(e) => return Verdict::Unknown(e),
             Ok(r) if r.status() == StatusCode::UNAUTHORIZED => {
                 return Verdict::Rejected("Plex rejected the account token (401)".into());
+            }
+            Ok(r) if r.status().as_u16() == 498 => {
+                return Verdict::Rejected("Plex says the token expired (498); the device key refreshes it".into());
             }
             Ok(r) if !r.status().is_success() => return Verdict::Unknown(unknown_status(r.status())),
             Ok(r) => match r.json::<User>().await {
@@ -273,6 +325,7 @@ impl Provider for Plex {
             other => other.to_string(),
         };
         let mut updated = grant.clone();
+        updated.set_fact("auth_mode", if jwt::is_jwt(grant) { "jwt" } else { "legacy" });
         updated.set_fact("username", user.username.clone());
         updated.set_fact("account_id", id.clone());
         // No server listed (a passing answer, a shared-only account): what was known stays.
@@ -284,8 +337,19 @@ impl Provider for Plex {
                 updated.set_secret("server_token", Secret::new(t));
             }
         }
-        let grant = (updated != *grant).then_some(updated);
+        let grant = (upgraded.is_some() || updated != *grant).then_some(updated);
         Verdict::Valid(Identity { account: Account { name: user.username, id: Some(id) }, grant })
+    }
+
+    /// A Plex JWT is refreshed with the device key; a legacy token has no refresh.
+    async fn refresh(&self, cx: &Adapter, grant: &Grant, now: DateTime<Utc>) -> Verdict<Grant> {
+        if !jwt::is_jwt(grant) {
+            return Verdict::Rejected("a legacy Plex token has no refresh".into());
+        }
+        match device_key(cx) {
+            Ok(key) => jwt::refresh(cx, &key, token_client(cx, grant), grant, now).await,
+            Err(e) => Verdict::Rejected(e),
+        }
     }
 
     async fn revoke(&self, cx: &Adapter, grant: &Grant) -> Result<(), String> {
