@@ -27,7 +27,10 @@ pub struct Metadata {
     pub token_endpoint_auth_methods_supported: Option<Vec<String>>,
 }
 
-static CACHE: LazyLock<Mutex<HashMap<String, (Arc<Metadata>, Instant)>>> = LazyLock::new(Default::default);
+/// Metadata by issuer, with when it was fetched.
+type Cache = Mutex<HashMap<String, (Arc<Metadata>, Instant)>>;
+
+static CACHE: LazyLock<Cache> = LazyLock::new(Default::default);
 
 /// The instance's endpoints: its own settings over the server's metadata.
 pub async fn endpoints(cx: &Adapter) -> Result<Arc<Metadata>, String> {
