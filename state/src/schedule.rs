@@ -109,6 +109,13 @@ pub fn next_action(machine: &Machine, policy: &Policy) -> Option<(DateTime<Utc>,
         },
         StateName::Connected => {
             let creds = conn.grant.as_ref()?;
+            // A refresh whose answer was lost is retried first: only that retry can tell
+            // whether the provider had rotated.
+            if creds.refresh_token.is_some()
+                && conn.last_error.as_deref().is_some_and(|e| e.starts_with(crate::machine::REFRESH_ANSWER_LOST))
+            {
+                return Some((gate(conn.since), Action::Refresh));
+            }
             // A retry after an unknown answer is due when its backoff ends; otherwise the
             // rolling validation is.
             let validate = conn
