@@ -191,3 +191,45 @@ fn oauth_instances_are_named_and_have_no_default() {
         assert!(e.to_string().contains("lowercase letters"), "{bad}: {e}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_takes_only_client_secret_post_is_sent_the_secret_in_the_form() {
+    let methods = vec!["client_secret_post".to_owned()];
+    walk(OauthOptions { token_endpoint_auth_methods: methods, ..confidential() }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loose_token_answers_are_read_and_introspection_validates_when_asked() {
+    // `bearer` in lower case, `expires_in` missing (the access token is a JWT with `exp`).
+    let opts = OauthOptions { token_type_case: "bearer".into(), omit_expires_in: true, ..confidential() };
+    let emu = OauthEmulator::start(opts.clone()).await.unwrap();
+    let mut block = instance(&emu, &opts);
+    block["introspect"] = json!(true);
+    let h = harness(json!({"oauth": {"instances": {"home": block}}})).await;
+    let daemon = h.start_daemon().await;
+    let mut events = h.client().events().await.unwrap();
+    let conn = Conn::new(&h, "oauth", "home");
+    device_login(&h, &emu, &conn, &mut events).await;
+    let view = conn.view().await;
+    assert!(view.expires_at.is_some(), "read from the JWT access token's exp");
+    assert_eq!(conn.token().await.unwrap()["token_type"], "Bearer");
+    assert!(!emu.log().calls_to("/introspect").is_empty(), "validated by introspection");
+    assert!(emu.log().calls_to("/userinfo").is_empty());
+
+    // Inactive by introspection, refresh refused → expired.
+    emu.revoke_all();
+    assert_eq!(conn.validate().await.state, StateName::Expired);
+    daemon.stop().await;
+
+    // The string form of expires_in is read too.
+    let opts = OauthOptions { expires_in_as_string: true, ..public() };
+    let emu = OauthEmulator::start(opts.clone()).await.unwrap();
+    let h = harness(json!({"oauth": {"instances": {"home": instance(&emu, &opts)}}})).await;
+    let daemon = h.start_daemon().await;
+    let mut events = h.client().events().await.unwrap();
+    let conn = Conn::new(&h, "oauth", "home");
+    device_login(&h, &emu, &conn, &mut events).await;
+    let left = conn.view().await.expires_at.unwrap() - chrono::Utc::now();
+    assert!(left > chrono::TimeDelta::seconds(250) && left <= chrono::TimeDelta::seconds(300), "{left}");
+    daemon.stop().await;
+}
