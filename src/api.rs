@@ -6,7 +6,7 @@ use crate::providers::{self, Input};
 use crate::wire::{ApiError, ConnectionView, WireEvent};
 use authkeeper_state::{Machine, Secret, StateName};
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -93,10 +93,18 @@ const LIST_CHUNK: usize = 256;
 
 /// Streamed: the list is written a chunk at a time as the client reads it, from a snapshot of
 /// pointers to the committed machines, so a list of 100,000 never sits whole in memory.
-async fn list_connections(State(shared): App) -> Response {
+/// `GET /v1/connections?owner=discord:123456`: one owner's connections.
+#[derive(Deserialize)]
+struct ListQuery {
+    owner: Option<String>,
+}
+
+async fn list_connections(State(shared): App, Query(q): Query<ListQuery>) -> Response {
     let machines: Arc<Vec<Snapshot>> = {
         let now = shared.clock.now();
-        Arc::new(shared.conns.read().unwrap().values().map(|s| (s.committed.clone(), s.warnings(now))).collect())
+        let conns = shared.conns.read().unwrap();
+        let chosen = conns.iter().filter(|(k, _)| q.owner.as_ref().is_none_or(|o| &k.profile == o));
+        Arc::new(chosen.map(|(_, s)| (s.committed.clone(), s.warnings(now))).collect())
     };
     let policy = shared.policy();
     let n = machines.len();
@@ -214,14 +222,26 @@ async fn disconnect(State(shared): App, Path((provider, profile)): Key) -> Resul
 /// The hot path of every consumer: the committed machine is read under the read lock.
 async fn token(State(shared): App, Path((provider, profile)): Key) -> Result<Response, ApiError> {
     let now = shared.clock.now();
-    let answer = shared.lookup(&provider, &profile, |s| {
+    let owner = authkeeper_state::is_owner_id(&profile);
+    let answer = match shared.lookup(&provider, &profile, |s| {
         let c = s.committed.connection();
         let live = s.committed.state_name() == StateName::Connected;
         match c.grant.as_ref().filter(|g| live && g.expires_at.is_none_or(|at| at > now)) {
             Some(grant) => Ok(serde_json::to_vec(&s.adapter.token(grant, c.account.as_ref().map(|a| a.name.as_str())))),
-            None => Err(Box::new(s.view(&shared.policy(), shared.clock.now()))),
+            None => Err(Box::new(s.view(&shared.policy(), now))),
         }
-    })?;
+    }) {
+        // An owner never linked is as not connected as one whose link lapsed.
+        Err(DaemonError::UnknownProfile { .. }) if owner => {
+            let machine = authkeeper_state::Machine::new(authkeeper_state::ConnKey::new(&provider, &profile), now);
+            Err(Box::new(ConnectionView::of(&machine, &shared.policy())))
+        }
+        other => other?,
+    };
+    if let (Err(view), true) = (&answer, owner) {
+        let message = shared.login_message(&provider);
+        return Err(DaemonError::LoginFirst { view: view.clone(), message }.into());
+    }
     match answer {
         Ok(body) => {
             Ok(([(header::CONTENT_TYPE, "application/json")], body.map_err(|e| ApiError::internal(e.to_string()))?)

@@ -57,6 +57,16 @@ pub struct Target {
     /// Profile id, e.g. TRAKT-P01
     #[arg(long, default_value = "default")]
     pub profile: String,
+    /// An owner's profile instead, e.g. discord:123456 (for bots and other multi-user front ends)
+    #[arg(long, conflicts_with = "profile")]
+    pub owner: Option<String>,
+}
+
+impl Target {
+    /// The profile meant: the owner's, when one is named.
+    pub fn id(&self) -> &str {
+        self.owner.as_deref().unwrap_or(&self.profile)
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -203,7 +213,7 @@ async fn client_command(client: &Client, json: bool, command: Cmd) -> Result<i32
             Ok(0)
         }
         Cmd::Connect { target, flow, fields, stdin, no_wait } => {
-            let path = connection_path(&target.provider, &target.profile);
+            let path = connection_path(&target.provider, target.id());
             let body = crate::cli_input::connect_body(client, &target.provider, flow, &fields, stdin).await?;
             if no_wait {
                 let reply: Value = client.post(&format!("{path}/connect"), Some(body)).await?;
@@ -221,7 +231,7 @@ async fn client_command(client: &Client, json: bool, command: Cmd) -> Result<i32
                 }
                 return Ok(0);
             }
-            let view = client::connect_and_wait(client, &target.provider, &target.profile, body, json, |r| {
+            let view = client::connect_and_wait(client, &target.provider, target.id(), body, json, |r| {
                 if json {
                     println!("{}", serde_json::to_string(r).expect("serializable"));
                 }
@@ -237,7 +247,7 @@ async fn client_command(client: &Client, json: bool, command: Cmd) -> Result<i32
             Ok(if view.state == StateName::Connected { 0 } else { 1 })
         }
         Cmd::Token(t) => {
-            let token: Value = client.get(&format!("{}/token", connection_path(&t.provider, &t.profile))).await?;
+            let token: Value = client.get(&format!("{}/token", connection_path(&t.provider, t.id()))).await?;
             if json {
                 print_json(&token);
             } else {
@@ -251,7 +261,7 @@ async fn client_command(client: &Client, json: bool, command: Cmd) -> Result<i32
         Cmd::Validate(t) => act(client, json, &t, "validate").await,
         Cmd::History(t) => {
             let rows: Vec<Transition> =
-                client.get(&format!("{}/history", connection_path(&t.provider, &t.profile))).await?;
+                client.get(&format!("{}/history", connection_path(&t.provider, t.id()))).await?;
             if json {
                 print_json(&rows);
             } else {
@@ -345,8 +355,7 @@ fn print_providers(providers: &Value) {
 }
 
 async fn act(client: &Client, json: bool, t: &Target, action: &str) -> Result<i32, ClientError> {
-    let view: ConnectionView =
-        client.post(&format!("{}/{action}", connection_path(&t.provider, &t.profile)), None).await?;
+    let view: ConnectionView = client.post(&format!("{}/{action}", connection_path(&t.provider, t.id())), None).await?;
     if json {
         print_json(&view);
     } else {

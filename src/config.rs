@@ -42,6 +42,9 @@ pub struct Settings {
     pub history_retention_days: u64,
     /// The web listener (OAuth callbacks); off when absent.
     pub web: Option<crate::web::WebSettings>,
+    /// Per provider, what an owner who is not connected is told (default "Please log in
+    /// first: /login PROVIDER").
+    pub login_messages: BTreeMap<String, String>,
 }
 
 /// The schedules a user can declare.
@@ -71,6 +74,7 @@ impl Default for Settings {
             schedules: BTreeMap::new(),
             history_retention_days: 365,
             web: None,
+            login_messages: BTreeMap::new(),
         }
     }
 }
@@ -220,7 +224,7 @@ impl Config {
             Some(raw) => serde_json::from_str(raw.get()).map_err(|e| located(text, raw, &e))?,
             None => Settings::default(),
         };
-        for name in settings.base_url.keys().chain(settings.rate_limits.keys()) {
+        for name in settings.base_url.keys().chain(settings.rate_limits.keys()).chain(settings.login_messages.keys()) {
             if !LAYOUT_PROVIDERS.contains(&name.as_str()) {
                 return Err(ConfigError::Invalid(format!(
                     "authkeeper names an unknown provider {name:?} (known: {})",

@@ -186,7 +186,7 @@ impl From<DaemonError> for ApiError {
             E::UnknownProvider(_) => Self::new(StatusCode::NOT_FOUND, "unknown_provider", message),
             E::UnknownProfile { .. } => Self::new(StatusCode::NOT_FOUND, "unknown_profile", message),
             E::Conflict(_) | E::ConfigBroken(_) => Self::conflict(message),
-            E::NotConnected(view) => {
+            E::NotConnected(view) | E::LoginFirst { view, .. } => {
                 let mut err = Self::new(StatusCode::CONFLICT, "not_connected", message);
                 err.extra.insert("state".into(), view.state.as_str().into());
                 err

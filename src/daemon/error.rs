@@ -24,6 +24,9 @@ pub enum DaemonError {
         .0.provider, .0.profile, .0.state.as_str(), .0.provider, .0.profile
     )]
     NotConnected(Box<ConnectionView>),
+    /// An owner's connection that is not connected: the provider's "log in first" message.
+    #[error("{message}")]
+    LoginFirst { view: Box<ConnectionView>, message: String },
     #[error("{0}")]
     BadRequest(String),
     #[error(transparent)]

@@ -109,6 +109,8 @@ pub struct Shared {
     pub public_url: Arc<PublicUrl>,
     /// Pending callback flows by their `state`.
     pub callbacks: Callbacks,
+    /// Per provider, what an owner who is not connected is told (`authkeeper.login_messages`).
+    pub login_messages: RwLock<BTreeMap<String, String>>,
     actors: TaskTracker,
 }
 
@@ -161,6 +163,12 @@ impl Shared {
             profile: key.map(|k| k.profile.clone()),
             next_attempt_at,
         });
+    }
+
+    /// What an owner who is not connected to `provider` is told.
+    pub fn login_message(&self, provider: &str) -> String {
+        let configured = self.login_messages.read().unwrap().get(provider).cloned();
+        configured.unwrap_or_else(|| format!("Please log in first: /login {provider}"))
     }
 
     /// The slot for `provider/profile`, or the fitting 404.
@@ -385,6 +393,7 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
         schedules: RwLock::new(BTreeMap::new()),
         public_url: Arc::default(),
         callbacks: Callbacks::default(),
+        login_messages: RwLock::default(),
         actors: TaskTracker::new(),
     });
     let scheduler = tokio::spawn(shared.deadlines.clone().run(shared.clone(), shutdown.clone()));

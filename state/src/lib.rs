@@ -27,3 +27,13 @@ pub use machine::{
 pub use schedule::{Action, Policy};
 pub use secret::Secret;
 pub use store::{Commit, ConnectionStore, Store, StoreError, Stored};
+
+/// Whether `id` names an owner's profile (`discord:123456`): it holds a `:`, only letters,
+/// digits and `:._@-`, 1 to 128 characters, and does not start with `.`; so it never clashes
+/// with `default`, `PROVIDER-P##` or a generic OAuth instance's name.
+pub fn is_owner_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id.contains(':')
+        && !id.starts_with('.')
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b":._@-".contains(&b))
+}

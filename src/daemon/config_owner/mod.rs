@@ -114,6 +114,7 @@ impl ConfigOwner {
         let good = warning.is_none();
         shared.set_policy(config.settings.policy());
         shared.public_url.set(config.settings.web.as_ref().map(|w| w.public_url()));
+        *shared.login_messages.write().unwrap() = config.settings.login_messages.clone();
         for (provider, gate) in &shared.gates {
             gate.set_limits(config.settings.limits(provider));
             shared.planners[provider].set_rate(config.settings.limits(provider).per_second * super::REFRESH_SHARE);
@@ -390,6 +391,7 @@ impl ConfigOwner {
             self.http = providers::http_client(now.http_timeout());
         }
         crate::web::reconfigure(&self.shared, was.web.as_ref(), now.web.as_ref());
+        *self.shared.login_messages.write().unwrap() = now.login_messages.clone();
         for (provider, gate) in &self.shared.gates {
             gate.set_limits(now.limits(provider));
             self.shared.planners[provider].set_rate(now.limits(provider).per_second * super::REFRESH_SHARE);
