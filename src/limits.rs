@@ -136,7 +136,8 @@ impl Gate {
 
     /// The provider answered `Retry-After: secs`: no call to it until then.
     pub fn pause_for(&self, secs: u64) {
-        let until = self.clock.now() + TimeDelta::seconds(secs as i64);
+        // A day at most: no answer can overflow a time or silence a provider for longer.
+        let until = self.clock.now() + TimeDelta::seconds(secs.min(86_400) as i64);
         let mut inner = self.inner.lock().unwrap();
         inner.paused_until = Some(inner.paused_until.map_or(until, |p| p.max(until)));
     }

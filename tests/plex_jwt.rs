@@ -116,7 +116,7 @@ async fn a_new_login_sends_the_key_with_the_pin_and_a_key_that_no_longer_matches
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_token_imported_with_another_devices_client_id_is_refused_for_its_iss() {
+async fn a_token_imported_with_another_devices_client_id_is_refused_for_its_iss_and_kept() {
     let plex = PlexEmulator::start(PlexOptions::default()).await.unwrap();
     let first = harness(config(&plex, json!({}))).await;
     let daemon = first.start_daemon().await;
@@ -130,9 +130,11 @@ async fn a_token_imported_with_another_devices_client_id_is_refused_for_its_iss(
     let h = harness(config(&plex, block)).await;
     let daemon = h.start_daemon().await;
     let conn = Conn::new(&h, "plex", "default");
+    // The upgrade is refused for its iss; the legacy token still works, so it stays, and
+    // status says why it was not upgraded.
     let view = conn.validate().await;
-    assert_eq!(view.state, StateName::Expired);
-    let detail = conn.last_detail().await;
-    assert!(detail.contains("1097") && detail.contains("iss"), "{detail}");
+    assert_eq!((view.state, view.facts["auth_mode"].as_str()), (StateName::Connected, "legacy"));
+    let why = &view.facts["jwt_upgrade"];
+    assert!(why.contains("1097") && why.contains("iss"), "{why}");
     daemon.stop().await;
 }

@@ -10,7 +10,9 @@ use crate::web::{CallbackQuery, flow_key};
 use crate::wire::{ConnectReply, ConnectionView, PendingView};
 use authkeeper_state::records::encode_connection;
 use authkeeper_state::schedule::{Action, next_action};
-use authkeeper_state::{Cause, Commit, Effect, Event, Grant, Machine, PendingFlow, Refusal, StateName, Step};
+use authkeeper_state::{
+    Cause, Commit, Effect, Event, Grant, Machine, PendingFlow, REFRESH_ANSWER_LOST, Refusal, StateName, Step,
+};
 use chrono::{DateTime, TimeDelta, Utc};
 use std::sync::Arc;
 use std::time::Duration;
@@ -353,7 +355,9 @@ impl Actor {
     async fn flow_answer(&mut self, flow: &PendingFlow, answer: Poll) -> Result<(), DaemonError> {
         let event = match answer {
             Poll::Pending => Event::FlowPending,
-            Poll::SlowDown => Event::FlowSlowDown { interval_secs: flow.interval_secs.unwrap_or(0) + SLOW_DOWN_SECS },
+            Poll::SlowDown => Event::FlowSlowDown {
+                interval_secs: flow.interval_secs.unwrap_or(0).saturating_add(SLOW_DOWN_SECS).min(3600),
+            },
             // Committed before any other call: who it belongs to is asked afterwards, by the
             // `Validate` effect of the approval.
             Poll::Approved(grant) => return self.apply(Event::Approved { grant }).await.map(drop),
@@ -383,8 +387,18 @@ impl Actor {
         Ok(self.view())
     }
 
+    /// A refresh answer was lost: only the retry of that refresh can tell what became of the
+    /// grant, so nothing else (a validation that would clear the doubt) goes first.
+    fn refresh_in_doubt(&self) -> bool {
+        let c = self.machine.connection();
+        c.refresh_token().is_some() && c.last_error.as_deref().is_some_and(|e| e.starts_with(REFRESH_ANSWER_LOST))
+    }
+
     async fn validate_now(&mut self) -> Result<(), DaemonError> {
         self.sweep_at = None;
+        if self.refresh_in_doubt() {
+            return self.refresh_now().await;
+        }
         let Some(grant) = self.machine.connection().grant.clone() else {
             return Ok(());
         };
@@ -414,9 +428,14 @@ impl Actor {
         let Some(grant) = self.machine.connection().grant.clone() else {
             return Ok(());
         };
+        let in_doubt = self.refresh_in_doubt();
         let event = match self.provider.refresh(&grant, self.shared.clock.now()).await {
             Verdict::Valid(grant) => Event::Refreshed { grant },
             Verdict::Rejected(detail) => Event::RefreshRejected { detail },
+            // Still no answer on the lost one: the doubt stays until one comes.
+            Verdict::Unknown(error) if in_doubt && !error.starts_with(REFRESH_ANSWER_LOST) => {
+                Event::Unknown { error: format!("{REFRESH_ANSWER_LOST}; the retry got no answer either: {error}") }
+            }
             Verdict::Unknown(error) => Event::Unknown { error },
         };
         self.step(event).await.map(drop)

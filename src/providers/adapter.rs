@@ -138,17 +138,30 @@ impl Adapter {
     /// A pause longer than [`MAX_PAUSE_WAIT`] is not waited out: the call fails at once, saying
     /// until when the provider asked for quiet.
     pub async fn send(&self, kind: Kind, req: RequestBuilder) -> Result<Response, String> {
+        match self.send_once(kind, req).await {
+            Ok(resp) => Ok(resp),
+            Err(Unsent::NotSent(e) | Unsent::Lost(e)) => Err(e),
+        }
+    }
+
+    /// [`Adapter::send`] for a call that must not be repeated blindly (a refresh that rotates):
+    /// says whether a failed request may have reached the provider.
+    pub async fn send_once(&self, kind: Kind, req: RequestBuilder) -> Result<Response, Unsent> {
         if let Some(until) = self.gate.paused_until()
             && until - self.gate.now() > MAX_PAUSE_WAIT
         {
             let label = self.provider().manifest().label;
-            return Err(format!(
+            return Err(Unsent::NotSent(format!(
                 "{label} asked for no calls until {} (Retry-After); not calling it before then",
                 until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-            ));
+            )));
         }
-        self.gate.acquire(&self.account, kind).await.map_err(|e| e.to_string())?;
-        let resp = req.send().await.map_err(transport_error)?;
+        self.gate.acquire(&self.account, kind).await.map_err(|e| Unsent::NotSent(e.to_string()))?;
+        let resp = match req.send().await {
+            Ok(resp) => resp,
+            Err(e) if e.is_connect() || e.is_builder() => return Err(Unsent::NotSent(transport_error(e))),
+            Err(e) => return Err(Unsent::Lost(transport_error(e))),
+        };
         if resp.status() == StatusCode::TOO_MANY_REQUESTS
             && let Some(secs) = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()?.trim().parse().ok())
         {
@@ -213,19 +226,6 @@ impl Adapter {
             end.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             self.provider().manifest().label
         )
-    }
-
-    /// [`Adapter::send`] for a call that must not be repeated blindly (a refresh that rotates):
-    /// says whether a failed request may have reached the provider.
-    pub async fn send_once(&self, kind: Kind, req: RequestBuilder) -> Result<Response, Unsent> {
-        let req = req.build().map_err(|e| Unsent::NotSent(transport_error(e)))?;
-        let (http, gate) = (self.http.clone(), self.gate.clone());
-        gate.acquire(&self.account, kind).await.map_err(|e| Unsent::NotSent(e.to_string()))?;
-        match http.execute(req).await {
-            Ok(resp) => Ok(resp),
-            Err(e) if e.is_connect() || e.is_builder() => Err(Unsent::NotSent(transport_error(e))),
-            Err(e) => Err(Unsent::Lost(transport_error(e))),
-        }
     }
 
     pub async fn begin(&self, flow: &str, input: Input, now: DateTime<Utc>) -> Result<Begun, FlowError> {

@@ -6,13 +6,13 @@
 use super::answer::{json, status_error};
 use super::{
     Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, jwt_expiry,
-    nonempty, nonempty_secret, oauth_code,
+    lifetime, nonempty, nonempty_secret, oauth_code,
 };
 use crate::limits::{Kind, Limits};
 use crate::web::CallbackQuery;
 use async_trait::async_trait;
 use authkeeper_state::{Account, Grant, PendingFlow, Secret};
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, Utc};
 use reqwest::StatusCode;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -89,7 +89,7 @@ fn app(cx: &Adapter) -> Result<(&str, &str), String> {
 
 /// A token's grant: its end from `expires_in`, else from the token itself (AniList's are JWTs).
 fn grant(token: String, expires_in: Option<i64>, now: DateTime<Utc>) -> Grant {
-    let expires_at = expires_in.map(|s| now + TimeDelta::seconds(s)).or_else(|| jwt_expiry(&token));
+    let expires_at = expires_in.map(|s| now + lifetime(s)).or_else(|| jwt_expiry(&token));
     Grant { token_type: "Bearer".into(), expires_at, ..Grant::bearer(token, now) }
 }
 

@@ -69,10 +69,13 @@ fn server(cx: &Adapter) -> Result<String, String> {
     )
 }
 
-/// Where the grant's API answered (with `/emby` when it is there), else the configured server.
+/// The grant's API: the configured server, under `/emby` when the login found it there.
 fn api(cx: &Adapter, grant: &Grant) -> Result<String, String> {
-    grant.fact("server_url").map(str::to_owned).map_or_else(|| server(cx), Ok)
+    Ok(format!("{}{}", server(cx)?, grant.fact(PREFIX).unwrap_or_default()))
 }
+
+/// The fact that says the API sits under `/emby`.
+const PREFIX: &str = "api_prefix";
 
 fn device_id<'a>(cx: &'a Adapter, grant: Option<&'a Grant>) -> &'a str {
     grant.and_then(|g| g.fact("device_id")).or(cx.state.fact("device_id")).unwrap_or(CLIENT)
@@ -168,6 +171,9 @@ impl Provider for Emby {
         }
         let body = result.ok_or_else(|| FlowError::Unavailable(format!("no Emby API answers at {server}")))?;
         let mut grant = Grant { token_type: "Emby".into(), ..Grant::bearer(body.access_token, now) };
+        if base != server {
+            grant.set_fact(PREFIX, "/emby");
+        }
         grant.set_fact("server_url", base);
         grant.set_fact("user_id", body.user.id);
         grant.set_fact("username", body.user.name);
@@ -186,14 +192,30 @@ impl Provider for Emby {
             Ok(b) => b,
             Err(e) => return Verdict::Unknown(e),
         };
-        let resp = match cx.send(Kind::Read, authed(cx, Method::GET, &format!("{base}/Users/{user_id}"), grant)).await {
+        let user = |base: String| async move {
+            cx.send(Kind::Read, authed(cx, Method::GET, &format!("{base}/Users/{user_id}"), grant)).await
+        };
+        let mut resp = match user(base.clone()).await {
             Ok(r) => r,
             Err(e) => return Verdict::Unknown(e),
         };
+        // A token imported without knowing the server's `/emby` prefix: look there once.
+        let mut prefix = None;
+        if resp.status() == StatusCode::NOT_FOUND && grant.fact(PREFIX).is_none() && !base.ends_with("/emby") {
+            match user(format!("{base}/emby")).await {
+                Ok(r) if r.status() != StatusCode::NOT_FOUND => (resp, prefix) = (r, Some("/emby")),
+                Ok(_) => {}
+                Err(e) => return Verdict::Unknown(e),
+            }
+        }
+        let base = format!("{base}{}", prefix.unwrap_or_default());
         match resp.status() {
             StatusCode::OK => match json::<User>(resp, LABEL).await {
                 Ok(user) => {
                     let mut updated = grant.clone();
+                    if let Some(prefix) = prefix {
+                        updated.set_fact(PREFIX, prefix);
+                    }
                     updated.set_fact("username", user.name.clone());
                     updated.set_fact("server_url", base);
                     let grant = (updated != *grant).then_some(updated);

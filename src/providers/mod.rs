@@ -234,6 +234,20 @@ pub fn settings_as<T: serde::de::DeserializeOwned + Send + Sync + 'static>(
     Ok(Box::new(typed))
 }
 
+/// The longest lifetime a provider's answer is taken at (ten years): nothing a provider sends
+/// can overflow a time.
+const MAX_LIFETIME_SECS: i64 = 10 * 366 * 86_400;
+
+/// A provider's `expires_in`, held to zero..ten years.
+pub fn lifetime(secs: i64) -> chrono::TimeDelta {
+    chrono::TimeDelta::seconds(secs.clamp(0, MAX_LIFETIME_SECS))
+}
+
+/// A provider's poll interval, held to 1 s..1 h.
+pub fn poll_interval(secs: u64) -> u64 {
+    secs.clamp(1, 3600)
+}
+
 /// When a JWT says it expires (its `exp` claim), read without checking its signature: only to
 /// schedule, never to trust.
 pub fn jwt_expiry(token: &str) -> Option<DateTime<Utc>> {

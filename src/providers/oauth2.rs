@@ -13,11 +13,11 @@
 //! the daemon, and the old refresh token is the only credential left to try.
 
 use super::answer::{json, status_error};
-use super::{Adapter, FlowError, Poll, Verdict, jwt_expiry};
+use super::{Adapter, FlowError, Poll, Verdict, jwt_expiry, lifetime, poll_interval};
 use crate::limits::Kind;
 use authkeeper_state::{Grant, PendingFlow, REFRESH_ANSWER_LOST, Secret};
 use base64::Engine;
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, Utc};
 use reqwest::{RequestBuilder, StatusCode};
 use serde::Deserialize;
 use serde_json::Value;
@@ -87,7 +87,7 @@ impl TokenBody {
             .expires_in
             .as_ref()
             .and_then(seconds)
-            .map(|s| now + TimeDelta::seconds(s))
+            .map(|s| now + lifetime(s))
             .or_else(|| jwt_expiry(&self.access_token));
         let mut grant = Grant {
             refresh_token: self.refresh_token.filter(|t| !t.is_empty()).map(Secret::new),
@@ -174,8 +174,10 @@ impl Client<'_> {
             verification_url: Some(d.verification_uri_complete.unwrap_or(d.verification_uri)),
             authorize_url: None,
             issued_at: now,
-            expires_at: now + TimeDelta::seconds(expires_in),
-            interval_secs: Some(d.interval.as_ref().and_then(seconds).map_or(DEFAULT_INTERVAL, |i| i.max(1) as u64)),
+            expires_at: now + lifetime(expires_in),
+            interval_secs: Some(
+                d.interval.as_ref().and_then(seconds).map_or(DEFAULT_INTERVAL, |i| poll_interval(i.max(0) as u64)),
+            ),
             secrets: BTreeMap::from([("device_code".to_owned(), Secret::new(d.device_code))]),
         })
     }
@@ -252,6 +254,12 @@ impl Client<'_> {
                     for (name, secret) in grant.secrets() {
                         if fresh.secret(name).is_none() {
                             fresh.set_secret(name.clone(), secret.clone());
+                        }
+                    }
+                    // What the grant knew (its redirect URI, say) outlives the refresh.
+                    for (name, value) in grant.facts() {
+                        if fresh.fact(name).is_none() {
+                            fresh.set_fact(name.clone(), value.clone());
                         }
                     }
                     Verdict::Valid(fresh)

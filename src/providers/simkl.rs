@@ -4,14 +4,14 @@
 
 use super::answer::{json, status_error};
 use super::{
-    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, nonempty,
-    nonempty_secret, oauth_code,
+    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, lifetime,
+    nonempty, nonempty_secret, oauth_code, poll_interval,
 };
 use crate::limits::{Kind, Limits, Rate};
 use crate::web::CallbackQuery;
 use async_trait::async_trait;
 use authkeeper_state::{Account, Grant, PendingFlow, Secret};
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, Utc};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -112,7 +112,7 @@ fn grant(token: Token, now: DateTime<Utc>) -> Grant {
     Grant {
         token_type: token.token_type.unwrap_or_else(|| "bearer".into()),
         scope: token.scope,
-        expires_at: token.expires_in.map(|s| now + TimeDelta::seconds(s)),
+        expires_at: token.expires_in.map(|s| now + lifetime(s)),
         ..Grant::bearer(token.access_token, now)
     }
 }
@@ -173,8 +173,8 @@ impl Provider for Simkl {
             verification_url: Some(pin.verification_url.unwrap_or_else(|| "https://simkl.com/pin".into())),
             authorize_url: None,
             issued_at: now,
-            expires_at: now + TimeDelta::seconds(pin.expires_in.unwrap_or(900)),
-            interval_secs: Some(pin.interval.unwrap_or(5).max(1)),
+            expires_at: now + lifetime(pin.expires_in.unwrap_or(900)),
+            interval_secs: Some(poll_interval(pin.interval.unwrap_or(5))),
             secrets: BTreeMap::from([("device_code".to_owned(), Secret::new(device_code))]),
         }))
     }

@@ -19,6 +19,9 @@ use std::sync::LazyLock;
 pub struct Tautulli;
 
 const LABEL: &str = "Tautulli";
+/// The fact that keeps a server URL given with the connect; it wins over the profile's. The
+/// fact `server_url` only shows the server last used (a new one in the config takes effect).
+const GIVEN: &str = "given_server_url";
 
 static MANIFEST: LazyLock<Manifest> = LazyLock::new(|| Manifest {
     name: "tautulli",
@@ -63,12 +66,11 @@ enum Answer {
     Unknown(String),
 }
 
-/// The server: the URL the connection was made with, else the profile's `server_url`, else
-/// `base_url`.
+/// The server: the URL given with the connect, else the profile's `server_url`, else `base_url`.
 fn server(cx: &Adapter, grant: Option<&Grant>) -> Result<String, String> {
     let block: &Block = cx.profile.typed();
     grant
-        .and_then(|g| g.fact("server_url"))
+        .and_then(|g| g.fact(GIVEN))
         .or(nonempty(&block.server_url))
         .or(cx.profile.base_url.as_deref())
         .map(|s| s.trim_end_matches('/').to_owned())
@@ -134,7 +136,7 @@ impl Provider for Tautulli {
             if !matches!(parsed.scheme(), "http" | "https") {
                 return Err(FlowError::Input(format!("server_url {url:?} must be an http:// or https:// URL")));
             }
-            grant.set_fact("server_url", url.trim_end_matches('/'));
+            grant.set_fact(GIVEN, url.trim_end_matches('/'));
         }
         server(cx, Some(&grant)).map_err(FlowError::Config)?;
         Ok(Begun::Granted(grant))

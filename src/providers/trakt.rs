@@ -1,14 +1,14 @@
 //! Trakt: device-code flow, rotating refresh tokens, revoke, whoami via `/users/settings`.
 
 use super::{
-    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, nonempty,
-    nonempty_secret, oauth_code,
+    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, lifetime,
+    nonempty, nonempty_secret, oauth_code, poll_interval,
 };
 use crate::limits::{Kind, Limits, Rate};
 use crate::web::CallbackQuery;
 use async_trait::async_trait;
 use authkeeper_state::{Account, Grant, PendingFlow, Secret};
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, Utc};
 use reqwest::{RequestBuilder, StatusCode};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -105,7 +105,7 @@ fn grant(body: TokenResponse, now: DateTime<Utc>) -> Grant {
         refresh_token: body.refresh_token.map(Secret::new),
         token_type: body.token_type.unwrap_or_else(|| "bearer".into()),
         scope: body.scope,
-        expires_at: body.expires_in.map(|s| now + TimeDelta::seconds(s)),
+        expires_at: body.expires_in.map(|s| now + lifetime(s)),
         ..Grant::bearer(body.access_token, now)
     }
 }
@@ -184,8 +184,8 @@ impl Provider for Trakt {
             verification_url: Some(body.verification_url),
             authorize_url: None,
             issued_at: now,
-            expires_at: now + TimeDelta::seconds(body.expires_in),
-            interval_secs: Some(body.interval.max(1)),
+            expires_at: now + lifetime(body.expires_in),
+            interval_secs: Some(poll_interval(body.interval)),
             secrets: BTreeMap::from([("device_code".to_owned(), Secret::new(body.device_code))]),
         }))
     }

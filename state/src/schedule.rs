@@ -98,7 +98,7 @@ pub fn next_action(machine: &Machine, policy: &Policy) -> Option<(DateTime<Utc>,
             Some(flow) => {
                 // A flow that ends by callback is not polled: only its expiry is due.
                 let poll = flow.interval_secs.map(|interval| {
-                    gate(conn.last_poll_at.unwrap_or(flow.issued_at) + TimeDelta::seconds(interval as i64))
+                    gate(conn.last_poll_at.unwrap_or(flow.issued_at) + TimeDelta::seconds(interval.min(3600) as i64))
                 });
                 match poll {
                     Some(poll) if poll < flow.expires_at => Some((poll, Action::PollFlow)),
@@ -114,7 +114,12 @@ pub fn next_action(machine: &Machine, policy: &Policy) -> Option<(DateTime<Utc>,
             if creds.refresh_token.is_some()
                 && conn.last_error.as_deref().is_some_and(|e| e.starts_with(crate::machine::REFRESH_ANSWER_LOST))
             {
-                return Some((gate(conn.since), Action::Refresh));
+                let retry = gate(conn.since);
+                // Expiry is a fact even while the answer is in doubt.
+                return Some(match creds.expires_at {
+                    Some(expires_at) if expires_at < retry => (expires_at, Action::ExpireToken),
+                    _ => (retry, Action::Refresh),
+                });
             }
             // A retry after an unknown answer is due when its backoff ends; otherwise the
             // rolling validation is.

@@ -205,3 +205,32 @@ pub async fn refresh(
         )),
     }
 }
+
+/// What became of upgrading a legacy token to a Plex JWT.
+pub enum Upgrade {
+    Done(Grant),
+    /// Plex refused the key or the device JWT: the legacy token still works.
+    Refused(String),
+    NoAnswer(String),
+}
+
+/// Register the key with the legacy `grant`, then take the first Plex JWT. A legacy token Plex
+/// no longer takes may already have been traded (an upgrade whose answer was lost): the key
+/// is tried alone before giving up.
+pub async fn upgrade(
+    cx: &Adapter,
+    grant: &Grant,
+    key: &DeviceKey,
+    client: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Upgrade {
+    let registered = register(cx, grant, key).await;
+    if let Err(Verdict::Unknown(e)) = registered {
+        return Upgrade::NoAnswer(e);
+    }
+    match (refresh(cx, key, client, grant, now).await, registered) {
+        (Verdict::Valid(fresh), _) => Upgrade::Done(fresh),
+        (_, Err(Verdict::Rejected(e))) | (Verdict::Rejected(e), _) => Upgrade::Refused(e),
+        (Verdict::Unknown(e), _) => Upgrade::NoAnswer(e),
+    }
+}

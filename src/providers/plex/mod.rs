@@ -10,7 +10,7 @@ use super::{
 use crate::limits::Kind;
 use async_trait::async_trait;
 use authkeeper_state::{Account, Grant, PendingFlow, ProfileState, Secret};
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, Utc};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -230,7 +230,7 @@ impl Provider for Plex {
             verification_url: Some(verification_url),
             authorize_url: None,
             issued_at: now,
-            expires_at: now + TimeDelta::seconds(pin.expires_in.unwrap_or(1800)),
+            expires_at: now + super::lifetime(pin.expires_in.unwrap_or(1800)),
             interval_secs: Some(1),
             secrets: BTreeMap::from([("pin_id".to_owned(), Secret::new(pin.id.to_string()))])
                 .into_iter()
@@ -278,22 +278,25 @@ impl Provider for Plex {
 
     async fn validate(&self, cx: &Adapter, grant: &Grant) -> Verdict<Identity> {
         // A legacy token on a profile in JWT mode is upgraded first: the key is registered with
-        // it, and the first Plex JWT replaces it (the legacy token dies then; the key stays).
-        let upgraded = match (jwt_mode(&cx.profile) && !jwt::is_jwt(grant)).then(|| device_key(cx)) {
-            Some(Ok(key)) => {
-                if let Err(verdict) = jwt::register(cx, grant, &key).await {
-                    return verdict;
+        // it, and the first Plex JWT replaces it. Plex kills the legacy token then, so the JWT
+        // is handed back at once, to be committed before anything else is asked.
+        let mut refused = None;
+        if jwt_mode(&cx.profile) && !jwt::is_jwt(grant) {
+            let key = match device_key(cx) {
+                Ok(key) => key,
+                Err(e) => return Verdict::Unknown(e),
+            };
+            match jwt::upgrade(cx, grant, &key, token_client(cx, grant), cx.gate.now()).await {
+                jwt::Upgrade::Done(fresh) => {
+                    let name = grant.fact("username").unwrap_or("(Plex account)").to_owned();
+                    let account = Account { name, id: grant.fact("account_id").map(str::to_owned) };
+                    return Verdict::Valid(Identity { account, grant: Some(fresh) });
                 }
-                match jwt::refresh(cx, &key, token_client(cx, grant), grant, cx.gate.now()).await {
-                    Verdict::Valid(fresh) => Some(fresh),
-                    Verdict::Rejected(e) => return Verdict::Rejected(e),
-                    Verdict::Unknown(e) => return Verdict::Unknown(e),
-                }
+                jwt::Upgrade::NoAnswer(e) => return Verdict::Unknown(e),
+                // The legacy token still works: it stays, and status says why it was not upgraded.
+                jwt::Upgrade::Refused(e) => refused = Some(e),
             }
-            Some(Err(e)) => return Verdict::Unknown(e),
-            None => None,
-        };
-        let grant = upgraded.as_ref().unwrap_or(grant);
+        }
         let user = match cx.send(Kind::Read, request(cx, Method::GET, PLEX_TV, "/api/v2/user", Some(grant))).await {
             Err(e) => return Verdict::Unknown(e),
             Ok(r) if r.status() == StatusCode::UNAUTHORIZED => {
@@ -326,6 +329,9 @@ impl Provider for Plex {
         };
         let mut updated = grant.clone();
         updated.set_fact("auth_mode", if jwt::is_jwt(grant) { "jwt" } else { "legacy" });
+        if let Some(why) = refused {
+            updated.set_fact("jwt_upgrade", format!("refused: {why}"));
+        }
         updated.set_fact("username", user.username.clone());
         updated.set_fact("account_id", id.clone());
         // No server listed (a passing answer, a shared-only account): what was known stays.
@@ -337,7 +343,7 @@ impl Provider for Plex {
                 updated.set_secret("server_token", Secret::new(t));
             }
         }
-        let grant = (upgraded.is_some() || updated != *grant).then_some(updated);
+        let grant = (updated != *grant).then_some(updated);
         Verdict::Valid(Identity { account: Account { name: user.username, id: Some(id) }, grant })
     }
 
