@@ -4,7 +4,7 @@
 mod common;
 
 use authkeeper::wire::ConnectionView;
-use authkeeper_fixtures::Fault;
+use authkeeper_fixtures::{Fault, TraktOptions};
 use authkeeper_state::{Cause, StateName};
 use common::*;
 use serde_json::json;
@@ -67,5 +67,42 @@ async fn a_timeout_or_a_garbage_body_is_unknown_too() {
         [Cause::ConnectRequested, Cause::Approved, Cause::Validated],
         "no transition was recorded for unknown answers"
     );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_numbers_from_a_provider_are_held_to_sane_bounds() {
+    // An interval of 317,000 years, a token that lives a century.
+    let opts = TraktOptions { interval: 10_000_000_000_000, token_lifetime: 3_200_000_000, ..fast_trakt() };
+    let h = Harness::new(opts, json!({})).await;
+    let daemon = h.start_daemon().await;
+    let client = h.client();
+    let reply: authkeeper::wire::ConnectReply =
+        client.post("/v1/connections/trakt/default/connect", None).await.unwrap();
+    assert_eq!(reply.interval, Some(3600), "an hour at most between polls");
+    daemon.kill9().await;
+    // The pending flow, saved with its interval, does not keep the daemon from starting.
+    let daemon = h.start_daemon().await;
+    let view: ConnectionView = h.client().get("/v1/connections/trakt/default").await.unwrap();
+    assert_eq!(view.state, StateName::Pending);
+    daemon.stop().await;
+
+    // A Retry-After of 3 million years: the provider is left alone for a day at most, and
+    // calls in the meantime answer at once.
+    let h = Harness::new(TraktOptions { token_lifetime: 3_200_000_000, ..fast_trakt() }, json!({})).await;
+    let daemon = h.start_daemon().await;
+    connect_approved(&h).await;
+    let client = h.client();
+    let view: ConnectionView = client.get("/v1/connections/trakt/default").await.unwrap();
+    let years = (view.expires_at.unwrap() - chrono::Utc::now()).num_days() / 365;
+    assert!((9..=10).contains(&years), "ten years at most: {years}");
+    h.emulator.log().inject("/users/settings", Fault::RetryAfter(99_999_999_999_999), 1);
+    let view: ConnectionView = client.post("/v1/connections/trakt/default/validate", None).await.unwrap();
+    assert_eq!(view.state, StateName::Connected);
+    let view: ConnectionView = client.post("/v1/connections/trakt/default/validate", None).await.unwrap();
+    let error = view.last_error.unwrap_or_default();
+    assert!(error.contains("no calls until"), "{error}");
+    let tomorrow = (chrono::Utc::now() + chrono::TimeDelta::days(1)).format("%Y-%m-%d").to_string();
+    assert!(error.contains(&tomorrow), "quiet until a day from now: {error}");
     daemon.stop().await;
 }
