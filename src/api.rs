@@ -38,6 +38,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/connections/{provider}/{profile}/token", get(token))
         .route("/v1/connections/{provider}/{profile}/history", get(history))
         .route("/v1/events", get(events))
+        .route("/v1/links", post(create_link))
         .fallback(|| async { ApiError::not_found() })
         .with_state(shared)
 }
@@ -249,6 +250,37 @@ async fn token(State(shared): App, Path((provider, profile)): Key) -> Result<Res
         }
         Err(view) => Err(DaemonError::NotConnected(view).into()),
     }
+}
+
+/// `POST /v1/links {"provider", "owner" | "profile"}` → 201 `{"url", "expires_at"}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LinkRequest {
+    provider: String,
+    owner: Option<String>,
+    profile: Option<String>,
+}
+
+async fn create_link(
+    State(shared): App,
+    body: Result<Json<LinkRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body.map_err(|e| {
+        DaemonError::BadRequest(format!("the body must be {{\"provider\", \"owner\" | \"profile\"}}: {e}"))
+    })?;
+    let profile = match (req.owner, req.profile) {
+        (Some(owner), None) if authkeeper_state::is_owner_id(&owner) => owner,
+        (Some(owner), None) => {
+            return Err(DaemonError::BadRequest(format!(
+                "{owner:?} is not an owner id: namespace:id, letters, digits and :._@-, up to 128 characters"
+            ))
+            .into());
+        }
+        (None, Some(profile)) => profile,
+        _ => return Err(DaemonError::BadRequest("give exactly one of owner and profile".into()).into()),
+    };
+    let issued = crate::links::create(&shared, &req.provider, &profile).await?;
+    Ok((StatusCode::CREATED, Json(issued)).into_response())
 }
 
 /// History outlives its connection: a profile removed from the config still answers here.

@@ -140,6 +140,9 @@ pub enum Cmd {
     Cancel(Target),
     /// Print the live access token, bare, for `$(authkeeper token trakt)`
     Token(Target),
+    /// Make a one-time login link for an owner (--owner discord:123456) or a profile, to send
+    /// to the user; it opens on the web listener and lives 10 minutes
+    Link(Target),
     /// Disconnect and revoke upstream where the provider allows
     Disconnect(Target),
     /// Refresh the token now and show the outcome
@@ -245,6 +248,20 @@ async fn client_command(client: &Client, json: bool, command: Cmd) -> Result<i32
                 println!("not connected: {}", view.state.as_str());
             }
             Ok(if view.state == StateName::Connected { 0 } else { 1 })
+        }
+        Cmd::Link(t) => {
+            let body = match &t.owner {
+                Some(owner) => serde_json::json!({"provider": t.provider, "owner": owner}),
+                None => serde_json::json!({"provider": t.provider, "profile": t.profile}),
+            };
+            let link: Value = client.post("/v1/links", Some(body)).await?;
+            if json {
+                print_json(&link);
+            } else {
+                println!("{}", link["url"].as_str().unwrap_or_default());
+                eprintln!("valid once, until {}", link["expires_at"].as_str().unwrap_or_default());
+            }
+            Ok(0)
         }
         Cmd::Token(t) => {
             let token: Value = client.get(&format!("{}/token", connection_path(&t.provider, t.id()))).await?;

@@ -151,6 +151,17 @@ pub fn describe(event: &WireEvent) -> String {
         WireEvent::ConfigError { error, line, column, .. } => {
             format!("config error: {error} (line {}, column {})", line.unwrap_or(0), column.unwrap_or(0))
         }
+        WireEvent::LinkOpened { provider, owner, at } => {
+            format!("{} {owner}: {provider} link opened", at.format("%H:%M:%S"))
+        }
+        WireEvent::Linked { provider, owner, at } => format!("{} {owner}: linked to {provider}", at.format("%H:%M:%S")),
+        WireEvent::LinkExpired { provider, owner, at } => {
+            format!("{} {owner}: {provider} link expired unused", at.format("%H:%M:%S"))
+        }
+        WireEvent::LinkFailed { provider, owner, at, detail } => {
+            let detail = detail.as_deref().map(|d| format!(": {d}")).unwrap_or_default();
+            format!("{} {owner}: {provider} link failed{detail}", at.format("%H:%M:%S"))
+        }
         WireEvent::Warning { message, provider, profile, next_attempt_at, at } => {
             let whose = match (provider, profile) {
                 (Some(p), Some(q)) => format!(" {p}/{q}:"),

@@ -22,6 +22,7 @@ pub mod daemon;
 pub mod demo;
 pub mod emulate;
 pub mod limits;
+pub mod links;
 pub mod providers;
 pub mod socket;
 pub mod web;

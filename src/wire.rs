@@ -119,6 +119,20 @@ pub enum WireEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         detail: Option<String>,
     },
+    /// A one-time link was opened in a browser.
+    LinkOpened { provider: String, owner: String, at: DateTime<Utc> },
+    /// The login behind a link connected.
+    Linked { provider: String, owner: String, at: DateTime<Utc> },
+    /// A link ran out before it was used.
+    LinkExpired { provider: String, owner: String, at: DateTime<Utc> },
+    /// The login behind a link ended without connecting.
+    LinkFailed {
+        provider: String,
+        owner: String,
+        at: DateTime<Utc>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
+    },
     /// A config change was applied; `changed` lists the connections it touched.
     ConfigReloaded { changed: Vec<String>, at: DateTime<Utc> },
     /// The daemon wrote credentials back into the config file (`write_back`).

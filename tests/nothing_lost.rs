@@ -179,6 +179,15 @@ impl ConnectionStore for Flaky {
     fn compact_history(&self, cutoff: chrono::DateTime<chrono::Utc>) -> Result<u64, StoreError> {
         self.inner.compact_history(cutoff)
     }
+    fn put_link(&self, id: &str, record: &authkeeper_state::LinkRecord) -> Result<(), StoreError> {
+        self.inner.put_link(id, record)
+    }
+    fn link(&self, id: &str) -> Result<Option<authkeeper_state::LinkRecord>, StoreError> {
+        self.inner.link(id)
+    }
+    fn links(&self) -> Result<Vec<(String, authkeeper_state::LinkRecord)>, StoreError> {
+        self.inner.links()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -109,6 +109,9 @@ pub struct Shared {
     pub public_url: Arc<PublicUrl>,
     /// Pending callback flows by their `state`.
     pub callbacks: Callbacks,
+    /// Links whose outcome is still to come, and failed guesses at links, per address.
+    pub active_links: crate::links::Active,
+    pub guesses: crate::links::Guesses,
     /// Per provider, what an owner who is not connected is told (`authkeeper.login_messages`).
     pub login_messages: RwLock<BTreeMap<String, String>>,
     actors: TaskTracker,
@@ -185,7 +188,7 @@ impl Shared {
 
     /// Give `machine` a slot in the read view and its first deadline. It starts asleep: a
     /// task runs only when a command or a deadline comes.
-    fn add_connection(self: &Arc<Self>, machine: Machine, adapter: Adapter, warning: Option<Arc<str>>) {
+    pub(crate) fn add_connection(self: &Arc<Self>, machine: Machine, adapter: Adapter, warning: Option<Arc<str>>) {
         let key = machine.key().clone();
         let resume = machine.pending_flow().is_some();
         if let Some(state) = machine.pending_flow().and_then(|f| f.secret("state")) {
@@ -394,9 +397,12 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
         public_url: Arc::default(),
         callbacks: Callbacks::default(),
         login_messages: RwLock::default(),
+        active_links: Default::default(),
+        guesses: Default::default(),
         actors: TaskTracker::new(),
     });
     let scheduler = tokio::spawn(shared.deadlines.clone().run(shared.clone(), shutdown.clone()));
+    tokio::spawn(crate::links::watch(shared.clone(), shutdown.clone()));
 
     // Bind first, to fail fast when another daemon answers there; serve once connections exist.
     let socket = ControlSocket::bind(&paths.socket).await?;

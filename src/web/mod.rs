@@ -7,7 +7,7 @@
 //! changes nothing. A callback is matched to its pending flow by the flow's random `state`
 //! (TMDB's request token), which is used once and dies with the flow.
 
-mod pages;
+pub mod pages;
 
 use crate::daemon::{CallbackError, Command, Shared};
 use axum::Router;
@@ -33,6 +33,9 @@ pub struct WebSettings {
     /// The origin (and optional path) a browser reaches the listener at, e.g.
     /// `https://auth.example.org`; `http://{listen}` when absent.
     pub public_url: Option<String>,
+    /// Reverse proxies whose `X-Forwarded-For` is believed (for throttling guessed links).
+    #[serde(default)]
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 impl WebSettings {
@@ -154,9 +157,9 @@ pub async fn serve(
         .await
         .with_context(|| format!("cannot listen on {addr} for authkeeper.web"))?;
     tracing::info!(listen = %addr, public_url = %settings.public_url(), "web listener ready");
-    let app = router(shared);
+    let app = router(shared.clone()).merge(crate::links::routes(shared, settings.trusted_proxies.clone()));
     Ok(tokio::spawn(async move {
-        axum::serve(listener, app)
+        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(async move {
                 let _ = shutdown.wait_for(|s| *s).await;
             })

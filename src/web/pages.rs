@@ -8,21 +8,31 @@ use axum::response::{IntoResponse, Response};
 
 /// A page with `title` and one paragraph of `text` (escaped here).
 pub fn page(status: StatusCode, title: &str, text: &str) -> Response {
-    let body = format!(
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
-         <meta name=\"viewport\" content=\"width=device-width\"><title>{t} · authkeeper</title></head>\
-         <body><h1>{t}</h1><p>{x}</p><p>You can close this tab.</p></body></html>\n",
-        t = escape(title),
-        x = escape(text)
-    );
-    let headers = [
-        (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-        (header::CACHE_CONTROL, "no-store"),
-        (header::REFERRER_POLICY, "no-referrer"),
-        (header::CONTENT_SECURITY_POLICY, "default-src 'none'"),
-    ];
-    (status, headers, body).into_response()
+    html(status, title, &format!("<p>{}</p><p>You can close this tab.</p>", escape(text)), None)
 }
+
+/// A page with `title` and a `body` of markup the caller has escaped, refreshing itself every
+/// `refresh` seconds if given.
+pub fn html(status: StatusCode, title: &str, body: &str, refresh: Option<u32>) -> Response {
+    let refresh = refresh.map(|s| format!("<meta http-equiv=\"refresh\" content=\"{s}\">")).unwrap_or_default();
+    let page = format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width\">{refresh}<title>{t} · authkeeper</title></head>\
+         <body><h1>{t}</h1>{body}</body></html>\n",
+        t = escape(title),
+    );
+    (status, HEADERS, page).into_response()
+}
+
+/// What every page sends: nothing from elsewhere, forms only to itself, no framing, no caching,
+/// no referrer.
+pub const HEADERS: [(header::HeaderName, &str); 5] = [
+    (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+    (header::CACHE_CONTROL, "no-store"),
+    (header::REFERRER_POLICY, "no-referrer"),
+    (header::CONTENT_SECURITY_POLICY, "default-src 'none'; form-action 'self'; frame-ancestors 'none'"),
+    (header::X_FRAME_OPTIONS, "DENY"),
+];
 
 /// A callback that changed nothing: 400 with why.
 pub fn refused(why: &CallbackError) -> Response {
@@ -55,6 +65,6 @@ pub fn outcome(view: &ConnectionView) -> Response {
     }
 }
 
-fn escape(s: &str) -> String {
+pub fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }

@@ -13,6 +13,7 @@
 //! Nothing here does network I/O or reads the clock: time always comes in as an argument.
 
 pub mod grant;
+pub mod links;
 pub mod machine;
 pub mod records;
 pub mod schedule;
@@ -20,6 +21,7 @@ pub mod secret;
 pub mod store;
 
 pub use grant::{Extras, Grant, PendingFlow, ProfileState};
+pub use links::LinkRecord;
 pub use machine::{
     Account, Cause, ConnKey, Connection, Effect, Event, Machine, REFRESH_ANSWER_LOST, Refusal, StateName, Step,
     Transition,

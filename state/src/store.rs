@@ -10,6 +10,7 @@
 //! backend can implement.
 
 use crate::grant::ProfileState;
+use crate::links::LinkRecord;
 use crate::machine::StateName;
 use crate::machine::{ConnKey, Machine, Transition};
 use crate::records::{self, RecordError};
@@ -36,6 +37,8 @@ const CONFIG_SEEN: TableDefinition<&str, &[u8]> = TableDefinition::new("config_s
 const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
 /// `provider/profile` → the provider's [`ProfileState`] record; outlives the connection.
 const PROFILE_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("profile_state");
+/// A one-time login link's public id → its [`crate::links::LinkRecord`].
+pub(crate) const LINKS: TableDefinition<&str, &[u8]> = TableDefinition::new("links");
 
 /// The schema this build writes. Older files are migrated on open; newer ones are refused.
 /// 1: tables; 2: `config_seen`; 3: versioned records, `settings`, `profile_state`.
@@ -93,6 +96,10 @@ pub trait ConnectionStore: Send + Sync + 'static {
     fn allocate_profile(&self, provider: &str, in_use: u64) -> Result<u64, StoreError>;
     fn note_profiles(&self, provider: &str, in_use: u64) -> Result<(), StoreError>;
     fn compact_history(&self, cutoff: chrono::DateTime<chrono::Utc>) -> Result<u64, StoreError>;
+    /// Save a one-time link's record; ends the profile's earlier unopened links.
+    fn put_link(&self, id: &str, record: &LinkRecord) -> Result<(), StoreError>;
+    fn link(&self, id: &str) -> Result<Option<LinkRecord>, StoreError>;
+    fn links(&self) -> Result<Vec<(String, LinkRecord)>, StoreError>;
 }
 
 fn parse_key(key: &str) -> ConnKey {
@@ -100,7 +107,7 @@ fn parse_key(key: &str) -> ConnKey {
     ConnKey::new(provider, profile)
 }
 
-fn db<E: Into<redb::Error>>(e: E) -> StoreError {
+pub(crate) fn db<E: Into<redb::Error>>(e: E) -> StoreError {
     StoreError::Db(e.into())
 }
 
@@ -113,7 +120,7 @@ pub struct Commit {
 /// The store. Cheap to clone; redb serialises writers, readers never block.
 #[derive(Clone)]
 pub struct Store {
-    db: Arc<Database>,
+    pub(crate) db: Arc<Database>,
     /// Each connection's history bounds (oldest sequence, next sequence) as committed, learned
     /// on its first append, so that an append is an insert rather than a range scan.
     bounds: Arc<Mutex<HashMap<String, (u64, u64)>>>,
@@ -553,5 +560,14 @@ impl ConnectionStore for Store {
     }
     fn compact_history(&self, cutoff: chrono::DateTime<chrono::Utc>) -> Result<u64, StoreError> {
         Store::compact_history(self, cutoff)
+    }
+    fn put_link(&self, id: &str, record: &LinkRecord) -> Result<(), StoreError> {
+        Store::put_link(self, id, record)
+    }
+    fn link(&self, id: &str) -> Result<Option<LinkRecord>, StoreError> {
+        Store::link(self, id)
+    }
+    fn links(&self) -> Result<Vec<(String, LinkRecord)>, StoreError> {
+        Store::links(self)
     }
 }

@@ -59,6 +59,20 @@ impl ConfigOwner {
         Ok(id)
     }
 
+    /// An owner's connection, made on demand: disconnected, on the provider's base block.
+    pub(super) async fn add_owner(&mut self, key: ConnKey) -> Result<(), DaemonError> {
+        if self.shared.lookup(&key.provider, &key.profile, |_| ()).is_ok() {
+            return Ok(());
+        }
+        let profile = self.owner_profile(&key).ok_or_else(|| DaemonError::UnknownProvider(key.provider.clone()))?;
+        let adapter = self.adapter(&key, &profile);
+        self.save_states().await;
+        let machine = authkeeper_state::Machine::new(key.clone(), self.shared.clock.now());
+        self.shared.add_connection(machine, adapter, None);
+        info!(connection = %key, "owner connection made");
+        Ok(())
+    }
+
     pub(super) async fn remove_profile(&mut self, provider: &str, profile: &str) -> Result<String, DaemonError> {
         let Some(p) = providers::find(provider) else {
             return Err(DaemonError::UnknownProvider(provider.to_owned()));

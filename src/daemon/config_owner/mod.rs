@@ -29,8 +29,20 @@ const DEBOUNCE: Duration = Duration::from_millis(100);
 
 /// What the rest of the daemon asks of the config owner.
 pub enum ConfigCommand {
-    AddProfile { provider: String, reply: oneshot::Sender<Result<String, DaemonError>> },
-    RemoveProfile { provider: String, profile: String, reply: oneshot::Sender<Result<String, DaemonError>> },
+    AddProfile {
+        provider: String,
+        reply: oneshot::Sender<Result<String, DaemonError>>,
+    },
+    /// Make an owner's connection (`discord:123456`) if it has none, on the provider's base block.
+    AddOwner {
+        key: ConnKey,
+        reply: oneshot::Sender<Result<(), DaemonError>>,
+    },
+    RemoveProfile {
+        provider: String,
+        profile: String,
+        reply: oneshot::Sender<Result<String, DaemonError>>,
+    },
 }
 
 pub struct ConfigOwner {
@@ -63,7 +75,7 @@ pub struct ConfigOwner {
 
 /// What reading the file gave.
 enum Read {
-    Good(Config, String),
+    Good(Box<Config>, String),
     Missing,
     Bad(ConfigError, Option<String>),
 }
@@ -71,7 +83,7 @@ enum Read {
 fn read(path: &std::path::Path) -> Read {
     match std::fs::read_to_string(path) {
         Ok(text) => match Config::parse(&text) {
-            Ok(config) => Read::Good(config, text),
+            Ok(config) => Read::Good(Box::new(config), text),
             Err(e) => Read::Bad(e, Some(text)),
         },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Read::Missing,
@@ -93,7 +105,7 @@ impl ConfigOwner {
         let mut machines: BTreeMap<ConnKey, (Machine, Option<u64>)> =
             stored.into_iter().map(|s| (s.machine.key().clone(), (s.machine, s.settings))).collect();
         let (config, text, rejected, warning) = match read(&path) {
-            Read::Good(config, text) => (config, Some(text), None, None),
+            Read::Good(config, text) => (*config, Some(text), None, None),
             other => {
                 let (why, rejected) = match other {
                     Read::Bad(e, text) => {
@@ -235,7 +247,7 @@ impl ConfigOwner {
     }
 
     /// The settings of a connection no config declares: its provider's base block.
-    fn owner_profile(&self, key: &ConnKey) -> Option<Arc<Profile>> {
+    pub(super) fn owner_profile(&self, key: &ConnKey) -> Option<Arc<Profile>> {
         providers::find(&key.provider)?;
         self.config.profile(&ConnKey::new(&key.provider, "default")).cloned()
     }
@@ -287,6 +299,9 @@ impl ConfigOwner {
         match command {
             ConfigCommand::AddProfile { provider, reply } => {
                 let _ = reply.send(self.add_profile(&provider).await);
+            }
+            ConfigCommand::AddOwner { key, reply } => {
+                let _ = reply.send(self.add_owner(key).await);
             }
             ConfigCommand::RemoveProfile { provider, profile, reply } => {
                 let _ = reply.send(self.remove_profile(&provider, &profile).await);

@@ -1,0 +1,124 @@
+//! Link outcomes on the events stream: `link_opened` (from the login page), `linked` and
+//! `link_failed` (from the transitions of a link's connection once its login started), and
+//! `link_expired` (a link never opened in its 10 minutes).
+
+use super::{load, save};
+use crate::daemon::Shared;
+use crate::wire::WireEvent;
+use authkeeper_state::{ConnKey, LinkRecord, StateName};
+use chrono::{DateTime, Utc};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{broadcast, watch as stop};
+
+/// The links whose outcome is still to come.
+#[derive(Default)]
+pub struct Active(Mutex<Inner>);
+
+#[derive(Default)]
+struct Inner {
+    /// Opened links, by the connection they log in.
+    opened: HashMap<ConnKey, String>,
+    /// Links not opened yet: id → (connection, end).
+    waiting: HashMap<String, (ConnKey, DateTime<Utc>)>,
+}
+
+impl Active {
+    /// Follow `record` (a link made, or read at start).
+    pub fn track(&self, id: &str, record: &LinkRecord) {
+        let key = ConnKey::new(&record.provider, &record.profile);
+        let mut inner = self.0.lock().unwrap();
+        inner.waiting.retain(|_, (k, _)| *k != key || record.session_hash.is_some());
+        match (record.outcome.is_some(), record.session_hash.is_some()) {
+            (true, _) => {}
+            (false, true) => {
+                inner.waiting.remove(id);
+                inner.opened.insert(key, id.to_owned());
+            }
+            (false, false) => {
+                inner.waiting.insert(id.to_owned(), (key, record.expires_at));
+            }
+        }
+    }
+
+    fn opened(&self, key: &ConnKey) -> Option<String> {
+        self.0.lock().unwrap().opened.get(key).cloned()
+    }
+
+    fn finish(&self, key: &ConnKey) {
+        self.0.lock().unwrap().opened.remove(key);
+    }
+
+    fn expired(&self, now: DateTime<Utc>) -> Vec<String> {
+        let mut inner = self.0.lock().unwrap();
+        let gone: Vec<String> =
+            inner.waiting.iter().filter(|(_, (_, end))| *end <= now).map(|(id, _)| id.clone()).collect();
+        for id in &gone {
+            inner.waiting.remove(id);
+        }
+        gone
+    }
+}
+
+/// Publish link outcomes until `shutdown`.
+pub async fn watch(shared: Arc<Shared>, mut shutdown: stop::Receiver<bool>) {
+    let store = shared.store.clone();
+    if let Ok(Ok(links)) = tokio::task::spawn_blocking(move || store.links()).await {
+        for (id, record) in links {
+            shared.active_links.track(&id, &record);
+        }
+    }
+    let mut events = shared.events.subscribe();
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
+            _ = tick.tick() => expire(&shared).await,
+            event = events.recv() => match event {
+                Ok(WireEvent::Transition { provider, profile, from, to, detail, .. }) => {
+                    let key = ConnKey::new(&provider, &profile);
+                    outcome(&shared, &key, from, to, detail).await;
+                }
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+        }
+    }
+}
+
+async fn outcome(shared: &Arc<Shared>, key: &ConnKey, from: StateName, to: StateName, detail: Option<String>) {
+    let Some(id) = shared.active_links.opened(key) else { return };
+    let Ok(Some(mut record)) = load(shared, &id).await else { return };
+    if !record.started || record.outcome.is_some() {
+        return;
+    }
+    let (provider, owner, at) = (key.provider.clone(), key.profile.clone(), shared.clock.now());
+    let event = match (from, to) {
+        (_, StateName::Connected) => {
+            record.outcome = Some("linked".into());
+            WireEvent::Linked { provider, owner, at }
+        }
+        (StateName::Pending, StateName::Disconnected | StateName::Expired) => {
+            record.outcome = Some("failed".into());
+            WireEvent::LinkFailed { provider, owner, at, detail }
+        }
+        _ => return,
+    };
+    shared.active_links.finish(key);
+    let _ = save(shared, &id, &record).await;
+    let _ = shared.events.send(event);
+}
+
+async fn expire(shared: &Arc<Shared>) {
+    for id in shared.active_links.expired(shared.clock.now()) {
+        let Ok(Some(mut record)) = load(shared, &id).await else { continue };
+        if record.session_hash.is_some() || record.outcome.is_some() {
+            continue;
+        }
+        record.outcome = Some("expired".into());
+        let _ = save(shared, &id, &record).await;
+        let (provider, owner, at) = (record.provider, record.profile, shared.clock.now());
+        let _ = shared.events.send(WireEvent::LinkExpired { provider, owner, at });
+    }
+}

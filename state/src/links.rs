@@ -1,0 +1,90 @@
+//! One-time login links: what the store keeps of each. Never the link's token itself, only a
+//! hash of its secret part (and of the browser session it became), so that a copy of the
+//! database opens no login page.
+
+use crate::store::{LINKS, Store, StoreError, db};
+use chrono::{DateTime, Utc};
+use redb::{ReadableDatabase, ReadableTable};
+use serde::{Deserialize, Serialize};
+
+/// A link's record, by the link's public id.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LinkRecord {
+    pub provider: String,
+    /// The profile it logs in: an owner id (`discord:123456`) or a config profile.
+    pub profile: String,
+    /// SHA-256 of the link's secret part.
+    pub secret_hash: [u8; 32],
+    pub expires_at: DateTime<Utc>,
+    /// SHA-256 of the browser session the link became when it was opened (its only use).
+    pub session_hash: Option<[u8; 32]>,
+    /// A flow was started for it: a connection that is no longer pending means it failed.
+    pub started: bool,
+    /// `linked`, `failed` or `expired` once it has ended.
+    pub outcome: Option<String>,
+}
+
+fn encode(record: &LinkRecord) -> Vec<u8> {
+    serde_json::to_vec(record).expect("a link record serializes")
+}
+
+fn decode(id: &str, bytes: &[u8]) -> Result<LinkRecord, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt { key: format!("link {id}"), source: e.into() })
+}
+
+impl Store {
+    /// Save `record` under `id`. A new link for a profile ends the same profile's earlier
+    /// links that were never opened (one pending link per owner and provider).
+    pub fn put_link(&self, id: &str, record: &LinkRecord) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db)?;
+        {
+            let mut table = txn.open_table(LINKS).map_err(db)?;
+            let mut stale = Vec::new();
+            for row in table.iter().map_err(db)? {
+                let (key, value) = row.map_err(db)?;
+                if key.value() == id {
+                    continue;
+                }
+                let other = decode(key.value(), value.value())?;
+                if other.provider == record.provider && other.profile == record.profile && other.session_hash.is_none()
+                {
+                    stale.push(key.value().to_owned());
+                }
+            }
+            for key in stale {
+                table.remove(key.as_str()).map_err(db)?;
+            }
+            table.insert(id, encode(record).as_slice()).map_err(db)?;
+        }
+        txn.commit().map_err(db)
+    }
+
+    pub fn link(&self, id: &str) -> Result<Option<LinkRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let table = match txn.open_table(LINKS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(db(e)),
+        };
+        match table.get(id).map_err(db)? {
+            Some(v) => decode(id, v.value()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Every link, for the watcher that publishes their outcomes.
+    pub fn links(&self) -> Result<Vec<(String, LinkRecord)>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let table = match txn.open_table(LINKS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(db(e)),
+        };
+        let mut out = Vec::new();
+        for row in table.iter().map_err(db)? {
+            let (key, value) = row.map_err(db)?;
+            out.push((key.value().to_owned(), decode(key.value(), value.value())?));
+        }
+        Ok(out)
+    }
+}
