@@ -111,6 +111,8 @@ pub struct Shared {
     pub callbacks: Callbacks,
     /// Links whose outcome is still to come, and failed guesses at links, per address.
     pub active_links: crate::links::Active,
+    /// How long a one-time link may wait to be opened (`authkeeper.web.link_ttl_secs`).
+    pub link_ttl: RwLock<chrono::TimeDelta>,
     pub guesses: crate::links::Guesses,
     /// Per provider, what an owner who is not connected is told (`authkeeper.login_messages`).
     pub login_messages: RwLock<BTreeMap<String, String>>,
@@ -398,6 +400,7 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
         callbacks: Callbacks::default(),
         login_messages: RwLock::default(),
         active_links: Default::default(),
+        link_ttl: RwLock::new(crate::links::LINK_TTL),
         guesses: Default::default(),
         actors: TaskTracker::new(),
     });

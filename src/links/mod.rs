@@ -23,10 +23,10 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 
-/// How long a link may wait to be opened.
+/// How long a link may wait to be opened, unless `authkeeper.web.link_ttl_secs` says otherwise.
 pub const LINK_TTL: TimeDelta = TimeDelta::minutes(10);
-/// How long the browser session a link became lasts, from the link's making.
-pub const SESSION_TTL: TimeDelta = TimeDelta::minutes(40);
+/// How long the browser session a link became lasts, from the link's end.
+pub const SESSION_TTL: TimeDelta = TimeDelta::minutes(30);
 
 /// The 201 answer to `POST /v1/links`.
 #[derive(Debug, Serialize)]
@@ -81,7 +81,7 @@ pub async fn create(shared: &Arc<Shared>, provider: &str, profile: &str) -> Resu
     let key = ConnKey::new(provider, profile);
     ensure_connection(shared, &key).await?;
     let (id, secret) = (random_token(), random_token());
-    let expires_at = shared.clock.now() + LINK_TTL;
+    let expires_at = shared.clock.now() + *shared.link_ttl.read().unwrap();
     let record = LinkRecord {
         provider: provider.to_owned(),
         profile: profile.to_owned(),

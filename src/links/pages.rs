@@ -111,17 +111,15 @@ async fn open(l: &Login, addr: IpAddr, token: &str) -> Response {
     let (provider, owner) = (record.provider.clone(), record.profile.clone());
     let _ = l.shared.events.send(WireEvent::LinkOpened { provider, owner, at: now });
     let secure = l.shared.public_url.get().is_some_and(|u| u.starts_with("https:"));
-    let max_age = (record.expires_at + SESSION_TTL - super::LINK_TTL - now).num_seconds().max(1);
+    let max_age = (record.expires_at + SESSION_TTL - now).num_seconds().max(1);
     let cookie = format!(
         "{COOKIE}={id}.{secret}; Path=/login; Max-Age={max_age}; HttpOnly; SameSite=Strict{}",
         if secure { "; Secure" } else { "" }
     );
     // A page of our own moves the browser on: a redirect would carry the cross-site navigation
     // along, and SameSite=Strict would keep the cookie from it.
-    let mut r = html(StatusCode::OK, "Opening…", "<p><a href=\"/login\">Continue</a></p>", Some(0));
+    let mut r = html(StatusCode::OK, "Opening…", "<p><a href=\"/login\">Continue</a></p>", Some("0;url=/login"));
     r.headers_mut().insert(header::SET_COOKIE, cookie.parse().expect("a cookie header"));
-    let refresh = "0;url=/login".parse().expect("a refresh header");
-    r.headers_mut().insert(header::REFRESH, refresh);
     r
 }
 
@@ -140,7 +138,7 @@ async fn session(shared: &Arc<Shared>, headers: &HeaderMap) -> Result<(String, L
         Ok(_) => return Err(unknown()),
         Err(e) => return Err(page(StatusCode::SERVICE_UNAVAILABLE, "Try again", &e.to_string())),
     };
-    if shared.clock.now() >= record.expires_at - super::LINK_TTL + SESSION_TTL {
+    if shared.clock.now() >= record.expires_at + SESSION_TTL {
         return Err(gone("Login expired", "This login took too long. Ask for a new link."));
     }
     Ok((id.to_owned(), record, secret.to_owned()))
@@ -190,7 +188,7 @@ async fn show(shared: &Arc<Shared>, id: &str, mut record: LinkRecord) -> Respons
 fn pending(record: &LinkRecord, current: &ConnectionView) -> Response {
     let label = label(&record.provider);
     let Some(flow) = &current.pending else {
-        return html(StatusCode::OK, &format!("Log in to {label}"), "<p>Checking your login…</p>", Some(2));
+        return html(StatusCode::OK, &format!("Log in to {label}"), "<p>Checking your login…</p>", Some("2"));
     };
     if let Some(url) = &flow.authorize_url {
         return Redirect::to(url).into_response();
@@ -209,7 +207,7 @@ fn pending(record: &LinkRecord, current: &ConnectionView) -> Response {
     if has_password {
         body += "<p><a href=\"/login/password\">Log in with your password instead</a></p>";
     }
-    html(StatusCode::OK, &format!("Log in to {label}"), &body, Some(3))
+    html(StatusCode::OK, &format!("Log in to {label}"), &body, Some("3"))
 }
 
 /// The password form (no refresh, so typing is not interrupted).

@@ -36,6 +36,15 @@ pub struct WebSettings {
     /// Reverse proxies whose `X-Forwarded-For` is believed (for throttling guessed links).
     #[serde(default)]
     pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// How long a one-time link may wait to be opened (default 600 s).
+    pub link_ttl_secs: Option<u64>,
+}
+
+impl WebSettings {
+    /// How long a one-time link may wait to be opened: ten minutes unless set (1 s..1 day).
+    pub fn link_ttl(&self) -> chrono::TimeDelta {
+        chrono::TimeDelta::seconds(self.link_ttl_secs.unwrap_or(600).clamp(1, 86_400) as i64)
+    }
 }
 
 impl WebSettings {
@@ -126,6 +135,7 @@ pub fn reconfigure(shared: &Shared, was: Option<&WebSettings>, now: Option<&WebS
         tracing::warn!("{message}");
         shared.publish_warning(None, message.into(), None);
     }
+    *shared.link_ttl.write().unwrap() = now.map_or(crate::links::LINK_TTL, WebSettings::link_ttl);
     if !shared.public_url.set(now.map(WebSettings::public_url)) {
         return;
     }

@@ -11,9 +11,9 @@ pub fn page(status: StatusCode, title: &str, text: &str) -> Response {
     html(status, title, &format!("<p>{}</p><p>You can close this tab.</p>", escape(text)), None)
 }
 
-/// A page with `title` and a `body` of markup the caller has escaped, refreshing itself every
-/// `refresh` seconds if given.
-pub fn html(status: StatusCode, title: &str, body: &str, refresh: Option<u32>) -> Response {
+/// A page with `title` and a `body` of markup the caller has escaped, and a `refresh`
+/// (`"3"`: reload every 3 s; `"0;url=/login"`: move on) if given.
+pub fn html(status: StatusCode, title: &str, body: &str, refresh: Option<&str>) -> Response {
     let refresh = refresh.map(|s| format!("<meta http-equiv=\"refresh\" content=\"{s}\">")).unwrap_or_default();
     let page = format!(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\

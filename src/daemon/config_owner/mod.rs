@@ -127,6 +127,9 @@ impl ConfigOwner {
         shared.set_policy(config.settings.policy());
         shared.public_url.set(config.settings.web.as_ref().map(|w| w.public_url()));
         *shared.login_messages.write().unwrap() = config.settings.login_messages.clone();
+        if let Some(web) = &config.settings.web {
+            *shared.link_ttl.write().unwrap() = web.link_ttl();
+        }
         for (provider, gate) in &shared.gates {
             gate.set_limits(config.settings.limits(provider));
             shared.planners[provider].set_rate(config.settings.limits(provider).per_second * super::REFRESH_SHARE);
