@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod more;
+mod owners;
 
 const APPROVE_AFTER: Duration = Duration::from_secs(3);
 const TOKEN_LIFETIME: u64 = 12;
@@ -119,14 +120,18 @@ pub async fn run() -> anyhow::Result<()> {
 
     let trakt_view = &views[0];
     let old_refresh = trakt.latest_tokens().map(|(_, r)| r).unwrap_or_default();
-    println!("6. Trakt's token lives {TOKEN_LIFETIME} s; the daemon refreshes it ahead of expiry, unasked:");
+    println!("6. Two users of a chat bot link their own Jellyfin through one-time links:");
+    owners::run(&client, &jellyfin).await?;
+    println!();
+
+    println!("7. Trakt's token lives {TOKEN_LIFETIME} s; the daemon refreshes it ahead of expiry, unasked:");
     wait_for_refresh(&client, trakt_view).await?;
     println!(
         "   the emulator saw the old refresh token used {} time(s); the new pair was saved first\n",
         trakt.refresh_token_uses(&old_refresh)
     );
 
-    println!("7. Disconnect everything (each revokes upstream where the provider allows); Trakt's history:");
+    println!("8. Disconnect everything (each revokes upstream where the provider allows); Trakt's history:");
     for (provider, _, _) in STEPS.iter().chain(MORE.iter()).copied() {
         let path = connection_path(provider, "default");
         let view: ConnectionView = client.post(&format!("{path}/disconnect"), None).await?;
