@@ -182,3 +182,47 @@ async fn ten_thousand_guessed_tokens_open_nothing_and_do_not_stop_a_real_link() 
     assert!(headers.contains_key("set-cookie"));
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_that_runs_out_is_a_failed_link_and_a_browser_provider_is_sent_to_its_page() {
+    // Jellyfin forgets Quick Connect requests after a second here.
+    let jellyfin = JellyfinEmulator::start(JellyfinOptions { quick_connect_ttl_secs: 1, ..JellyfinOptions::default() })
+        .await
+        .unwrap();
+    let anilist = authkeeper_fixtures::anilist::AniListEmulator::start(Default::default()).await.unwrap();
+    let (listen, public_url) = free_port();
+    let app = authkeeper_fixtures::anilist::AniListOptions::default();
+    let config = json!({"jellyfin": {"server": jellyfin.url()},
+        "anilist": {"client_id": app.client_id, "client_secret": app.client_secret},
+        "authkeeper": {"web": {"listen": listen, "public_url": public_url}, "base_url": {"anilist": anilist.url()}}});
+    let h = harness(config).await;
+    let daemon = h.start_daemon().await;
+    let mut events = h.client().events().await.unwrap();
+
+    let mut browser = Browser::new();
+    browser.get(&link(&h, "discord:5").await).await;
+    assert_eq!(link_event(&mut events).await, ("link_opened".into(), "discord:5".into()));
+    let (_, page, _) = browser.get(&format!("{public_url}/login")).await;
+    assert!(page.contains("Your code"), "{page}");
+    assert_eq!(link_event(&mut events).await, ("link_failed".into(), "discord:5".into()));
+    let (_, page, _) = browser.get(&format!("{public_url}/login")).await;
+    assert!(page.contains("Not linked") && page.contains("new link"), "{page}");
+
+    // AniList logs in on its own page: the login page sends the browser there, and the
+    // callback brings it back linked.
+    let issued: Value =
+        h.client().post("/v1/links", Some(json!({"provider": "anilist", "owner": "discord:5"}))).await.unwrap();
+    let mut browser = Browser::new();
+    browser.get(issued["url"].as_str().unwrap()).await;
+    let (status, _, headers) = browser.get(&format!("{public_url}/login")).await;
+    assert_eq!(status, 303);
+    let authorize = headers["location"].to_str().unwrap().to_owned();
+    assert!(authorize.starts_with(&anilist.url()), "{authorize}");
+    let (status, _, _) = common::trackers::browse(&authorize).await;
+    assert_eq!(status, 200);
+    assert_eq!(link_event(&mut events).await, ("link_opened".into(), "discord:5".into()));
+    assert_eq!(link_event(&mut events).await, ("linked".into(), "discord:5".into()));
+    let (_, page, _) = browser.get(&format!("{public_url}/login")).await;
+    assert!(page.contains("Linked to AniList"), "{page}");
+    daemon.stop().await;
+}
