@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod owners;
 mod process;
 
 /// The system allocator, counting the bytes live, so that a structure's memory is measured
@@ -61,6 +62,11 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Scenario {
+    /// N owners' connections (made through links) against N config profiles
+    Owners {
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+    },
     /// Reload a config of N profiles where one changed, against a bare serde_json parse
     ConfigReload {
         #[arg(long, default_value_t = 10_000)]
@@ -592,6 +598,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Tokens { secs, rounds, clients } => tokens(Duration::from_secs_f64(secs), rounds, &clients).await,
         Scenario::Scale { sizes } => scale(&sizes).await,
         Scenario::Startup => startup().await,
+        Scenario::Owners { connections } => owners::owners(connections).await,
         Scenario::Prepare { dir, connections } => process::prepare(&dir, connections),
         Scenario::BareServer { socket, body_file, content_type } => {
             process::bare_server(&socket, std::fs::read(body_file)?.into(), content_type).await

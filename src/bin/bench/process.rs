@@ -18,6 +18,11 @@ use tokio::net::{UnixListener, UnixStream};
 /// Fill `db` with `n` connected Trakt connections (`TRAKT-P01`…) whose week-long tokens were
 /// issued over the past day, in batches of 10,000 per transaction.
 pub fn populate(db: &Path, n: usize, now: DateTime<Utc>) -> anyhow::Result<Store> {
+    populate_as(db, n, now, profile)
+}
+
+/// [`populate`] with profiles named by `name` (`discord:7` for owners' connections).
+pub fn populate_as(db: &Path, n: usize, now: DateTime<Utc>, name: fn(usize) -> String) -> anyhow::Result<Store> {
     let store = Store::open(db)?;
     let policy = Policy { validate_every: TimeDelta::days(7), ..Policy::default() };
     let mut batch = Vec::new();
@@ -29,7 +34,7 @@ pub fn populate(db: &Path, n: usize, now: DateTime<Utc>) -> anyhow::Result<Store
             expires_at: Some(issued + TimeDelta::days(7)),
             ..Grant::bearer(format!("access-{i:08}-0123456789abcdef0123456789abcdef"), issued)
         };
-        let mut m = Machine::new(ConnKey::new("trakt", profile(i)), issued);
+        let mut m = Machine::new(ConnKey::new("trakt", name(i)), issued);
         m.handle(&Event::CredentialsSupplied { grant }, issued, policy, 0.0);
         let step = m.handle(
             &Event::Validated { account: Account { name: format!("user{i}"), id: None }, grant: None },
