@@ -226,3 +226,27 @@ async fn a_login_that_runs_out_is_a_failed_link_and_a_browser_provider_is_sent_t
     assert!(page.contains("Linked to AniList"), "{page}");
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_link_ends_the_owners_earlier_unopened_one_and_bad_requests_are_clear() {
+    let (h, _jellyfin, _) = setup().await;
+    let daemon = h.start_daemon().await;
+    let first = link(&h, "discord:11").await;
+    let second = link(&h, "discord:11").await;
+    let (status, page, _) = Browser::new().get(&first).await;
+    assert_eq!(status, 400, "the earlier link is gone: {page}");
+    let (status, _, _) = Browser::new().get(&second).await;
+    assert_eq!(status, 200);
+
+    let client = h.client();
+    for (body, says) in [
+        (json!({"provider": "jellyfin", "owner": "no-colon"}), "not an owner id"),
+        (json!({"provider": "jellyfin"}), "exactly one of owner and profile"),
+        (json!({"provider": "netflix", "owner": "discord:1"}), "netflix"),
+    ] {
+        let (status, err) = api_error(client.post::<Value>("/v1/links", Some(body)).await.unwrap_err());
+        assert!(status == 400 || status == 404, "{status} {err}");
+        assert!(err["message"].as_str().unwrap().contains(says), "{err}");
+    }
+    daemon.stop().await;
+}
