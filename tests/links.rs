@@ -250,3 +250,18 @@ async fn a_new_link_ends_the_owners_earlier_unopened_one_and_bad_requests_are_cl
     }
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_browsers_opening_one_link_at_once_get_one_session() {
+    let (h, _jellyfin, _) = setup().await;
+    let daemon = h.start_daemon().await;
+    for round in 0..20 {
+        let url = link(&h, &format!("discord:{}", 500 + round)).await;
+        let (mut a, mut b) = (Browser::new(), Browser::new());
+        let ((sa, _, _), (sb, _, _)) = tokio::join!(a.get(&url), b.get(&url));
+        let mut statuses = [sa, sb];
+        statuses.sort();
+        assert_eq!(statuses, [200, 410], "round {round}: exactly one browser gets in");
+    }
+    daemon.stop().await;
+}

@@ -188,6 +188,9 @@ impl ConnectionStore for Flaky {
     fn links(&self) -> Result<Vec<(String, authkeeper_state::LinkRecord)>, StoreError> {
         self.inner.links()
     }
+    fn claim_link(&self, id: &str, hash: [u8; 32]) -> Result<Option<authkeeper_state::LinkRecord>, StoreError> {
+        self.inner.claim_link(id, hash)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

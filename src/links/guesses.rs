@@ -23,6 +23,11 @@ impl Guesses {
         let mut map = self.0.lock().unwrap();
         if map.len() >= REMEMBERED {
             map.retain(|_, (start, _)| now.duration_since(*start) < WINDOW);
+            if map.len() >= REMEMBERED {
+                // Guesses from this many addresses at once: count afresh rather than grow
+                // without bound.
+                map.clear();
+            }
         }
         let entry = map.entry(addr).or_insert((now, 0));
         if now.duration_since(entry.0) >= WINDOW {

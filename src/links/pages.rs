@@ -87,7 +87,7 @@ async fn open(l: &Login, addr: IpAddr, token: &str) -> Response {
         },
         None => None,
     };
-    let Some((id, mut record)) = found else {
+    let Some((id, record)) = found else {
         if let Some(wait) = l.shared.guesses.fail(addr) {
             let mut r = page(StatusCode::TOO_MANY_REQUESTS, "Too many tries", "Too many unknown links from here.");
             r.headers_mut().insert(header::RETRY_AFTER, wait.into());
@@ -103,10 +103,13 @@ async fn open(l: &Login, addr: IpAddr, token: &str) -> Response {
         return gone("Link expired", "This link expired before it was opened. Ask for a new one.");
     }
     let secret = random_token();
-    record.session_hash = Some(hash(&secret));
-    if let Err(e) = save(&l.shared, &id, &record).await {
-        return page(StatusCode::SERVICE_UNAVAILABLE, "Try again", &e.to_string());
-    }
+    let (store, claim, session) = (l.shared.store.clone(), id.clone(), hash(&secret));
+    let record = match tokio::task::spawn_blocking(move || store.claim_link(&claim, session)).await {
+        Ok(Ok(Some(claimed))) => claimed,
+        Ok(Ok(None)) => return gone("Link already used", "This link was already used. Ask for a new one."),
+        Ok(Err(e)) => return page(StatusCode::SERVICE_UNAVAILABLE, "Try again", &e.to_string()),
+        Err(e) => return page(StatusCode::SERVICE_UNAVAILABLE, "Try again", &e.to_string()),
+    };
     l.shared.active_links.track(&id, &record);
     let (provider, owner) = (record.provider.clone(), record.profile.clone());
     let _ = l.shared.events.send(WireEvent::LinkOpened { provider, owner, at: now });

@@ -34,20 +34,22 @@ fn decode(id: &str, bytes: &[u8]) -> Result<LinkRecord, StoreError> {
 
 impl Store {
     /// Save `record` under `id`. A new link for a profile ends the same profile's earlier
-    /// links that were never opened (one pending link per owner and provider).
+    /// links that were never opened (one pending link per owner and provider); links that
+    /// ended more than a day ago go too.
     pub fn put_link(&self, id: &str, record: &LinkRecord) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(db)?;
         {
             let mut table = txn.open_table(LINKS).map_err(db)?;
             let mut stale = Vec::new();
+            let old = record.expires_at - chrono::TimeDelta::days(1) - chrono::TimeDelta::hours(1);
             for row in table.iter().map_err(db)? {
                 let (key, value) = row.map_err(db)?;
                 if key.value() == id {
                     continue;
                 }
                 let other = decode(key.value(), value.value())?;
-                if other.provider == record.provider && other.profile == record.profile && other.session_hash.is_none()
-                {
+                let same = other.provider == record.provider && other.profile == record.profile;
+                if (same && other.session_hash.is_none()) || other.expires_at < old {
                     stale.push(key.value().to_owned());
                 }
             }
@@ -57,6 +59,28 @@ impl Store {
             table.insert(id, encode(record).as_slice()).map_err(db)?;
         }
         txn.commit().map_err(db)
+    }
+
+    /// The link's only use: give it `session_hash` if it has none yet, in one write, so that
+    /// two browsers opening it at once cannot both get in. `None` when it was already used
+    /// (or is gone).
+    pub fn claim_link(&self, id: &str, session_hash: [u8; 32]) -> Result<Option<LinkRecord>, StoreError> {
+        let txn = self.db.begin_write().map_err(db)?;
+        let claimed = {
+            let mut table = txn.open_table(LINKS).map_err(db)?;
+            let current = match table.get(id).map_err(db)? {
+                Some(v) => decode(id, v.value())?,
+                None => return Ok(None),
+            };
+            if current.session_hash.is_some() {
+                return Ok(None);
+            }
+            let claimed = LinkRecord { session_hash: Some(session_hash), ..current };
+            table.insert(id, encode(&claimed).as_slice()).map_err(db)?;
+            claimed
+        };
+        txn.commit().map_err(db)?;
+        Ok(Some(claimed))
     }
 
     pub fn link(&self, id: &str) -> Result<Option<LinkRecord>, StoreError> {

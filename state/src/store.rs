@@ -99,6 +99,8 @@ pub trait ConnectionStore: Send + Sync + 'static {
     /// Save a one-time link's record; ends the profile's earlier unopened links.
     fn put_link(&self, id: &str, record: &LinkRecord) -> Result<(), StoreError>;
     fn link(&self, id: &str) -> Result<Option<LinkRecord>, StoreError>;
+    /// A link's only use, atomically: `None` when it was already used.
+    fn claim_link(&self, id: &str, session_hash: [u8; 32]) -> Result<Option<LinkRecord>, StoreError>;
     fn links(&self) -> Result<Vec<(String, LinkRecord)>, StoreError>;
 }
 
@@ -569,5 +571,8 @@ impl ConnectionStore for Store {
     }
     fn links(&self) -> Result<Vec<(String, LinkRecord)>, StoreError> {
         Store::links(self)
+    }
+    fn claim_link(&self, id: &str, session_hash: [u8; 32]) -> Result<Option<LinkRecord>, StoreError> {
+        Store::claim_link(self, id, session_hash)
     }
 }
