@@ -111,6 +111,8 @@ async fn chromium_links_jellyfin_by_quick_connect_and_by_password() {
     // Quick Connect: the page shows the code and updates itself once it is approved.
     let url = link(&h, "discord:1").await;
     c.goto(&url).await.unwrap();
+    heading(c, "Continue to Jellyfin").await;
+    c.find(Locator::Css("button")).await.unwrap().click().await.unwrap();
     heading(c, "Log in to Jellyfin").await;
     assert!(!c.current_url().await.unwrap().as_str().contains("token="), "the token left the address bar");
     let code = c.find(Locator::Css("strong")).await.unwrap().text().await.unwrap();
@@ -124,6 +126,7 @@ async fn chromium_links_jellyfin_by_quick_connect_and_by_password() {
     // The password form, for a second owner.
     let url = link(&h, "discord:2").await;
     c.goto(&url).await.unwrap();
+    c.find(Locator::Css("button")).await.unwrap().click().await.unwrap();
     heading(c, "Log in to Jellyfin").await;
     c.find(Locator::LinkText("Log in with your password instead")).await.unwrap().click().await.unwrap();
     let form = c.form(Locator::Css("form")).await.unwrap();
@@ -136,7 +139,11 @@ async fn chromium_links_jellyfin_by_quick_connect_and_by_password() {
     let token: Value = h.client().get("/v1/connections/jellyfin/discord:2/token").await.unwrap();
     assert!(token["access_token"].is_string());
 
-    // The same link again: used.
+    // The same link again: with its session still in this browser it is the login page…
+    c.goto(&url).await.unwrap();
+    heading(c, "Linked to Jellyfin").await;
+    // …and from any other browser, a used link.
+    c.delete_all_cookies().await.unwrap();
     c.goto(&url).await.unwrap();
     heading(c, "Link already used").await;
     screenshot(c, "link-used").await;

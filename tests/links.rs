@@ -36,6 +36,26 @@ impl Browser {
         (status, resp.text().await.unwrap(), headers)
     }
 
+    /// Open a link as a user does: its page, then the button that uses it. The status of the
+    /// button's answer (303 when the link became this browser's session).
+    async fn open(&mut self, url: &str) -> u16 {
+        let (status, page, _) = self.get(url).await;
+        if status != 200 {
+            return status;
+        }
+        let token = page.split("name=\"token\" value=\"").nth(1).unwrap().split('"').next().unwrap().to_owned();
+        let origin = url.split("/login").next().unwrap().to_owned();
+        let mut req = self.http.post(format!("{origin}/login/open")).form(&[("token", token.as_str())]);
+        if let Some(c) = &self.cookie {
+            req = req.header("cookie", c);
+        }
+        let resp = req.send().await.unwrap();
+        if let Some(set) = resp.headers().get("set-cookie") {
+            self.cookie = Some(set.to_str().unwrap().split(';').next().unwrap().to_owned());
+        }
+        resp.status().as_u16()
+    }
+
     async fn post(&self, url: &str, form: &[(&str, &str)]) -> (u16, String) {
         let mut req = self.http.post(url).form(form);
         if let Some(c) = &self.cookie {
@@ -85,14 +105,17 @@ async fn an_owner_links_jellyfin_by_quick_connect_once_and_is_gated_until_then()
     let (status, body) = api_error(h.client().get::<Value>(&token_path).await.unwrap_err());
     assert_eq!((status, body["message"].as_str()), (409, Some("Please log in first: /login jellyfin")));
 
-    // Opened: the token becomes a session cookie and leaves the address bar.
-    let mut browser = Browser::new();
-    let (status, page, headers) = browser.get(&url).await;
+    // Looking at the link (a chat app's preview does) uses nothing up.
+    let (status, _, headers) = Browser::new().get(&url).await;
     assert_eq!(status, 200);
-    let cookie = headers["set-cookie"].to_str().unwrap();
-    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
-    assert!(!page.contains(url.split("token=").nth(1).unwrap()), "the token is not echoed");
+    assert!(!headers.contains_key("set-cookie"));
     assert_eq!(headers["x-frame-options"], "DENY");
+
+    // Opened: the token becomes a session cookie, and the browser goes on without it.
+    let mut browser = Browser::new();
+    assert_eq!(browser.open(&url).await, 303);
+    let cookie = browser.cookie.clone().unwrap();
+    assert!(cookie.starts_with("authkeeper_login="), "{cookie}");
     assert_eq!(link_event(&mut events).await, ("link_opened".into(), owner.into()));
 
     // The login page: a Quick Connect code, refreshing by itself.
@@ -106,6 +129,7 @@ async fn an_owner_links_jellyfin_by_quick_connect_once_and_is_gated_until_then()
     let (status, page, _) = Browser::new().get(&url).await;
     assert_eq!(status, 410, "{page}");
     assert!(page.contains("already used"));
+    assert_eq!(Browser::new().open(&url).await, 410);
 
     assert!(jellyfin.approve(&code));
     assert_eq!(link_event(&mut events).await, ("linked".into(), owner.into()));
@@ -125,12 +149,13 @@ async fn the_password_form_is_used_once_guarded_against_cross_site_posts_and_sur
     let daemon = h.start_daemon().await;
     let url = link(&h, "discord:42").await;
     let mut browser = Browser::new();
-    browser.get(&url).await;
+    assert_eq!(browser.open(&url).await, 303);
     let (_, first, _) = browser.get(&format!("{public_url}/login")).await;
     daemon.kill9().await;
 
     // After a restart the same page shows the same code.
     let daemon = h.start_daemon().await;
+    let mut events = h.client().events().await.unwrap();
     let (status, again, _) = browser.get(&format!("{public_url}/login")).await;
     assert_eq!(status, 200);
     let code = jellyfin.pending_codes().pop().unwrap();
@@ -146,6 +171,8 @@ async fn the_password_form_is_used_once_guarded_against_cross_site_posts_and_sur
     assert!(page.contains("refused the username or password"), "{page}");
     let (status, _) = browser.post(&target, &[("csrf", &csrf), ("username", "sean"), ("password", &password)]).await;
     assert_eq!(status, 303);
+    // Switching from the code to the password is no failure: the one outcome is `linked`.
+    assert_eq!(link_event(&mut events).await, ("linked".into(), "discord:42".into()));
     let (_, page, _) = browser.get(&format!("{public_url}/login")).await;
     assert!(page.contains("Linked to Jellyfin"), "{page}");
     daemon.stop().await;
@@ -177,9 +204,7 @@ async fn ten_thousand_guessed_tokens_open_nothing_and_do_not_stop_a_real_link() 
 
     // Another owner's real link, from the same address even, still opens.
     let url = link(&h, "discord:7").await;
-    let (status, _, headers) = Browser::new().get(&url).await;
-    assert_eq!(status, 200);
-    assert!(headers.contains_key("set-cookie"));
+    assert_eq!(Browser::new().open(&url).await, 303);
     daemon.stop().await;
 }
 
@@ -200,7 +225,7 @@ async fn a_login_that_runs_out_is_a_failed_link_and_a_browser_provider_is_sent_t
     let mut events = h.client().events().await.unwrap();
 
     let mut browser = Browser::new();
-    browser.get(&link(&h, "discord:5").await).await;
+    assert_eq!(browser.open(&link(&h, "discord:5").await).await, 303);
     assert_eq!(link_event(&mut events).await, ("link_opened".into(), "discord:5".into()));
     let (_, page, _) = browser.get(&format!("{public_url}/login")).await;
     assert!(page.contains("Your code"), "{page}");
@@ -213,7 +238,7 @@ async fn a_login_that_runs_out_is_a_failed_link_and_a_browser_provider_is_sent_t
     let issued: Value =
         h.client().post("/v1/links", Some(json!({"provider": "anilist", "owner": "discord:5"}))).await.unwrap();
     let mut browser = Browser::new();
-    browser.get(issued["url"].as_str().unwrap()).await;
+    assert_eq!(browser.open(issued["url"].as_str().unwrap()).await, 303);
     let (status, _, headers) = browser.get(&format!("{public_url}/login")).await;
     assert_eq!(status, 303);
     let authorize = headers["location"].to_str().unwrap().to_owned();
@@ -235,8 +260,7 @@ async fn a_new_link_ends_the_owners_earlier_unopened_one_and_bad_requests_are_cl
     let second = link(&h, "discord:11").await;
     let (status, page, _) = Browser::new().get(&first).await;
     assert_eq!(status, 400, "the earlier link is gone: {page}");
-    let (status, _, _) = Browser::new().get(&second).await;
-    assert_eq!(status, 200);
+    assert_eq!(Browser::new().open(&second).await, 303);
 
     let client = h.client();
     for (body, says) in [
@@ -258,10 +282,10 @@ async fn two_browsers_opening_one_link_at_once_get_one_session() {
     for round in 0..20 {
         let url = link(&h, &format!("discord:{}", 500 + round)).await;
         let (mut a, mut b) = (Browser::new(), Browser::new());
-        let ((sa, _, _), (sb, _, _)) = tokio::join!(a.get(&url), b.get(&url));
+        let (sa, sb) = tokio::join!(a.open(&url), b.open(&url));
         let mut statuses = [sa, sb];
         statuses.sort();
-        assert_eq!(statuses, [200, 410], "round {round}: exactly one browser gets in");
+        assert_eq!(statuses, [303, 410], "round {round}: exactly one browser gets in");
     }
     daemon.stop().await;
 }

@@ -188,8 +188,22 @@ impl ConnectionStore for Flaky {
     fn links(&self) -> Result<Vec<(String, authkeeper_state::LinkRecord)>, StoreError> {
         self.inner.links()
     }
-    fn claim_link(&self, id: &str, hash: [u8; 32]) -> Result<Option<authkeeper_state::LinkRecord>, StoreError> {
-        self.inner.claim_link(id, hash)
+    fn claim_link(
+        &self,
+        id: &str,
+        hash: [u8; 32],
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Option<authkeeper_state::LinkRecord>, StoreError> {
+        self.inner.claim_link(id, hash, now)
+    }
+    fn progress_link(
+        &self,
+        id: &str,
+        started: bool,
+        outcome: Option<&str>,
+        only_unopened: bool,
+    ) -> Result<Option<authkeeper_state::LinkRecord>, StoreError> {
+        self.inner.progress_link(id, started, outcome, only_unopened)
     }
 }
 

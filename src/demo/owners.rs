@@ -23,8 +23,13 @@ pub async fn run(client: &Client, jellyfin: &JellyfinEmulator) -> anyhow::Result
         let url = link["url"].as_str().context("no link url")?;
         let shown = url.split("token=").next().unwrap_or_default();
         println!("   {owner}: the bot sends a one-time link ({shown}token=…, secret elided here)");
-        // The user's browser: the link becomes a session cookie, then the login page.
-        let opened = browser.get(url).send().await?;
+        // The user's browser: the link's page, its button (the link becomes a session
+        // cookie), then the login page.
+        let page = browser.get(url).send().await?.text().await?;
+        let token = page.split("name=\"token\" value=\"").nth(1).and_then(|s| s.split('"').next());
+        let origin = url.split("/login").next().unwrap_or_default();
+        let form = [("token", token.context("no button on the link's page")?)];
+        let opened = browser.post(format!("{origin}/login/open")).form(&form).send().await?;
         let cookie = opened.headers().get("set-cookie").and_then(|c| c.to_str().ok()).context("no session")?;
         let cookie = cookie.split(';').next().unwrap_or_default().to_owned();
         let login = url.split("?token=").next().unwrap_or_default();

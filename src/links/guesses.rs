@@ -19,6 +19,11 @@ pub struct Guesses(Mutex<HashMap<IpAddr, (Instant, u32)>>);
 impl Guesses {
     /// Count a failed token from `addr`; `Some(seconds)` when the address is over the limit.
     pub fn fail(&self, addr: IpAddr) -> Option<u64> {
+        // An IPv6 host has a whole /64 to pick addresses from: it counts as one.
+        let addr = match addr {
+            IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+            v4 => v4,
+        };
         let now = Instant::now();
         let mut map = self.0.lock().unwrap();
         if map.len() >= REMEMBERED {

@@ -67,11 +67,39 @@ pub async fn ensure_connection(shared: &Arc<Shared>, key: &ConnKey) -> Result<()
     answer.await.map_err(|_| DaemonError::ShuttingDown)?
 }
 
+/// How a link's page logs in to a provider.
+pub enum PageFlow {
+    /// Start this flow, which asks nothing of the user but to act on a code or a page.
+    Start(&'static str),
+    /// Only a username and password: the form.
+    Password,
+}
+
+/// What a link's page can do for `provider`, if anything.
+pub fn page_flow(provider: &str) -> Option<PageFlow> {
+    let m = providers::find(provider)?.manifest();
+    if m.named_profiles {
+        return None;
+    }
+    match m.flows.iter().find(|f| f.fields.is_empty()) {
+        Some(f) => Some(PageFlow::Start(f.flow)),
+        None => m.flows.iter().any(|f| f.flow == "password").then_some(PageFlow::Password),
+    }
+}
+
+/// Whether `provider` offers a password login (a fallback on the page).
+pub fn has_password(provider: &str) -> bool {
+    providers::find(provider).is_some_and(|p| p.manifest().flows.iter().any(|f| f.flow == "password"))
+}
+
 /// A new link for `provider`/`profile`.
 pub async fn create(shared: &Arc<Shared>, provider: &str, profile: &str) -> Result<Issued, DaemonError> {
-    let p = providers::find(provider).ok_or_else(|| DaemonError::UnknownProvider(provider.to_owned()))?;
-    if p.manifest().named_profiles {
-        return Err(DaemonError::BadRequest(format!("links are not offered for {provider} profiles yet")));
+    providers::find(provider).ok_or_else(|| DaemonError::UnknownProvider(provider.to_owned()))?;
+    if page_flow(provider).is_none() {
+        return Err(DaemonError::BadRequest(format!(
+            "{provider} has no login a browser page can do (it takes a key or a named instance): \
+             use `authkeeper connect {provider}`"
+        )));
     }
     let Some(public_url) = shared.public_url.get() else {
         return Err(DaemonError::Conflict(
@@ -100,6 +128,21 @@ pub async fn create(shared: &Arc<Shared>, provider: &str, profile: &str) -> Resu
 pub async fn save(shared: &Arc<Shared>, id: &str, record: &LinkRecord) -> Result<(), DaemonError> {
     let (store, id, record) = (shared.store.clone(), id.to_owned(), record.clone());
     tokio::task::spawn_blocking(move || store.put_link(&id, &record))
+        .await
+        .map_err(|e| DaemonError::Internal(e.to_string()))?
+        .map_err(|e| DaemonError::Store(e.to_string()))
+}
+
+/// Progress a link atomically (see `Store::progress_link`), off the runtime.
+pub async fn progress(
+    shared: &Arc<Shared>,
+    id: &str,
+    started: bool,
+    outcome: Option<&'static str>,
+    only_unopened: bool,
+) -> Result<Option<LinkRecord>, DaemonError> {
+    let (store, id) = (shared.store.clone(), id.to_owned());
+    tokio::task::spawn_blocking(move || store.progress_link(&id, started, outcome, only_unopened))
         .await
         .map_err(|e| DaemonError::Internal(e.to_string()))?
         .map_err(|e| DaemonError::Store(e.to_string()))

@@ -2,10 +2,10 @@
 //! `link_failed` (from the transitions of a link's connection once its login started), and
 //! `link_expired` (a link never opened in its 10 minutes).
 
-use super::{load, save};
+use super::{load, progress};
 use crate::daemon::Shared;
 use crate::wire::WireEvent;
-use authkeeper_state::{ConnKey, LinkRecord, StateName};
+use authkeeper_state::{Cause, ConnKey, LinkRecord, StateName};
 use chrono::{DateTime, Utc};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -76,9 +76,9 @@ pub async fn watch(shared: Arc<Shared>, mut shutdown: stop::Receiver<bool>) {
             _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
             _ = tick.tick() => expire(&shared).await,
             event = events.recv() => match event {
-                Ok(WireEvent::Transition { provider, profile, from, to, detail, .. }) => {
+                Ok(WireEvent::Transition { provider, profile, from, to, cause, detail, .. }) => {
                     let key = ConnKey::new(&provider, &profile);
-                    outcome(&shared, &key, from, to, detail).await;
+                    outcome(&shared, &key, from, to, cause, detail).await;
                 }
                 Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                 Err(broadcast::error::RecvError::Closed) => return,
@@ -87,37 +87,43 @@ pub async fn watch(shared: Arc<Shared>, mut shutdown: stop::Receiver<bool>) {
     }
 }
 
-async fn outcome(shared: &Arc<Shared>, key: &ConnKey, from: StateName, to: StateName, detail: Option<String>) {
+async fn outcome(
+    shared: &Arc<Shared>,
+    key: &ConnKey,
+    from: StateName,
+    to: StateName,
+    cause: Cause,
+    detail: Option<String>,
+) {
     let Some(id) = shared.active_links.opened(key) else { return };
-    let Ok(Some(mut record)) = load(shared, &id).await else { return };
+    let Ok(Some(record)) = load(shared, &id).await else { return };
     if !record.started || record.outcome.is_some() {
         return;
     }
     let (provider, owner, at) = (key.provider.clone(), key.profile.clone(), shared.clock.now());
-    let event = match (from, to) {
-        (_, StateName::Connected) => {
-            record.outcome = Some("linked".into());
-            WireEvent::Linked { provider, owner, at }
-        }
-        (StateName::Pending, StateName::Disconnected | StateName::Expired) => {
-            record.outcome = Some("failed".into());
-            WireEvent::LinkFailed { provider, owner, at, detail }
+    let (outcome, event) = match (from, to, cause) {
+        (_, StateName::Connected, _) => ("linked", WireEvent::Linked { provider, owner, at }),
+        // The page cancels a pending code itself when the user switches to the password form.
+        (_, _, Cause::Cancelled) => return,
+        (StateName::Pending, StateName::Disconnected | StateName::Expired, _) => {
+            ("failed", WireEvent::LinkFailed { provider, owner, at, detail })
         }
         _ => return,
     };
     shared.active_links.finish(key);
-    let _ = save(shared, &id, &record).await;
-    let _ = shared.events.send(event);
+    if let Ok(Some(after)) = progress(shared, &id, false, Some(outcome), false).await
+        && after.outcome.as_deref() == Some(outcome)
+    {
+        let _ = shared.events.send(event);
+    }
 }
 
 async fn expire(shared: &Arc<Shared>) {
     for id in shared.active_links.expired(shared.clock.now()) {
-        let Ok(Some(mut record)) = load(shared, &id).await else { continue };
-        if record.session_hash.is_some() || record.outcome.is_some() {
+        let Ok(Some(record)) = progress(shared, &id, false, Some("expired"), true).await else { continue };
+        if record.outcome.as_deref() != Some("expired") || record.session_hash.is_some() {
             continue;
         }
-        record.outcome = Some("expired".into());
-        let _ = save(shared, &id, &record).await;
         let (provider, owner, at) = (record.provider, record.profile, shared.clock.now());
         let _ = shared.events.send(WireEvent::LinkExpired { provider, owner, at });
     }

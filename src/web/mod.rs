@@ -167,7 +167,9 @@ pub async fn serve(
         .await
         .with_context(|| format!("cannot listen on {addr} for authkeeper.web"))?;
     tracing::info!(listen = %addr, public_url = %settings.public_url(), "web listener ready");
-    let app = router(shared.clone()).merge(crate::links::routes(shared, settings.trusted_proxies.clone()));
+    let app = router(shared.clone())
+        .merge(crate::links::routes(shared, settings.trusted_proxies.clone()))
+        .layer(axum::middleware::map_response(hygiene));
     Ok(tokio::spawn(async move {
         axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(async move {
@@ -175,6 +177,16 @@ pub async fn serve(
             })
             .await
     }))
+}
+
+/// Every answer of the listener, redirects and rejections included, carries the pages' headers.
+async fn hygiene(mut response: Response) -> Response {
+    for (name, value) in pages::HEADERS.iter().skip(1) {
+        if !response.headers().contains_key(name) {
+            response.headers_mut().insert(name.clone(), axum::http::HeaderValue::from_static(value));
+        }
+    }
+    response
 }
 
 /// The listener's routes.

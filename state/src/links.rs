@@ -47,7 +47,8 @@ impl Store {
                 if key.value() == id {
                     continue;
                 }
-                let other = decode(key.value(), value.value())?;
+                // A record that does not read is left for a human, not a reason to refuse links.
+                let Ok(other) = decode(key.value(), value.value()) else { continue };
                 let same = other.provider == record.provider && other.profile == record.profile;
                 if (same && other.session_hash.is_none()) || other.expires_at < old {
                     stale.push(key.value().to_owned());
@@ -64,7 +65,12 @@ impl Store {
     /// The link's only use: give it `session_hash` if it has none yet, in one write, so that
     /// two browsers opening it at once cannot both get in. `None` when it was already used
     /// (or is gone).
-    pub fn claim_link(&self, id: &str, session_hash: [u8; 32]) -> Result<Option<LinkRecord>, StoreError> {
+    pub fn claim_link(
+        &self,
+        id: &str,
+        session_hash: [u8; 32],
+        now: DateTime<Utc>,
+    ) -> Result<Option<LinkRecord>, StoreError> {
         let txn = self.db.begin_write().map_err(db)?;
         let claimed = {
             let mut table = txn.open_table(LINKS).map_err(db)?;
@@ -72,7 +78,7 @@ impl Store {
                 Some(v) => decode(id, v.value())?,
                 None => return Ok(None),
             };
-            if current.session_hash.is_some() {
+            if current.session_hash.is_some() || current.outcome.is_some() || now >= current.expires_at {
                 return Ok(None);
             }
             let claimed = LinkRecord { session_hash: Some(session_hash), ..current };
@@ -81,6 +87,37 @@ impl Store {
         };
         txn.commit().map_err(db)?;
         Ok(Some(claimed))
+    }
+
+    /// Change one link's progress in one write: `started` only ever turns on, and an outcome
+    /// is set once (with `only_unopened`, only on a link never opened). The record after, if
+    /// the link exists.
+    pub fn progress_link(
+        &self,
+        id: &str,
+        started: bool,
+        outcome: Option<&str>,
+        only_unopened: bool,
+    ) -> Result<Option<LinkRecord>, StoreError> {
+        let txn = self.db.begin_write().map_err(db)?;
+        let after = {
+            let mut table = txn.open_table(LINKS).map_err(db)?;
+            let mut record = match table.get(id).map_err(db)? {
+                Some(v) => decode(id, v.value())?,
+                None => return Ok(None),
+            };
+            record.started |= started;
+            if let Some(outcome) = outcome
+                && record.outcome.is_none()
+                && !(only_unopened && record.session_hash.is_some())
+            {
+                record.outcome = Some(outcome.to_owned());
+            }
+            table.insert(id, encode(&record).as_slice()).map_err(db)?;
+            record
+        };
+        txn.commit().map_err(db)?;
+        Ok(Some(after))
     }
 
     pub fn link(&self, id: &str) -> Result<Option<LinkRecord>, StoreError> {

@@ -99,8 +99,21 @@ pub trait ConnectionStore: Send + Sync + 'static {
     /// Save a one-time link's record; ends the profile's earlier unopened links.
     fn put_link(&self, id: &str, record: &LinkRecord) -> Result<(), StoreError>;
     fn link(&self, id: &str) -> Result<Option<LinkRecord>, StoreError>;
-    /// A link's only use, atomically: `None` when it was already used.
-    fn claim_link(&self, id: &str, session_hash: [u8; 32]) -> Result<Option<LinkRecord>, StoreError>;
+    /// A link's only use, atomically: `None` when it was already used, has ended, or expired.
+    fn claim_link(
+        &self,
+        id: &str,
+        session_hash: [u8; 32],
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Option<LinkRecord>, StoreError>;
+    /// A link's progress, field by field, atomically (see [`Store::progress_link`]).
+    fn progress_link(
+        &self,
+        id: &str,
+        started: bool,
+        outcome: Option<&str>,
+        only_unopened: bool,
+    ) -> Result<Option<LinkRecord>, StoreError>;
     fn links(&self) -> Result<Vec<(String, LinkRecord)>, StoreError>;
 }
 
@@ -572,7 +585,21 @@ impl ConnectionStore for Store {
     fn links(&self) -> Result<Vec<(String, LinkRecord)>, StoreError> {
         Store::links(self)
     }
-    fn claim_link(&self, id: &str, session_hash: [u8; 32]) -> Result<Option<LinkRecord>, StoreError> {
-        Store::claim_link(self, id, session_hash)
+    fn claim_link(
+        &self,
+        id: &str,
+        session_hash: [u8; 32],
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Option<LinkRecord>, StoreError> {
+        Store::claim_link(self, id, session_hash, now)
+    }
+    fn progress_link(
+        &self,
+        id: &str,
+        started: bool,
+        outcome: Option<&str>,
+        only_unopened: bool,
+    ) -> Result<Option<LinkRecord>, StoreError> {
+        Store::progress_link(self, id, started, outcome, only_unopened)
     }
 }
