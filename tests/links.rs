@@ -289,3 +289,29 @@ async fn two_browsers_opening_one_link_at_once_get_one_session() {
     }
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_proxy_that_serves_it_under_a_path_the_pages_address_that_path() {
+    let jellyfin = JellyfinEmulator::start(JellyfinOptions::default()).await.unwrap();
+    let (listen, origin) = free_port();
+    let public_url = format!("{origin}/auth");
+    let config = json!({"jellyfin": {"server": jellyfin.url()},
+        "authkeeper": {"web": {"listen": listen, "public_url": public_url}}});
+    let h = harness(config).await;
+    let daemon = h.start_daemon().await;
+    let url = link(&h, "discord:77").await;
+    assert!(url.starts_with(&format!("{public_url}/login?token=")), "{url}");
+
+    // What the proxy forwards, with its path stripped.
+    let forwarded = url.replacen("/auth/login", "/login", 1);
+    let mut browser = Browser::new();
+    let (_, page, _) = browser.get(&forwarded).await;
+    assert!(page.contains("action=\"/auth/login/open\""), "{page}");
+    let token = page.split("name=\"token\" value=\"").nth(1).unwrap().split('"').next().unwrap().to_owned();
+    let resp = browser.http.post(format!("{origin}/login/open")).form(&[("token", token)]).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 303);
+    assert_eq!(resp.headers()["location"], "/auth/login");
+    let cookie = resp.headers()["set-cookie"].to_str().unwrap();
+    assert!(cookie.contains("Path=/auth/login;"), "{cookie}");
+    daemon.stop().await;
+}

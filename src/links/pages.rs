@@ -58,6 +58,18 @@ fn csrf(session: &str) -> String {
     digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
 }
 
+/// The path of the public URL (`/auth` for `https://host/auth`; empty at the root): the
+/// browser's addresses of the pages begin with it, whatever the proxy strips before us.
+fn base(shared: &Shared) -> String {
+    let url = shared.public_url.get().and_then(|u| reqwest::Url::parse(&u).ok());
+    url.map(|u| u.path().trim_end_matches('/').to_owned()).unwrap_or_default()
+}
+
+/// `path` as the browser addresses it.
+fn at(shared: &Shared, path: &str) -> String {
+    format!("{}{path}", base(shared))
+}
+
 /// What a visitor sees when the daemon failed inside (the detail goes to the log only).
 fn trouble(e: impl std::fmt::Display) -> Response {
     warn!(error = %e, "a login page failed");
@@ -125,7 +137,7 @@ async fn login(
     if let Ok((sid, _, _)) = session(&l.shared, &headers).await
         && sid == id
     {
-        return Redirect::to("/login").into_response();
+        return Redirect::to(&at(&l.shared, "/login")).into_response();
     }
     if let Some(response) = spent(&record, l.shared.clock.now()) {
         return response;
@@ -133,8 +145,9 @@ async fn login(
     let label = label(&record.provider);
     let body = format!(
         "<p>This link logs you in to {label}. It works once.</p>\
-         <form method=\"post\" action=\"/login/open\"><input type=\"hidden\" name=\"token\" value=\"{}\">\
+         <form method=\"post\" action=\"{}\"><input type=\"hidden\" name=\"token\" value=\"{}\">\
          <p><button type=\"submit\">Continue</button></p></form>",
+        escape(&at(&l.shared, "/login/open")),
         escape(&token)
     );
     html(StatusCode::OK, &format!("Continue to {label}"), &body, None)
@@ -175,10 +188,11 @@ async fn open(
         l.shared.public_url.get().and_then(|u| reqwest::Url::parse(&u).ok()).is_some_and(|u| u.scheme() == "https");
     let max_age = (record.expires_at + SESSION_TTL - now).num_seconds().max(1);
     let cookie = format!(
-        "{COOKIE}={id}.{secret}; Path=/login; Max-Age={max_age}; HttpOnly; SameSite=Strict{}",
+        "{COOKIE}={id}.{secret}; Path={}; Max-Age={max_age}; HttpOnly; SameSite=Strict{}",
+        at(&l.shared, "/login"),
         if secure { "; Secure" } else { "" }
     );
-    let mut r = Redirect::to("/login").into_response();
+    let mut r = Redirect::to(&at(&l.shared, "/login")).into_response();
     r.headers_mut().insert(header::SET_COOKIE, cookie.parse().expect("a cookie header"));
     r
 }
@@ -240,7 +254,7 @@ async fn show(shared: &Arc<Shared>, id: &str, record: LinkRecord) -> Response {
             if !record.started {
                 let _ = progress(shared, id, true, None, false).await;
             }
-            return pending(&record, &current);
+            return pending(&record, &current, &base(shared));
         }
         _ if record.started => {
             let why = current.last_error.unwrap_or_else(|| "the login ended before it was approved".into());
@@ -250,17 +264,20 @@ async fn show(shared: &Arc<Shared>, id: &str, record: LinkRecord) -> Response {
     }
     let flow = match page_flow(&record.provider) {
         Some(PageFlow::Start(flow)) => flow,
-        Some(PageFlow::Password) => return Redirect::to("/login/password").into_response(),
+        Some(PageFlow::Password) => return Redirect::to(&at(shared, "/login/password")).into_response(),
         None => return page(StatusCode::BAD_REQUEST, "No login here", &format!("{label} has no login a page can do.")),
     };
     if let Err(e) = progress(shared, id, true, None, false).await {
         return trouble(e);
     }
     match shared.ask_new(&key, |reply| Command::Connect(Some(flow.into()), Input::new(), reply)).await {
-        Ok(reply) => pending(&record, &reply.connection),
+        Ok(reply) => pending(&record, &reply.connection, &base(shared)),
         Err(DaemonError::Flow(FlowError::Rejected(why))) if has_password(&record.provider) => {
-            let body =
-                format!("<p>{}</p><p><a href=\"/login/password\">Log in with your password</a></p>", escape(&why));
+            let body = format!(
+                "<p>{}</p><p><a href=\"{}\">Log in with your password</a></p>",
+                escape(&why),
+                escape(&at(shared, "/login/password"))
+            );
             html(StatusCode::OK, &format!("Log in to {label}"), &body, None)
         }
         Err(e) => trouble(e),
@@ -273,7 +290,7 @@ fn web_address(url: &str) -> Option<&str> {
 }
 
 /// What the user must do for a pending login: a code, or the provider's own page.
-fn pending(record: &LinkRecord, current: &ConnectionView) -> Response {
+fn pending(record: &LinkRecord, current: &ConnectionView, base: &str) -> Response {
     let label = label(&record.provider);
     let Some(flow) = &current.pending else {
         return html(StatusCode::OK, &format!("Log in to {label}"), "<p>Checking your login…</p>", Some("2"));
@@ -291,7 +308,8 @@ fn pending(record: &LinkRecord, current: &ConnectionView) -> Response {
     }
     body += "<p>This page updates by itself.</p>";
     if has_password(&record.provider) {
-        body += "<p><a href=\"/login/password\">Log in with your password instead</a></p>";
+        let form = escape(&format!("{base}/login/password"));
+        body += &format!("<p><a href=\"{form}\">Log in with your password instead</a></p>");
     }
     html(StatusCode::OK, &format!("Log in to {label}"), &body, Some("3"))
 }
@@ -302,19 +320,20 @@ async fn password_form(State(l): State<Login>, headers: HeaderMap) -> Response {
         Ok(s) => s,
         Err(r) => return r,
     };
-    form_page(StatusCode::OK, &record, &secret, None)
+    form_page(StatusCode::OK, &record, &secret, None, &base(&l.shared))
 }
 
-fn form_page(status: StatusCode, record: &LinkRecord, secret: &str, error: Option<&str>) -> Response {
+fn form_page(status: StatusCode, record: &LinkRecord, secret: &str, error: Option<&str>, base: &str) -> Response {
     let label = label(&record.provider);
     let error = error.map(|e| format!("<p><strong>{}</strong></p>", escape(e))).unwrap_or_default();
     let body = format!(
-        "{error}<form method=\"post\" action=\"/login/password\">\
+        "{error}<form method=\"post\" action=\"{}\">\
          <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
          <p><label>Username <input name=\"username\" autocomplete=\"username\" required></label></p>\
          <p><label>Password <input type=\"password\" name=\"password\" autocomplete=\"current-password\"></label></p>\
          <p><button type=\"submit\">Log in</button></p></form>\
          <p>Your password goes to {label} once, through this page, and is kept nowhere.</p>",
+        escape(&format!("{base}/login/password")),
         csrf(secret)
     );
     html(status, &format!("Log in to {label}"), &body, None)
@@ -355,9 +374,9 @@ async fn password(State(l): State<Login>, headers: HeaderMap, Form(form): Form<P
         [("username".to_owned(), Secret::new(form.username)), ("password".to_owned(), Secret::new(form.password))]
             .into();
     match l.shared.ask_new(&key, |reply| Command::Connect(Some("password".into()), input, reply)).await {
-        Ok(_) => Redirect::to("/login").into_response(),
+        Ok(_) => Redirect::to(&at(&l.shared, "/login")).into_response(),
         Err(DaemonError::Flow(FlowError::Rejected(why) | FlowError::Input(why))) => {
-            form_page(StatusCode::UNAUTHORIZED, &record, &secret, Some(&why))
+            form_page(StatusCode::UNAUTHORIZED, &record, &secret, Some(&why), &base(&l.shared))
         }
         Err(e) => trouble(e),
     }
