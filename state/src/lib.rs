@@ -13,6 +13,7 @@
 //! Nothing here does network I/O or reads the clock: time always comes in as an argument.
 
 pub mod grant;
+pub mod interface;
 pub mod links;
 pub mod machine;
 pub mod records;
@@ -21,6 +22,7 @@ pub mod secret;
 pub mod store;
 
 pub use grant::{Extras, Grant, PendingFlow, ProfileState};
+pub use interface::ConnectionStore;
 pub use links::LinkRecord;
 pub use machine::{
     Account, Cause, ConnKey, Connection, Effect, Event, Machine, REFRESH_ANSWER_LOST, Refusal, StateName, Step,
@@ -28,7 +30,7 @@ pub use machine::{
 };
 pub use schedule::{Action, Policy};
 pub use secret::Secret;
-pub use store::{Commit, ConnectionStore, Store, StoreError, Stored};
+pub use store::{Commit, Store, StoreError, Stored};
 
 /// Whether `id` names an owner's profile (`discord:123456`): it holds a `:`, only letters,
 /// digits and `:._@-`, 1 to 128 characters, and does not start with `.`; so it never clashes

@@ -8,6 +8,9 @@
 //! no config declared (an owner's) is never touched by config changes.
 
 mod edits;
+mod persist;
+
+use persist::SharedBytes;
 
 use super::schedules::Schedules;
 use super::{Command, DaemonError, Shared};
@@ -460,39 +463,6 @@ impl ConfigOwner {
         changed
     }
 
-    /// Keep the settings of `keys` in the store, so that they can run while no good config is
-    /// read.
-    fn save_settings(&mut self, keys: Vec<ConnKey>) {
-        let mut bytes = SharedBytes::default();
-        let rows = keys
-            .into_iter()
-            .filter_map(|key| {
-                let b = bytes.of(self.config.profile(&key)?);
-                Some((key, Some(b)))
-            })
-            .collect();
-        self.write_settings(rows);
-    }
-
-    fn write_settings(&mut self, rows: Vec<(ConnKey, Option<Arc<[u8]>>)>) {
-        if rows.is_empty() {
-            return;
-        }
-        let store = self.shared.store.clone();
-        let before = self.settings_write.take();
-        // In the background, in order: a daemon with many profiles is ready before they are
-        // all saved.
-        self.settings_write = Some(tokio::spawn(async move {
-            if let Some(before) = before {
-                let _ = before.await;
-            }
-            let written = tokio::task::spawn_blocking(move || store.set_settings(&rows)).await;
-            if let Ok(Err(e)) = written {
-                error!(error = %e, "could not keep the profiles' settings in the store");
-            }
-        }));
-    }
-
     /// If the file holds a credential for `key` that the user put there (not one the daemon
     /// already has, or last read or wrote), supply it to the connection. True if it did.
     async fn import(&mut self, key: &ConnKey) -> bool {
@@ -544,28 +514,6 @@ impl ConfigOwner {
         }
     }
 
-    /// Save the provider state made since the last save, in one durable transaction.
-    async fn save_states(&mut self) {
-        if self.unsaved.is_empty() {
-            return;
-        }
-        let (store, states) = (self.shared.store.clone(), std::mem::take(&mut self.unsaved));
-        match tokio::task::spawn_blocking(move || store.set_profile_states(&states)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => error!(error = %e, "could not save the profiles' provider state; new device ids may change"),
-            Err(e) => error!(error = %e, "saving the profiles' provider state failed"),
-        }
-    }
-
-    async fn remember(&self, key: &ConnKey, digest: Vec<u8>) {
-        let store = self.shared.store.clone();
-        let key = key.clone();
-        let result = tokio::task::spawn_blocking(move || store.set_config_seen(&key, &digest)).await;
-        if let Ok(Err(e)) = result {
-            warn!(error = %e, "could not record the config credential digest");
-        }
-    }
-
     /// The profile left a good config: disconnect it, stop its actor, forget it (history stays).
     async fn remove(&mut self, key: &ConnKey) {
         if let Some(write) = self.settings_write.take() {
@@ -579,34 +527,6 @@ impl ConfigOwner {
         let k = key.clone();
         if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.forget(&k)).await {
             warn!(connection = %key, error = %e, "could not forget the removed connection");
-        }
-    }
-
-    fn note_profiles(&self) {
-        for provider in providers::manifests().iter().map(|m| m.name) {
-            let highest = self.config.highest_profile(provider);
-            if highest > 0
-                && let Err(e) = self.shared.store.note_profiles(provider, highest)
-            {
-                warn!(error = %e, "could not record profile numbers");
-            }
-        }
-    }
-}
-
-/// A profile's stored form, made once for the many profiles that share one `Profile`.
-#[derive(Default)]
-struct SharedBytes(Option<(*const Profile, Arc<[u8]>)>);
-
-impl SharedBytes {
-    fn of(&mut self, profile: &Arc<Profile>) -> Arc<[u8]> {
-        match &self.0 {
-            Some((ptr, bytes)) if std::ptr::eq(*ptr, Arc::as_ptr(profile)) => bytes.clone(),
-            _ => {
-                let bytes: Arc<[u8]> = Arc::from(profile.to_stored());
-                self.0 = Some((Arc::as_ptr(profile), bytes.clone()));
-                bytes
-            }
         }
     }
 }

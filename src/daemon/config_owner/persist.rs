@@ -1,0 +1,94 @@
+//! What the config owner keeps in the store besides connections: the settings profiles were
+//! declared with, their provider state, the credential digests it read or wrote, and the
+//! highest profile numbers.
+
+use super::ConfigOwner;
+use crate::providers::{self, Profile};
+use authkeeper_state::ConnKey;
+use std::sync::Arc;
+use tracing::{error, warn};
+
+impl ConfigOwner {
+    /// Keep the settings of `keys` in the store, so that they can run while no good config is
+    /// read.
+    pub(super) fn save_settings(&mut self, keys: Vec<ConnKey>) {
+        let mut bytes = SharedBytes::default();
+        let rows = keys
+            .into_iter()
+            .filter_map(|key| {
+                let b = bytes.of(self.config.profile(&key)?);
+                Some((key, Some(b)))
+            })
+            .collect();
+        self.write_settings(rows);
+    }
+
+    pub(super) fn write_settings(&mut self, rows: Vec<(ConnKey, Option<Arc<[u8]>>)>) {
+        if rows.is_empty() {
+            return;
+        }
+        let store = self.shared.store.clone();
+        let before = self.settings_write.take();
+        // In the background, in order: a daemon with many profiles is ready before they are
+        // all saved.
+        self.settings_write = Some(tokio::spawn(async move {
+            if let Some(before) = before {
+                let _ = before.await;
+            }
+            let written = tokio::task::spawn_blocking(move || store.set_settings(&rows)).await;
+            if let Ok(Err(e)) = written {
+                error!(error = %e, "could not keep the profiles' settings in the store");
+            }
+        }));
+    }
+
+    /// Save the provider state made since the last save, in one durable transaction.
+    pub(super) async fn save_states(&mut self) {
+        if self.unsaved.is_empty() {
+            return;
+        }
+        let (store, states) = (self.shared.store.clone(), std::mem::take(&mut self.unsaved));
+        match tokio::task::spawn_blocking(move || store.set_profile_states(&states)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error!(error = %e, "could not save the profiles' provider state; new device ids may change"),
+            Err(e) => error!(error = %e, "saving the profiles' provider state failed"),
+        }
+    }
+
+    pub(super) async fn remember(&self, key: &ConnKey, digest: Vec<u8>) {
+        let store = self.shared.store.clone();
+        let key = key.clone();
+        let result = tokio::task::spawn_blocking(move || store.set_config_seen(&key, &digest)).await;
+        if let Ok(Err(e)) = result {
+            warn!(error = %e, "could not record the config credential digest");
+        }
+    }
+
+    pub(super) fn note_profiles(&self) {
+        for provider in providers::manifests().iter().map(|m| m.name) {
+            let highest = self.config.highest_profile(provider);
+            if highest > 0
+                && let Err(e) = self.shared.store.note_profiles(provider, highest)
+            {
+                warn!(error = %e, "could not record profile numbers");
+            }
+        }
+    }
+}
+
+/// A profile's stored form, made once for the many profiles that share one `Profile`.
+#[derive(Default)]
+pub(super) struct SharedBytes(Option<(*const Profile, Arc<[u8]>)>);
+
+impl SharedBytes {
+    pub(super) fn of(&mut self, profile: &Arc<Profile>) -> Arc<[u8]> {
+        match &self.0 {
+            Some((ptr, bytes)) if std::ptr::eq(*ptr, Arc::as_ptr(profile)) => bytes.clone(),
+            _ => {
+                let bytes: Arc<[u8]> = Arc::from(profile.to_stored());
+                self.0 = Some((Arc::as_ptr(profile), bytes.clone()));
+                bytes
+            }
+        }
+    }
+}

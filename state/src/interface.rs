@@ -1,0 +1,120 @@
+//! The narrow interface the daemon has to its store: what any backend must do. [`Store`] (redb)
+//! is the one this build has.
+
+use crate::grant::ProfileState;
+use crate::links::LinkRecord;
+use crate::machine::{ConnKey, Transition};
+use crate::store::{Commit, Store, StoreError, Stored};
+use std::sync::Arc;
+
+/// What the daemon needs of a store. Kept narrow so that another backend can take redb's place.
+pub trait ConnectionStore: Send + Sync + 'static {
+    /// Every stored connection, with its pending flow and declared settings.
+    fn load_all(&self) -> Result<Vec<Stored>, StoreError>;
+    /// Commit a batch of connections' changes in one durable transaction.
+    fn commit(&self, batch: &[Commit]) -> Result<(), StoreError>;
+    /// A connection's history, oldest first.
+    fn history(&self, key: &ConnKey) -> Result<Vec<Transition>, StoreError>;
+    /// Drop a removed connection's state, flow and declared settings; its history stays.
+    fn forget(&self, key: &ConnKey) -> Result<(), StoreError>;
+    /// Every declared connection's stored settings.
+    fn settings(&self) -> Result<Vec<(ConnKey, Vec<u8>)>, StoreError>;
+    /// Record (or with `None` clear) the settings connections are declared with.
+    fn set_settings(&self, rows: &[(ConnKey, Option<Arc<[u8]>>)]) -> Result<(), StoreError>;
+    /// Every profile's provider state.
+    fn profile_states(&self) -> Result<Vec<(ConnKey, ProfileState)>, StoreError>;
+    /// Save profiles' provider state, durably, in one transaction, before it is used.
+    fn set_profile_states(&self, states: &[(ConnKey, ProfileState)]) -> Result<(), StoreError>;
+    fn config_seen(&self, key: &ConnKey) -> Result<Option<Vec<u8>>, StoreError>;
+    fn set_config_seen(&self, key: &ConnKey, digest: &[u8]) -> Result<(), StoreError>;
+    fn allocate_profile(&self, provider: &str, in_use: u64) -> Result<u64, StoreError>;
+    fn note_profiles(&self, provider: &str, in_use: u64) -> Result<(), StoreError>;
+    fn compact_history(&self, cutoff: chrono::DateTime<chrono::Utc>) -> Result<u64, StoreError>;
+    /// Save a one-time link's record; ends the profile's earlier unopened links.
+    fn put_link(&self, id: &str, record: &LinkRecord) -> Result<(), StoreError>;
+    fn link(&self, id: &str) -> Result<Option<LinkRecord>, StoreError>;
+    /// A link's only use, atomically: `None` when it was already used, has ended, or expired.
+    fn claim_link(
+        &self,
+        id: &str,
+        session_hash: [u8; 32],
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Option<LinkRecord>, StoreError>;
+    /// A link's progress, field by field, atomically (see [`Store::progress_link`]).
+    fn progress_link(
+        &self,
+        id: &str,
+        started: bool,
+        outcome: Option<&str>,
+        only_unopened: bool,
+    ) -> Result<Option<LinkRecord>, StoreError>;
+    fn links(&self) -> Result<Vec<(String, LinkRecord)>, StoreError>;
+}
+
+impl ConnectionStore for Store {
+    fn load_all(&self) -> Result<Vec<Stored>, StoreError> {
+        Store::load_all(self)
+    }
+    fn commit(&self, batch: &[Commit]) -> Result<(), StoreError> {
+        Store::commit(self, batch)
+    }
+    fn history(&self, key: &ConnKey) -> Result<Vec<Transition>, StoreError> {
+        Store::history(self, key)
+    }
+    fn forget(&self, key: &ConnKey) -> Result<(), StoreError> {
+        Store::forget(self, key)
+    }
+    fn settings(&self) -> Result<Vec<(ConnKey, Vec<u8>)>, StoreError> {
+        Store::settings(self)
+    }
+    fn set_settings(&self, rows: &[(ConnKey, Option<Arc<[u8]>>)]) -> Result<(), StoreError> {
+        Store::set_settings(self, rows)
+    }
+    fn profile_states(&self) -> Result<Vec<(ConnKey, ProfileState)>, StoreError> {
+        Store::profile_states(self)
+    }
+    fn set_profile_states(&self, states: &[(ConnKey, ProfileState)]) -> Result<(), StoreError> {
+        Store::set_profile_states(self, states)
+    }
+    fn config_seen(&self, key: &ConnKey) -> Result<Option<Vec<u8>>, StoreError> {
+        Store::config_seen(self, key)
+    }
+    fn set_config_seen(&self, key: &ConnKey, digest: &[u8]) -> Result<(), StoreError> {
+        Store::set_config_seen(self, key, digest)
+    }
+    fn allocate_profile(&self, provider: &str, in_use: u64) -> Result<u64, StoreError> {
+        Store::allocate_profile(self, provider, in_use)
+    }
+    fn note_profiles(&self, provider: &str, in_use: u64) -> Result<(), StoreError> {
+        Store::note_profiles(self, provider, in_use)
+    }
+    fn compact_history(&self, cutoff: chrono::DateTime<chrono::Utc>) -> Result<u64, StoreError> {
+        Store::compact_history(self, cutoff)
+    }
+    fn put_link(&self, id: &str, record: &LinkRecord) -> Result<(), StoreError> {
+        Store::put_link(self, id, record)
+    }
+    fn link(&self, id: &str) -> Result<Option<LinkRecord>, StoreError> {
+        Store::link(self, id)
+    }
+    fn links(&self) -> Result<Vec<(String, LinkRecord)>, StoreError> {
+        Store::links(self)
+    }
+    fn claim_link(
+        &self,
+        id: &str,
+        session_hash: [u8; 32],
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Option<LinkRecord>, StoreError> {
+        Store::claim_link(self, id, session_hash, now)
+    }
+    fn progress_link(
+        &self,
+        id: &str,
+        started: bool,
+        outcome: Option<&str>,
+        only_unopened: bool,
+    ) -> Result<Option<LinkRecord>, StoreError> {
+        Store::progress_link(self, id, started, outcome, only_unopened)
+    }
+}
