@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 mod owners;
 mod process;
+mod startup;
 
 /// The system allocator, counting the bytes live, so that a structure's memory is measured
 /// exactly rather than read off RSS (which freed memory that is reused hides).
@@ -563,28 +564,6 @@ async fn scale(sizes: &[usize]) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn startup() -> anyhow::Result<()> {
-    let binary = process::authkeeper_binary()?;
-    let size = std::fs::metadata(&binary)?.len();
-    let dir = tempfile::tempdir()?;
-    let stripped = dir.path().join("authkeeper.stripped");
-    let strip = std::process::Command::new("strip").arg("-o").arg(&stripped).arg(&binary).status();
-    let stripped = strip.ok().filter(|s| s.success()).and_then(|_| std::fs::metadata(&stripped).ok()).map(|m| m.len());
-    let mut daemon = daemon_with(&binary, dir.path(), 0)?;
-    let t = Instant::now();
-    let ready = process::wait_ready(&mut daemon, 0, t).await?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let mem = daemon.memory();
-    println!("startup: {}", binary.display());
-    println!("  binary    {:.1} MiB as built (line tables for backtraces)", size as f64 / (1 << 20) as f64);
-    if let Some(s) = stripped {
-        println!("            {:.1} MiB stripped", s as f64 / (1 << 20) as f64);
-    }
-    println!("  ready     {:.0} ms from spawn to a socket that answers, with 0 connections", ms(ready));
-    println!("  idle RSS  {} KiB (peak {} KiB)", mem.rss_kib, mem.peak_kib);
-    Ok(())
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -597,7 +576,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Commits { connections, each, baseline, rounds } => commits(connections, each, baseline, rounds).await,
         Scenario::Tokens { secs, rounds, clients } => tokens(Duration::from_secs_f64(secs), rounds, &clients).await,
         Scenario::Scale { sizes } => scale(&sizes).await,
-        Scenario::Startup => startup().await,
+        Scenario::Startup => startup::startup().await,
         Scenario::Owners { connections } => owners::owners(connections).await,
         Scenario::Prepare { dir, connections } => process::prepare(&dir, connections),
         Scenario::BareServer { socket, body_file, content_type } => {
