@@ -200,7 +200,9 @@ impl Shared {
         let owner = Owner::Asleep(Box::new(Dormant { sweep_at: None }));
         let slot = Slot { committed: Arc::new(machine), adapter, warning, owner };
         self.conns.write().unwrap().insert(key.clone(), slot);
-        self.deadlines.set(&key, next);
+        // A resumed flow is scheduled by its `Resume`, which waits one interval first: a
+        // deadline set here could poll before that, too soon after the last daemon's poll.
+        self.deadlines.set(&key, if resume { None } else { next });
         if resume {
             let _ = self.try_send(&key, Command::Resume);
         }
