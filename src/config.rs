@@ -84,7 +84,8 @@ impl Settings {
         Policy {
             refresh_margin: TimeDelta::seconds(self.refresh_margin_secs as i64),
             backoff_base: TimeDelta::seconds(self.backoff_base_secs as i64),
-            validate_every: TimeDelta::seconds(self.validate_every_secs.max(1) as i64),
+            // At least daily: providers that revoke idle grants must see every grant used.
+            validate_every: TimeDelta::seconds(self.validate_every_secs.clamp(1, 86_400) as i64),
         }
     }
 

@@ -138,6 +138,28 @@ impl Gate {
     pub fn pause_for(&self, secs: u64) {
         // A day at most: no answer can overflow a time or silence a provider for longer.
         let until = self.clock.now() + TimeDelta::seconds(secs.min(86_400) as i64);
+        self.pause_until(until);
+    }
+
+    /// A `Retry-After` header's value, in seconds or as an HTTP date: no call until then.
+    /// False when the value is neither.
+    pub fn pause_for_header(&self, value: &str) -> bool {
+        let value = value.trim();
+        if let Ok(secs) = value.parse::<u64>() {
+            self.pause_for(secs);
+            return true;
+        }
+        match DateTime::parse_from_rfc2822(value) {
+            Ok(at) => {
+                let left = (at.with_timezone(&Utc) - self.clock.now()).num_seconds().max(0);
+                self.pause_for(left as u64);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn pause_until(&self, until: DateTime<Utc>) {
         let mut inner = self.inner.lock().unwrap();
         inner.paused_until = Some(inner.paused_until.map_or(until, |p| p.max(until)));
     }
@@ -170,7 +192,8 @@ impl Gate {
                 _ = self.clock.sleep_until(at) => {}
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return Err(ShuttingDown),
             }
-            if !paused {
+            // A `Retry-After` that came in while this call waited for its slot holds it too.
+            if !paused && self.paused_until().is_none() {
                 return Ok(());
             }
         }
@@ -240,6 +263,34 @@ mod tests {
         clock.set(start + TimeDelta::seconds(30));
         assert!((&mut call).now_or_never().is_some());
         assert_eq!(gate.paused_until(), None);
+    }
+
+    #[tokio::test]
+    async fn a_call_waiting_for_its_slot_is_held_by_a_pause_that_comes_in_meanwhile() {
+        let (clock, gate) = gate(Limits { per_second: 1.0, burst: 1, ..Limits::default() });
+        gate.acquire("a", Kind::Read).await.unwrap();
+        let second = gate.acquire("b", Kind::Read);
+        tokio::pin!(second);
+        assert!((&mut second).now_or_never().is_none(), "the second waits a second for its slot");
+        let start = clock.now();
+        gate.pause_for(20);
+        clock.set(start + TimeDelta::seconds(1));
+        assert!((&mut second).now_or_never().is_none(), "its slot came, but the provider asked for quiet");
+        clock.set(start + TimeDelta::seconds(20));
+        assert!((&mut second).now_or_never().is_some(), "it goes when the pause ends");
+    }
+
+    #[test]
+    fn retry_after_is_read_in_seconds_or_as_an_http_date() {
+        let (clock, gate) = gate(Limits::default());
+        let now = clock.now();
+        let date = (now + TimeDelta::seconds(90)).to_rfc2822();
+        assert!(gate.pause_for_header(&date));
+        let until = gate.paused_until().unwrap();
+        assert!((until - now - TimeDelta::seconds(90)).num_seconds().abs() <= 1, "{until} vs {now}");
+        assert!(gate.pause_for_header(" 120 "));
+        assert_eq!(gate.paused_until(), Some(now + TimeDelta::seconds(120)));
+        assert!(!gate.pause_for_header("soon"), "nonsense is not a pause");
     }
 }
 

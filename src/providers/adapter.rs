@@ -162,10 +162,11 @@ impl Adapter {
             Err(e) if e.is_connect() || e.is_builder() => return Err(Unsent::NotSent(transport_error(e))),
             Err(e) => return Err(Unsent::Lost(transport_error(e))),
         };
-        if resp.status() == StatusCode::TOO_MANY_REQUESTS
-            && let Some(secs) = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()?.trim().parse().ok())
+        // `Retry-After` on a 429 or a 503 holds back every connection of this provider.
+        if matches!(resp.status(), StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE)
+            && let Some(value) = resp.headers().get("retry-after").and_then(|v| v.to_str().ok())
         {
-            self.gate.pause_for(secs);
+            self.gate.pause_for_header(value);
         }
         Ok(resp)
     }

@@ -8,7 +8,7 @@
 use crate::grant::{Grant, PendingFlow};
 use crate::schedule::{self, Policy};
 use crate::secret::Secret;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 use statig::blocking::{InitializedStateMachine, IntoStateMachineExt};
 use statig::prelude::*;
@@ -408,7 +408,12 @@ impl Connection {
                 if self.grant.is_some() || self.flow.is_some() {
                     self.failures = self.failures.saturating_add(1);
                     self.last_error = Some(error.clone());
-                    let delay = schedule::backoff(self.failures, &context.policy, context.jitter);
+                    let mut delay = schedule::backoff(self.failures, &context.policy, context.jitter);
+                    // Several more attempts must fit before the token ends: at most a quarter
+                    // of the time left (a second at the least).
+                    if let Some(end) = self.grant.as_ref().and_then(|g| g.expires_at).filter(|e| *e > context.now) {
+                        delay = delay.min(((end - context.now) / 4).max(TimeDelta::seconds(1)));
+                    }
                     self.next_attempt_at = Some(context.now + delay);
                 }
                 return Handled;

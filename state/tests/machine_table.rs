@@ -221,6 +221,26 @@ fn unknown_answers_record_the_error_and_back_off_without_changing_state() {
 }
 
 #[test]
+fn backoff_near_expiry_leaves_room_for_several_more_attempts() {
+    // The token (1 h) has 80 s left; plain backoff would wait 80 s and miss it.
+    let policy = Policy { backoff_base: TimeDelta::seconds(5), ..Policy::default() };
+    let mut m = start("connected");
+    let end = m.connection().grant.as_ref().unwrap().expires_at.unwrap();
+    let mut at = end - TimeDelta::seconds(80);
+    let mut attempts = 0;
+    while at < end {
+        attempts += 1;
+        m.handle(&Event::Unknown { error: "HTTP 503".into() }, at, policy, 0.999);
+        let next = m.connection().next_attempt_at.unwrap();
+        let left = end - at;
+        assert!(next - at <= (left / 4).max(TimeDelta::seconds(1)), "{attempts}: waited {} of {left}", next - at);
+        assert_eq!(m.state_name(), StateName::Connected, "an unknown answer never ends a token");
+        at = next;
+    }
+    assert!(attempts >= 8, "only {attempts} attempts fitted in the last 80 s");
+}
+
+#[test]
 fn since_moves_only_when_the_state_changes() {
     let mut m = start("connected");
     let since = m.connection().since;
