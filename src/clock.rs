@@ -79,6 +79,41 @@ impl Clock for ManualClock {
     }
 }
 
+/// Wall-clock time run faster by a constant factor from a starting instant: a soak of an
+/// hour of token lifetimes in a minute, with every deadline, backoff and rate limit kept in
+/// the same (virtual) time by the daemon and the emulators alike.
+pub struct ScaledClock {
+    origin: DateTime<Utc>,
+    started: tokio::time::Instant,
+    factor: f64,
+}
+
+impl ScaledClock {
+    /// Time starts at `origin` and runs `factor` times faster than the system's.
+    pub fn new(origin: DateTime<Utc>, factor: f64) -> Self {
+        Self { origin, started: tokio::time::Instant::now(), factor: factor.max(f64::MIN_POSITIVE) }
+    }
+}
+
+impl Clock for ScaledClock {
+    fn now(&self) -> DateTime<Utc> {
+        let real = self.started.elapsed().as_secs_f64();
+        self.origin + chrono::TimeDelta::microseconds((real * self.factor * 1e6) as i64)
+    }
+
+    fn sleep_until(&self, at: DateTime<Utc>) -> Sleep<'_> {
+        Box::pin(async move {
+            loop {
+                let Ok(left) = (at - self.now()).to_std() else { return };
+                if left.is_zero() {
+                    return;
+                }
+                tokio::time::sleep(left.div_f64(self.factor).min(MAX_SLEEP)).await;
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,6 +130,16 @@ mod tests {
         assert!(!sleeper.is_finished());
         clock.advance(TimeDelta::seconds(1));
         sleeper.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn scaled_sleepers_wake_after_the_scaled_real_time() {
+        let clock = ScaledClock::new(Utc::now(), 60.0);
+        let start = clock.now();
+        let real = tokio::time::Instant::now();
+        clock.sleep_until(start + TimeDelta::seconds(120)).await;
+        // Two (paused, auto-advanced) tokio seconds were slept for two virtual minutes.
+        assert_eq!(real.elapsed().as_secs(), 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -306,10 +306,11 @@ pub async fn start_with_store(
     start_with(dir, emulator, clock, store, n, json!({})).await
 }
 
-async fn start_with(
+/// [`start_in_process`] on any clock.
+pub async fn start_with(
     dir: &Path,
     emulator: &TraktEmulator,
-    clock: std::sync::Arc<authkeeper::clock::ManualClock>,
+    clock: std::sync::Arc<dyn authkeeper::clock::Clock>,
     store: std::sync::Arc<dyn authkeeper_state::ConnectionStore>,
     n: usize,
     settings: Value,
