@@ -17,7 +17,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 pub type Reply<T> = oneshot::Sender<Result<T, DaemonError>>;
 
@@ -429,8 +429,23 @@ impl Actor {
             return Ok(());
         };
         let in_doubt = self.refresh_in_doubt();
+        // Write-ahead: the store says a refresh is under way before it goes out (unless it
+        // says so already), and the outcome below always replaces that.
+        if !in_doubt {
+            self.commit(&self.machine.awaiting_refresh(), &Step::default()).await?;
+        }
         let event = match self.provider.refresh(&grant, self.shared.clock.now()).await {
-            Verdict::Valid(grant) => Event::Refreshed { grant },
+            Verdict::Valid(grant) => {
+                let answered = std::time::Instant::now();
+                let step = self.step_stored(Event::Refreshed { grant }, true).await;
+                // From the provider's answer to our commit: a kill in there loses the answer.
+                debug!(
+                    connection = %self.machine.key(),
+                    window_us = answered.elapsed().as_micros() as u64,
+                    "refresh answer stored"
+                );
+                return step.map(drop);
+            }
             Verdict::Rejected(detail) => Event::RefreshRejected { detail },
             // Still no answer on the lost one: the doubt stays until one comes.
             Verdict::Unknown(error) if in_doubt && !error.starts_with(REFRESH_ANSWER_LOST) => {
@@ -438,7 +453,7 @@ impl Actor {
             }
             Verdict::Unknown(error) => Event::Unknown { error },
         };
-        self.step(event).await.map(drop)
+        self.step_stored(event, true).await.map(drop)
     }
 
     /// [`Self::step`], then the step's effects.
@@ -461,6 +476,12 @@ impl Actor {
     /// commit; a refused or failed step leaves the machine as it was. Provider answers come
     /// through here: they never carry effects.
     async fn step(&mut self, event: Event) -> Result<Step, DaemonError> {
+        self.step_stored(event, false).await
+    }
+
+    /// [`Self::step`]; `stored_differs` says the store holds something other than the machine
+    /// (a write-ahead mark), so the outcome is committed even when it changes nothing.
+    async fn step_stored(&mut self, event: Event, stored_differs: bool) -> Result<Step, DaemonError> {
         if matches!(event, Event::Unknown { .. }) && *self.shared.shutdown.borrow() {
             return Ok(Step::default()); // a call abandoned for shutdown says nothing about the provider
         }
@@ -470,7 +491,8 @@ impl Actor {
         if let Some(Refusal::Conflict(message)) = step.refusal {
             return Err(DaemonError::Conflict(message));
         }
-        let changed = step.transition.is_some()
+        let changed = stored_differs
+            || step.transition.is_some()
             || next.connection().flow != self.machine.connection().flow
             || encode_connection(&next) != encode_connection(&self.machine);
         if changed {

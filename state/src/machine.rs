@@ -568,6 +568,16 @@ impl Machine {
         }
     }
 
+    /// What the store keeps while a refresh is on its way: this connection, saying that a
+    /// refresh answer is awaited. A daemon that dies before it stores the answer finds this on
+    /// restart and treats the refresh as in doubt: the provider may have rotated.
+    pub fn awaiting_refresh(&self) -> Machine {
+        let mut connection = self.connection().clone();
+        connection.last_error =
+            Some(format!("{REFRESH_ANSWER_LOST} (the daemon stopped while the refresh was under way)"));
+        Machine::restore(connection, self.state().clone())
+    }
+
     /// Expired after unknown refresh answers: refreshing goes on.
     pub fn retrying_refresh(&self) -> bool {
         matches!(self.sm.state(), State::Expired { retry_refresh: true })
