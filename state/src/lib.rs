@@ -9,6 +9,7 @@
 //! - [`store`]: redb tables, migrations and the batched (group) commit, behind a narrow
 //!   interface.
 //! - [`records`]: the store's versioned on-disk records.
+//! - [`seal`]: optional encryption of the store's secrets at rest.
 //!
 //! Nothing here does network I/O or reads the clock: time always comes in as an argument.
 
@@ -18,6 +19,8 @@ pub mod links;
 pub mod machine;
 pub mod records;
 pub mod schedule;
+pub mod seal;
+mod sealed_store;
 pub mod secret;
 pub mod store;
 
@@ -29,6 +32,7 @@ pub use machine::{
     Transition,
 };
 pub use schedule::{Action, Policy};
+pub use seal::{Sealer, SecretsKey};
 pub use secret::Secret;
 pub use store::{Commit, Store, StoreError, Stored};
 

@@ -13,6 +13,7 @@ use crate::grant::ProfileState;
 use crate::machine::StateName;
 use crate::machine::{ConnKey, Machine, Transition};
 use crate::records::{self, RecordError};
+use crate::seal::{SealError, Sealer};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::collections::HashMap;
 use std::fs::OpenOptions;
@@ -21,21 +22,22 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 /// `provider/profile` → the connection's record (state and data, flow excluded).
-const CONNECTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("connections");
+pub(crate) const CONNECTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("connections");
 /// (`provider/profile`, sequence) → a [`Transition`] record; append-only, bounded per connection.
-const HISTORY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("history");
+pub(crate) const HISTORY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("history");
 /// `provider/profile` → the pending flow's record, present exactly while a flow is pending.
-const FLOWS: TableDefinition<&str, &[u8]> = TableDefinition::new("flows");
-/// `schema_version`, and `profiles/<provider>`: the highest profile number ever allocated.
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+pub(crate) const FLOWS: TableDefinition<&str, &[u8]> = TableDefinition::new("flows");
+/// `schema_version`; `profiles/<provider>`: the highest profile number ever allocated;
+/// `secrets_key_id`: the id of the key that sealed the secrets, when they are sealed.
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// `provider/profile` → a digest of the credential last read from or written to config.json,
 /// so that only a credential the user changed there counts as newly supplied.
-const CONFIG_SEEN: TableDefinition<&str, &[u8]> = TableDefinition::new("config_seen");
+pub(crate) const CONFIG_SEEN: TableDefinition<&str, &[u8]> = TableDefinition::new("config_seen");
 /// `provider/profile` → the settings the config last declared it with (opaque bytes), present
 /// exactly for connections a config declared. They stay in force while no good config is read.
-const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
+pub(crate) const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
 /// `provider/profile` → the provider's [`ProfileState`] record; outlives the connection.
-const PROFILE_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("profile_state");
+pub(crate) const PROFILE_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("profile_state");
 /// A one-time login link's public id → its [`crate::links::LinkRecord`].
 pub(crate) const LINKS: TableDefinition<&str, &[u8]> = TableDefinition::new("links");
 
@@ -56,6 +58,20 @@ pub enum StoreError {
     TooNew { found: u64, supported: u64 },
     #[error("stored row for {key} is unreadable: {source}")]
     Corrupt { key: String, source: RecordError },
+    #[error(
+        "the store's secrets are encrypted (key {id}): give that key with --secrets-key-file, \
+         AUTHKEEPER_SECRETS_KEY or the systemd credential authkeeper-secrets-key; nothing was changed"
+    )]
+    KeyNeeded { id: String },
+    #[error(
+        "the store's secrets were encrypted with key {found}, not with the key given ({given}): give \
+         key {found} (as the previous key, to rotate to the new one); nothing was changed"
+    )]
+    WrongKey { found: String, given: String },
+    #[error("stored row for {key}: {source}")]
+    Sealed { key: String, source: SealError },
+    #[error("the store has a table this build does not know ({0}): it cannot be resealed; nothing was changed")]
+    UnknownTable(String),
 }
 
 /// A stored connection: its machine and a digest of the settings a config last declared it
@@ -94,6 +110,8 @@ pub struct Store {
     /// Each connection's history bounds (oldest sequence, next sequence) as committed, learned
     /// on its first append, so that an append is an insert rather than a range scan.
     bounds: Arc<Mutex<HashMap<String, (u64, u64)>>>,
+    /// Seals the secret-holding rows, when the store is encrypted.
+    pub(crate) sealer: Option<Arc<Sealer>>,
 }
 
 /// redb's page cache. Its default (a gigabyte) would keep every page read at start-up resident
@@ -104,6 +122,28 @@ const CACHE_BYTES: usize = 8 << 20;
 impl Store {
     /// Open (or create, mode 0600) the database at `path` and migrate it.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_sealed(path, None)
+    }
+
+    /// [`Store::open`], with the secrets sealed by `sealer`. A store sealed with a previous key
+    /// of `sealer` is resealed with its current key, and a clear one sealed, by writing a new
+    /// file and renaming it over the old one (so no page of the old file survives, clear text
+    /// or old key); a store sealed with a key not given, or holding secrets sealed while no key
+    /// is given, is refused and left as it was.
+    pub fn open_sealed(path: &Path, sealer: Option<Sealer>) -> Result<Self, StoreError> {
+        let store = Self::open_file(path, sealer.clone())?;
+        if !store.needs_reseal()? {
+            return Ok(store);
+        }
+        store.reseal_into(path)?;
+        drop(store);
+        let store = Self::open_file(path, sealer)?;
+        debug_assert!(!store.needs_reseal()?);
+        Ok(store)
+    }
+
+    /// Open (or create) the file and migrate it; sealing is left to the caller.
+    pub(crate) fn open_file(path: &Path, sealer: Option<Sealer>) -> Result<Self, StoreError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -114,17 +154,17 @@ impl Store {
             .map_err(|source| StoreError::File { path: path.display().to_string(), source })?;
         let backend = redb::backends::FileBackend::new(file).map_err(db)?;
         let db = Database::builder().set_cache_size(CACHE_BYTES).create_with_backend(backend).map_err(db)?;
-        Self::init(db)
+        Self::init(db, sealer)
     }
 
     /// A store that lives in memory only (tests and benchmarks).
     pub fn in_memory() -> Result<Self, StoreError> {
         let db = Database::builder().create_with_backend(redb::backends::InMemoryBackend::new()).map_err(db)?;
-        Self::init(db)
+        Self::init(db, None)
     }
 
-    fn init(db: Database) -> Result<Self, StoreError> {
-        let store = Self { db: Arc::new(db), bounds: Arc::default() };
+    fn init(db: Database, sealer: Option<Sealer>) -> Result<Self, StoreError> {
+        let store = Self { db: Arc::new(db), bounds: Arc::default(), sealer: sealer.map(Arc::new) };
         store.migrate()?;
         Ok(store)
     }
@@ -179,10 +219,12 @@ impl Store {
             let mut history = txn.open_table(HISTORY).map_err(db)?;
             for c in batch {
                 let key = c.machine.key().to_string();
-                conns.insert(key.as_str(), records::encode_connection(&c.machine).as_slice()).map_err(db)?;
+                let row = self.seal_row(CONNECTIONS, &key, records::encode_connection(&c.machine));
+                conns.insert(key.as_str(), row.as_slice()).map_err(db)?;
                 match &c.machine.connection().flow {
                     Some(flow) => {
-                        flows.insert(key.as_str(), records::encode_flow(flow).as_slice()).map_err(db)?;
+                        let row = self.seal_row(FLOWS, &key, records::encode_flow(flow));
+                        flows.insert(key.as_str(), row.as_slice()).map_err(db)?;
                     }
                     // A flow ends only with a step out of pending.
                     None if c.transition.as_ref().is_some_and(|t| t.from == StateName::Pending) => {
@@ -226,15 +268,16 @@ impl Store {
                 }
                 let (_, v) = settings.next().expect("peeked").map_err(db)?;
                 if order == std::cmp::Ordering::Equal {
-                    declared = Some(settings_digest(v.value()));
+                    declared = Some(settings_digest(&self.open_row(SETTINGS, key, v.value())?));
                 }
             }
             let corrupt = |source| StoreError::Corrupt { key: key.to_owned(), source };
             let flow = match flows.get(key).map_err(db)? {
-                Some(f) => Some(records::decode_flow(f.value()).map_err(corrupt)?),
+                Some(f) => Some(records::decode_flow(&self.open_row(FLOWS, key, f.value())?).map_err(corrupt)?),
                 None => None,
             };
-            let machine = records::decode_connection(key, value.value(), flow).map_err(corrupt)?;
+            let value = self.open_row(CONNECTIONS, key, value.value())?;
+            let machine = records::decode_connection(key, &value, flow).map_err(corrupt)?;
             out.push(Stored { machine, settings: declared });
         }
         Ok(out)
@@ -259,7 +302,7 @@ impl Store {
         let mut out = Vec::new();
         for row in table.iter().map_err(db)? {
             let (k, v) = row.map_err(db)?;
-            out.push((parse_key(k.value()), v.value().to_vec()));
+            out.push((parse_key(k.value()), self.open_row(SETTINGS, k.value(), v.value())?.into_owned()));
         }
         Ok(out)
     }
@@ -275,7 +318,9 @@ impl Store {
             for (key, value) in rows {
                 let key = key.to_string();
                 match value {
-                    Some(v) => table.insert(key.as_str(), &**v).map_err(db)?,
+                    Some(v) => {
+                        table.insert(key.as_str(), self.seal_row(SETTINGS, &key, v.to_vec()).as_slice()).map_err(db)?
+                    }
                     None => table.remove(key.as_str()).map_err(db)?,
                 };
             }
@@ -291,7 +336,7 @@ impl Store {
         let mut out = Vec::new();
         for row in table.iter().map_err(db)? {
             let (k, v) = row.map_err(db)?;
-            let state = records::decode_profile_state(v.value())
+            let state = records::decode_profile_state(&self.open_row(PROFILE_STATE, k.value(), v.value())?)
                 .map_err(|source| StoreError::Corrupt { key: k.value().to_owned(), source })?;
             out.push((parse_key(k.value()), state));
         }
@@ -305,8 +350,9 @@ impl Store {
         {
             let mut table = txn.open_table(PROFILE_STATE).map_err(db)?;
             for (key, state) in states {
-                let row = records::encode_profile_state(state);
-                table.insert(key.to_string().as_str(), row.as_slice()).map_err(db)?;
+                let key = key.to_string();
+                let row = self.seal_row(PROFILE_STATE, &key, records::encode_profile_state(state));
+                table.insert(key.as_str(), row.as_slice()).map_err(db)?;
             }
         }
         txn.commit().map_err(db)?;
