@@ -81,6 +81,15 @@ pub enum Cmd {
     Daemon {
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
+        #[command(flatten)]
+        keys: crate::secrets_key::KeyArgs,
+    },
+    /// Make a new key for encrypting the secrets in the store (see `daemon --secrets-key-file`)
+    Keygen {
+        /// Write it to FILE (created with mode 0600; an existing file is never overwritten)
+        /// instead of printing it
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
     },
     /// Offline demo: a daemon and a Trakt emulator in a temporary directory, a real device
     /// connect that the emulator approves, and a token that refreshes by itself
@@ -200,7 +209,9 @@ fn print_json(v: &impl serde::Serialize) {
 
 async fn client_command(client: &Client, json: bool, command: Cmd) -> Result<i32, ClientError> {
     match command {
-        Cmd::Daemon { .. } | Cmd::Demo | Cmd::Emulate { .. } => unreachable!("not client commands"),
+        Cmd::Daemon { .. } | Cmd::Demo | Cmd::Emulate { .. } | Cmd::Keygen { .. } => {
+            unreachable!("not client commands")
+        }
         Cmd::Status { provider, profile } => {
             let all: Vec<ConnectionView> = client.get("/v1/connections").await?;
             let shown: Vec<_> = all

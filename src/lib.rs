@@ -24,6 +24,7 @@ pub mod emulate;
 pub mod limits;
 pub mod links;
 pub mod providers;
+pub mod secrets_key;
 pub mod socket;
 pub mod web;
 pub mod wire;

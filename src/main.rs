@@ -28,10 +28,17 @@ async fn shutdown_signal() {
 async fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
-        Cmd::Daemon { log_format } => {
+        Cmd::Daemon { log_format, keys } => {
             init_logging(log_format, "info");
-            let opts = daemon::Options::new(cli.global.paths(), Arc::new(SystemClock));
-            match daemon::run(opts, shutdown_signal()).await {
+            let mut opts = daemon::Options::new(cli.global.paths(), Arc::new(SystemClock));
+            let outcome = match keys.sealer() {
+                Ok(sealer) => {
+                    opts.secrets = sealer;
+                    daemon::run(opts, shutdown_signal()).await
+                }
+                Err(e) => Err(e.into()),
+            };
+            match outcome {
                 Ok(()) => 0,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -39,6 +46,19 @@ async fn main() {
                 }
             }
         }
+        Cmd::Keygen { out } => match authkeeper::secrets_key::keygen(out.as_deref()) {
+            Ok(id) => {
+                eprintln!(
+                    "new secrets key {id}{}",
+                    out.map(|p| format!(" written to {}", p.display())).unwrap_or_default()
+                );
+                0
+            }
+            Err(e) => {
+                eprintln!("authkeeper keygen: {e}");
+                1
+            }
+        },
         Cmd::Demo => {
             init_logging(LogFormat::Text, "warn");
             match demo::run().await {

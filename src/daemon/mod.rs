@@ -297,11 +297,13 @@ pub struct Options {
     pub clock: Arc<dyn Clock>,
     /// A store to use instead of `<state_dir>/authkeeper.redb` (tests and benchmarks).
     pub store: Option<Arc<dyn ConnectionStore>>,
+    /// Seals the secrets in `<state_dir>/authkeeper.redb` (not used with `store`).
+    pub secrets: Option<authkeeper_state::Sealer>,
 }
 
 impl Options {
     pub fn new(paths: Paths, clock: Arc<dyn Clock>) -> Self {
-        Self { paths, clock, store: None }
+        Self { paths, clock, store: None, secrets: None }
     }
 }
 
@@ -352,7 +354,7 @@ pub async fn run(opts: Options, shutdown: impl std::future::Future<Output = ()>)
 }
 
 pub async fn start(opts: Options) -> anyhow::Result<Running> {
-    let Options { paths, clock, store } = opts;
+    let Options { paths, clock, store, secrets } = opts;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -362,10 +364,14 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
     let db_path = paths.state_dir.join("authkeeper.redb");
     let store: Arc<dyn ConnectionStore> = match store {
         Some(store) => store,
-        None => Arc::new(
-            Store::open(&db_path)
-                .with_context(|| format!("cannot open {} (is another authkeeper using it?)", db_path.display()))?,
-        ),
+        None => Arc::new(Store::open_sealed(&db_path, secrets).map_err(|e| {
+            let hint = if matches!(e, authkeeper_state::StoreError::Db(_)) {
+                " (is another authkeeper using it?)"
+            } else {
+                ""
+            };
+            anyhow::anyhow!("cannot open {}{hint}: {e}", db_path.display())
+        })?),
     };
     let stored = store.load_all().context("cannot load connections")?;
     let profile_states = store.profile_states().context("cannot load provider state")?;

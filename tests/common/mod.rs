@@ -79,8 +79,14 @@ impl Harness {
     /// Start `authkeeper daemon`; returns once it logs that it is ready. Its stderr is appended
     /// to `daemon.log`.
     pub async fn start_daemon(&self) -> Daemon {
+        self.start_daemon_with(&[]).await
+    }
+
+    /// [`Harness::start_daemon`] with more options for `authkeeper daemon`.
+    pub async fn start_daemon_with(&self, options: &[&str]) -> Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_authkeeper"))
             .arg("daemon")
+            .args(options)
             .args(self.args())
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
