@@ -12,6 +12,8 @@ pub struct ControlSocket {
     listener: UnixListener,
     path: PathBuf,
     uid: u32,
+    /// The socket file is ours to remove (not one systemd handed over).
+    owned: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +47,23 @@ impl ControlSocket {
         let listener = UnixListener::bind(path).map_err(io_err)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io_err)?;
         let uid = std::fs::metadata(path).map_err(io_err)?.uid();
-        Ok(Self { listener, path: path.to_owned(), uid })
+        Ok(Self { listener, path: path.to_owned(), uid, owned: true })
+    }
+
+    /// The listening socket systemd passed (socket activation: `LISTEN_FDS`, `LISTEN_PID`),
+    /// if it passed one. Its file is systemd's: it is neither checked nor removed here.
+    pub fn activated(path: &Path) -> Result<Option<Self>, SocketError> {
+        let io_err = |source| SocketError::Io { path: path.to_owned(), source };
+        let Some(fd) = sd_notify::listen_fds().map_err(io_err)?.next() else { return Ok(None) };
+        // SAFETY: systemd passed this descriptor to this process, open and ours alone
+        // (LISTEN_PID matched), and nothing else here takes it: listen_fds() yields it once.
+        let listener = unsafe { <std::os::unix::net::UnixListener as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        listener.set_nonblocking(true).map_err(io_err)?;
+        let listener = UnixListener::from_std(listener).map_err(io_err)?;
+        // Peers are admitted by the daemon's own uid: the activated file may belong to root.
+        let uid = std::fs::metadata("/proc/self").map_err(io_err)?.uid();
+        let bound = listener.local_addr().ok().and_then(|a| a.as_pathname().map(Path::to_owned));
+        Ok(Some(Self { listener, path: bound.unwrap_or_else(|| path.to_owned()), uid, owned: false }))
     }
 
     pub fn path(&self) -> &Path {
@@ -62,7 +80,9 @@ impl ControlSocket {
 
 impl Drop for ControlSocket {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if self.owned {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 

@@ -8,6 +8,7 @@ mod config_owner;
 mod deadlines;
 mod error;
 mod schedules;
+mod systemd;
 mod write_back;
 
 pub use actor::{Command, Dormant};
@@ -348,8 +349,11 @@ impl Running {
 /// Run until `shutdown` resolves.
 pub async fn run(opts: Options, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     let running = start(opts).await?;
+    systemd::ready(running.shared.conns.read().unwrap().len());
+    systemd::watchdog(running.stop.subscribe());
     shutdown.await;
     info!("shutting down");
+    systemd::stopping();
     running.stop().await
 }
 
@@ -416,7 +420,10 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
     tokio::spawn(crate::links::watch(shared.clone(), shutdown.clone()));
 
     // Bind first, to fail fast when another daemon answers there; serve once connections exist.
-    let socket = ControlSocket::bind(&paths.socket).await?;
+    let socket = match ControlSocket::activated(&paths.socket)? {
+        Some(socket) => socket,
+        None => ControlSocket::bind(&paths.socket).await?,
+    };
     let owner = ConfigOwner::start(paths.config.clone(), shared.clone(), stored, profile_states).await?;
     let web = match owner.web() {
         Some(settings) => Some(crate::web::serve(&settings, shared.clone(), shutdown.clone()).await?),
