@@ -3,11 +3,11 @@
 //! that is stable per profile (Jellyfin 12 turns the legacy headers off; a new login on the
 //! same DeviceId revokes that device's earlier token). Tokens live until revoked.
 
+use super::answer::json;
 use super::{
     Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, nonempty,
     nonempty_secret,
 };
-use super::answer::json;
 use crate::limits::Kind;
 use async_trait::async_trait;
 use authkeeper_state::{Account, Grant, PendingFlow, ProfileState, Secret};
@@ -19,7 +19,6 @@ use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
 pub struct Jellyfin;
-
 
 /// How errors name it.
 const LABEL: &str = "Jellyfin";

@@ -1,10 +1,10 @@
 //! Trakt: device-code flow, rotating refresh tokens, revoke, whoami via `/users/settings`.
 
+use super::answer::json;
 use super::{
     Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, lifetime,
     nonempty, nonempty_secret, oauth_code, poll_interval,
 };
-use super::answer::json;
 use crate::limits::{Kind, Limits, Rate};
 use crate::web::CallbackQuery;
 use async_trait::async_trait;

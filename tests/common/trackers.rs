@@ -96,9 +96,10 @@ pub fn faults(huge: u64) -> Vec<(Fault, &'static str)> {
 }
 
 /// `view`, the connection's state right after a call met `fault`: still connected, with a
-/// `last_error` that says `expected` and repeats no URL.
+/// `last_error` that says `expected` and repeats no URL, and a retry scheduled.
 pub fn assert_fault_kept_state(view: &ConnectionView, fault: &Fault, expected: &str) {
     assert_eq!(view.state, StateName::Connected, "{fault:?} must not change the state");
+    assert!(view.next_attempt_at.is_some(), "{fault:?}: a retry is scheduled");
     let error = view.last_error.as_deref().unwrap_or_default();
     assert!(error.contains(expected), "{fault:?}: last_error {error:?} should say {expected:?}");
     assert!(!error.contains("http") && !error.contains("127.0.0.1"), "{fault:?}: a URL in {error:?}");
