@@ -43,6 +43,8 @@ pub async fn run(
     println!("  curl -X POST '{url}/_emulator/revoke_all'            kill every issued token");
     println!("  curl -X POST '{url}/_emulator/token_lifetime?seconds=N'");
     println!("  curl -X POST '{url}/_emulator/fail?path=P&status=S&count=N&retry_after=R'");
+    println!("  curl -X POST '{url}/_emulator/fail?path=P&fault=KIND&count=N'");
+    println!("       KIND: hang, garbage, reset, truncated, html, huge (&bytes=N), drip (&interval_ms=N)");
     println!("  curl '{url}/_emulator/calls'                         the call log");
     println!();
     println!("Ctrl-C stops it.");

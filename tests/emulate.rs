@@ -76,6 +76,21 @@ async fn trakt_prints_its_snippet_and_is_scriptable() {
     let seen: Vec<(&str, u64)> =
         calls.iter().map(|c| (c["path"].as_str().unwrap(), c["status"].as_u64().unwrap())).collect();
     assert_eq!(seen, [("/oauth/device/code", 200), ("/oauth/device/token", 200), ("/users/settings", 503)]);
+
+    // A reset is a TCP RST, not a status: the client's read fails with ECONNRESET.
+    let fail = http.post(format!("{url}/_emulator/fail?path=/users/settings&fault=reset")).send().await.unwrap();
+    assert_eq!(fail.status(), 200);
+    let err = http.get(format!("{url}/users/settings")).send().await.unwrap_err();
+    let reset = std::iter::successors(std::error::Error::source(&err), |e| e.source())
+        .filter_map(|e| e.downcast_ref::<std::io::Error>())
+        .any(|e| e.kind() == std::io::ErrorKind::ConnectionReset);
+    assert!(reset, "{err:?}");
+    let calls: Vec<Value> = http.get(format!("{url}/_emulator/calls")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(calls.last().unwrap()["status"], 0, "nothing was answered");
+    let bad = http.post(format!("{url}/_emulator/fail?path=/&fault=teapot")).send().await.unwrap();
+    assert_eq!(bad.status(), 400);
+    let body: Value = bad.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("reset, truncated, html, huge or drip"), "{body}");
 }
 
 #[tokio::test]

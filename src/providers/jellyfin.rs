@@ -3,6 +3,7 @@
 //! that is stable per profile (Jellyfin 12 turns the legacy headers off; a new login on the
 //! same DeviceId revokes that device's earlier token). Tokens live until revoked.
 
+use super::answer::json;
 use super::{
     Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, nonempty,
     nonempty_secret,
@@ -19,6 +20,8 @@ use std::sync::LazyLock;
 
 pub struct Jellyfin;
 
+/// How errors name it.
+const LABEL: &str = "Jellyfin";
 /// What the client calls itself in the `Authorization` header and the server's device list.
 const CLIENT: &str = "authkeeper";
 /// Quick Connect requests live ten minutes on the server.
@@ -139,7 +142,7 @@ impl Jellyfin {
         if !resp.status().is_success() {
             return Err(FlowError::Unavailable(unknown_status(resp.status())));
         }
-        if !resp.json::<bool>().await.map_err(|_| FlowError::Unavailable("unreadable answer from Jellyfin".into()))? {
+        if !json::<bool>(resp, LABEL).await.map_err(FlowError::Unavailable)? {
             return Err(FlowError::Rejected(
                 "Quick Connect is disabled on this Jellyfin server: enable it in the dashboard \
                  (General → Quick Connect), or use --flow password"
@@ -157,8 +160,7 @@ impl Jellyfin {
             }
             s => return Err(FlowError::Unavailable(unknown_status(s))),
         }
-        let qc: QuickConnect =
-            resp.json().await.map_err(|_| FlowError::Unavailable("unreadable Quick Connect answer".into()))?;
+        let qc: QuickConnect = json(resp, LABEL).await.map_err(FlowError::Unavailable)?;
         Ok(Begun::Pending(PendingFlow {
             kind: "quick_connect".into(),
             user_code: Some(qc.code),
@@ -197,8 +199,7 @@ impl Jellyfin {
             StatusCode::BAD_REQUEST => return Err(FlowError::Input("Jellyfin found the login malformed (400)".into())),
             s => return Err(FlowError::Unavailable(unknown_status(s))),
         }
-        let body: AuthenticationResult =
-            resp.json().await.map_err(|_| FlowError::Unavailable("unreadable login answer from Jellyfin".into()))?;
+        let body: AuthenticationResult = json(resp, LABEL).await.map_err(FlowError::Unavailable)?;
         Ok(Begun::Granted(grant(cx, &server, body, now)))
     }
 }
@@ -266,10 +267,10 @@ impl Provider for Jellyfin {
             StatusCode::UNAUTHORIZED => return Poll::Gone("Quick Connect was disabled on the server".into()),
             s => return Poll::Unknown(unknown_status(s)),
         }
-        match resp.json::<QuickConnect>().await {
+        match json::<QuickConnect>(resp, LABEL).await {
             Ok(qc) if !qc.authenticated => return Poll::Pending,
             Ok(_) => {}
-            Err(_) => return Poll::Unknown("unreadable Quick Connect answer".into()),
+            Err(e) => return Poll::Unknown(e),
         }
         let req = request(cx, Method::POST, &format!("{server}/Users/AuthenticateWithQuickConnect"), None)
             .json(&json!({ "Secret": secret.expose() }));
@@ -278,9 +279,9 @@ impl Provider for Jellyfin {
             Err(e) => return Poll::Unknown(e),
         };
         match resp.status() {
-            StatusCode::OK => match resp.json::<AuthenticationResult>().await {
+            StatusCode::OK => match json::<AuthenticationResult>(resp, LABEL).await {
                 Ok(body) => Poll::Approved(grant(cx, &server, body, now)),
-                Err(_) => Poll::Unknown("unreadable login answer from Jellyfin".into()),
+                Err(e) => Poll::Unknown(e),
             },
             StatusCode::NOT_FOUND => Poll::Pending,
             s => Poll::Unknown(unknown_status(s)),
@@ -298,7 +299,7 @@ impl Provider for Jellyfin {
             Err(e) => return Verdict::Unknown(e),
         };
         match resp.status() {
-            StatusCode::OK => match resp.json::<User>().await {
+            StatusCode::OK => match json::<User>(resp, LABEL).await {
                 Ok(user) => {
                     let mut updated = grant.clone();
                     updated.set_fact("user_id", user.id.clone());
@@ -307,7 +308,7 @@ impl Provider for Jellyfin {
                     let grant = (updated != *grant).then_some(updated);
                     Verdict::Valid(Identity { account: Account { name: user.name, id: Some(user.id) }, grant })
                 }
-                Err(_) => Verdict::Unknown("unreadable /Users/Me answer from Jellyfin".into()),
+                Err(e) => Verdict::Unknown(e),
             },
             StatusCode::UNAUTHORIZED => Verdict::Rejected("Jellyfin rejected the access token (401)".into()),
             StatusCode::FORBIDDEN => Verdict::Rejected("Jellyfin refused the account (403): disabled?".into()),

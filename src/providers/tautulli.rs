@@ -3,7 +3,7 @@
 //! verdict follows `result` and `message`, not the status: a wrong key is a rejection; a
 //! disabled API or an unreachable server says nothing about the key.
 
-use super::answer::status_error;
+use super::answer::{BodyError, read_json, status_error};
 use super::{
     Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Profile, Provider, Verdict, nonempty,
     nonempty_secret,
@@ -85,13 +85,16 @@ async fn call(cx: &Adapter, server: &str, key: &str, cmd: &str) -> Answer {
     let req = cx.http.get(format!("{server}/api/v2")).query(&[("apikey", key), ("cmd", cmd)]);
     let resp = match cx.send(Kind::Read, req).await {
         Ok(r) => r,
-        Err(e) => return Answer::Unknown(format!("{e} (Tautulli at {server})")),
+        Err(e) => return Answer::Unknown(e),
     };
     let status = resp.status();
-    let envelope = match resp.bytes().await.map(|b| serde_json::from_slice::<Envelope>(&b)) {
-        Ok(Ok(e)) => e.response,
-        _ if !status.is_success() => return Answer::Unknown(status_error(LABEL, status)),
-        _ => return Answer::Unknown("unreadable answer from Tautulli (is server_url a Tautulli server?)".into()),
+    let envelope = match read_json::<Envelope>(resp, LABEL).await {
+        Ok(e) => e.response,
+        Err(_) if !status.is_success() => return Answer::Unknown(status_error(LABEL, status)),
+        Err(e @ BodyError::NotJson { .. }) => {
+            return Answer::Unknown(format!("{e} (is server_url a Tautulli server?)"));
+        }
+        Err(e) => return Answer::Unknown(e.to_string()),
     };
     if envelope.result == "success" {
         return Answer::Success(envelope.data);

@@ -1,5 +1,6 @@
 //! Trakt: device-code flow, rotating refresh tokens, revoke, whoami via `/users/settings`.
 
+use super::answer::json;
 use super::{
     Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, lifetime,
     nonempty, nonempty_secret, oauth_code, poll_interval,
@@ -16,6 +17,8 @@ use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
 pub const API: &str = "https://api.trakt.tv";
+/// How errors name it.
+const LABEL: &str = "Trakt";
 /// Where the browser authorizes an app (`/oauth/authorize`).
 const AUTHORIZE_ORIGIN: &str = "https://trakt.tv";
 /// Refresh for device-flow apps uses the out-of-band redirect URI.
@@ -176,8 +179,7 @@ impl Provider for Trakt {
         if !resp.status().is_success() {
             return Err(FlowError::Unavailable(unknown_status(resp.status())));
         }
-        let body: DeviceCodeResponse =
-            resp.json().await.map_err(|_| FlowError::Unavailable("unreadable device code from Trakt".into()))?;
+        let body: DeviceCodeResponse = json(resp, LABEL).await.map_err(FlowError::Unavailable)?;
         Ok(Begun::Pending(PendingFlow {
             kind: "device_pin".into(),
             user_code: Some(body.user_code),
@@ -205,9 +207,9 @@ impl Provider for Trakt {
             Err(e) => return Poll::Unknown(e),
         };
         match resp.status().as_u16() {
-            200 => match resp.json::<TokenResponse>().await {
+            200 => match json::<TokenResponse>(resp, LABEL).await {
                 Ok(body) => Poll::Approved(grant(body, now)),
-                Err(_) => Poll::Unknown("unreadable token from Trakt".into()),
+                Err(e) => Poll::Unknown(e),
             },
             400 => Poll::Pending,
             404 => Poll::Gone("Trakt does not know this code (404)".into()),
@@ -236,9 +238,9 @@ impl Provider for Trakt {
             Err(e) => return Poll::Unknown(e),
         };
         match resp.status() {
-            StatusCode::OK => match resp.json::<TokenResponse>().await {
+            StatusCode::OK => match json::<TokenResponse>(resp, LABEL).await {
                 Ok(body) => Poll::Approved(oauth_code::authorised(grant(body, now), flow)),
-                Err(_) => Poll::Unknown("unreadable token from Trakt".into()),
+                Err(e) => Poll::Unknown(e),
             },
             s @ (StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED) => {
                 Poll::Gone(format!("Trakt refused the authorization code ({})", s.as_u16()))
@@ -259,12 +261,12 @@ impl Provider for Trakt {
             Err(e) => return Verdict::Unknown(e),
         };
         match resp.status() {
-            StatusCode::OK => match resp.json::<Settings>().await {
+            StatusCode::OK => match json::<Settings>(resp, LABEL).await {
                 Ok(s) => {
                     let id = s.user.ids.and_then(|i| i.slug);
                     Verdict::Valid(Identity { account: Account { name: s.user.username, id }, grant: None })
                 }
-                Err(_) => Verdict::Unknown("unreadable /users/settings answer from Trakt".into()),
+                Err(e) => Verdict::Unknown(e),
             },
             StatusCode::UNAUTHORIZED => Verdict::Rejected("Trakt rejected the access token (401)".into()),
             StatusCode::LOCKED => Verdict::Rejected("the Trakt account is locked (423)".into()),
@@ -293,9 +295,9 @@ impl Provider for Trakt {
             Err(e) => return Verdict::Unknown(e),
         };
         match resp.status() {
-            StatusCode::OK => match resp.json::<TokenResponse>().await {
+            StatusCode::OK => match json::<TokenResponse>(resp, LABEL).await {
                 Ok(body) => Verdict::Valid(self::grant(body, now)),
-                Err(_) => Verdict::Unknown("unreadable token from Trakt".into()),
+                Err(e) => Verdict::Unknown(e),
             },
             // A dead refresh token: 401 invalid_grant, or lately a bare 400.
             StatusCode::UNAUTHORIZED | StatusCode::BAD_REQUEST => {

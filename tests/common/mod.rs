@@ -170,6 +170,11 @@ impl Harness {
 }
 
 impl Daemon {
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the daemon runs")
+    }
+
     /// `kill -9`: no shutdown code runs.
     pub async fn kill9(mut self) {
         self.child.start_kill().unwrap();

@@ -79,22 +79,38 @@ pub async fn browse(url: &str) -> (u16, String, String) {
     (status, at, resp.text().await.unwrap())
 }
 
-/// Each failure a provider can serve on `validation` (the path of its validating call) leaves
-/// the connected `conn` connected, with a clear `last_error`: 429 with Retry-After, a 5xx, a
-/// timeout, a garbage body.
-pub async fn failures_keep_state(conn: &Conn<'_>, log: &CallLog, validation: &str) {
-    let cases = [
+/// Every fault an emulator serves, with what `last_error` must say about it. A huge body is
+/// `huge` bytes; a drip sends one byte every 300 ms (its whole body takes over a minute).
+pub fn faults(huge: u64) -> Vec<(Fault, &'static str)> {
+    vec![
         (Fault::RetryAfter(1), "429"),
         (Fault::Status(503), "503"),
         (Fault::Hang, "timed out"),
         (Fault::Garbage, "unreadable"),
-    ];
-    for (fault, expected) in cases {
+        (Fault::Reset, "connection reset"),
+        (Fault::Truncated, "cut short"),
+        (Fault::WrongContentType, "HTML page"),
+        (Fault::Huge(huge), "larger than 1 MiB"),
+        (Fault::Drip(300), "timed out"),
+    ]
+}
+
+/// `view`, the connection's state right after a call met `fault`: still connected, with a
+/// `last_error` that says `expected` and repeats no URL, and a retry scheduled.
+pub fn assert_fault_kept_state(view: &ConnectionView, fault: &Fault, expected: &str) {
+    assert_eq!(view.state, StateName::Connected, "{fault:?} must not change the state");
+    assert!(view.next_attempt_at.is_some(), "{fault:?}: a retry is scheduled");
+    let error = view.last_error.as_deref().unwrap_or_default();
+    assert!(error.contains(expected), "{fault:?}: last_error {error:?} should say {expected:?}");
+    assert!(!error.contains("http") && !error.contains("127.0.0.1"), "{fault:?}: a URL in {error:?}");
+}
+
+/// Each fault of [`faults`] served on `validation` (the path of the provider's validating
+/// call) leaves the connected `conn` connected, with a clear `last_error`.
+pub async fn failures_keep_state(conn: &Conn<'_>, log: &CallLog, validation: &str) {
+    for (fault, expected) in faults(64 << 20) {
         log.inject(validation, fault.clone(), 1);
-        let view = conn.validate().await;
-        assert_eq!(view.state, StateName::Connected, "{fault:?} must not change the state");
-        let error = view.last_error.unwrap_or_default();
-        assert!(error.contains(expected), "{fault:?}: last_error {error:?} should say {expected:?}");
+        assert_fault_kept_state(&conn.validate().await, &fault, expected);
         log.clear_faults();
     }
     let view = conn.validate().await;

@@ -8,6 +8,7 @@ use super::{
     nonempty_secret,
 };
 use crate::limits::Kind;
+use crate::providers::answer::json;
 use async_trait::async_trait;
 use authkeeper_state::{Account, Grant, PendingFlow, ProfileState, Secret};
 use chrono::{DateTime, Utc};
@@ -21,6 +22,8 @@ mod jwt;
 
 use jwt::DeviceKey;
 
+/// How errors name it.
+const LABEL: &str = "Plex";
 /// plex.tv and clients.plex.tv; `base_url` puts both at one origin.
 const PLEX_TV: &str = "https://plex.tv";
 const CLIENTS: &str = "https://clients.plex.tv";
@@ -218,7 +221,7 @@ impl Provider for Plex {
         if !resp.status().is_success() {
             return Err(FlowError::Unavailable(unknown_status(resp.status())));
         }
-        let pin: Pin = resp.json().await.map_err(|_| FlowError::Unavailable("unreadable PIN from Plex".into()))?;
+        let pin: Pin = json(resp, LABEL).await.map_err(FlowError::Unavailable)?;
         let cid = client_identifier(cx);
         let verification_url = format!(
             "https://app.plex.tv/auth#?clientID={cid}&code={}&context%5Bdevice%5D%5Bproduct%5D={PRODUCT}",
@@ -259,7 +262,7 @@ impl Provider for Plex {
             Err(e) => return Poll::Unknown(e),
         };
         match resp.status() {
-            StatusCode::OK => match resp.json::<Pin>().await {
+            StatusCode::OK => match json::<Pin>(resp, LABEL).await {
                 Ok(Pin { auth_token: Some(token), .. }) if !token.is_empty() => match &key {
                     Some(key) => Poll::Approved(jwt::grant(token, key, client_identifier(cx), now)),
                     None => {
@@ -269,7 +272,7 @@ impl Provider for Plex {
                     }
                 },
                 Ok(_) => Poll::Pending,
-                Err(_) => Poll::Unknown("unreadable PIN from Plex".into()),
+                Err(e) => Poll::Unknown(e),
             },
             StatusCode::NOT_FOUND => Poll::Gone("the PIN expired before it was linked (404)".into()),
             s => Poll::Unknown(unknown_status(s)),
@@ -306,9 +309,9 @@ impl Provider for Plex {
                 return Verdict::Rejected("Plex says the token expired (498); the device key refreshes it".into());
             }
             Ok(r) if !r.status().is_success() => return Verdict::Unknown(unknown_status(r.status())),
-            Ok(r) => match r.json::<User>().await {
+            Ok(r) => match json::<User>(r, LABEL).await {
                 Ok(user) => user,
-                Err(_) => return Verdict::Unknown("unreadable /api/v2/user answer from Plex".into()),
+                Err(e) => return Verdict::Unknown(e),
             },
         };
         let path = "/api/v2/resources?includeHttps=1&includeRelay=1";
@@ -318,9 +321,9 @@ impl Provider for Plex {
                 return Verdict::Rejected("Plex refused server discovery (401): the device was removed".into());
             }
             Ok(r) if !r.status().is_success() => return Verdict::Unknown(unknown_status(r.status())),
-            Ok(r) => match r.json::<Vec<Resource>>().await {
+            Ok(r) => match json::<Vec<Resource>>(r, LABEL).await {
                 Ok(list) => list,
-                Err(_) => return Verdict::Unknown("unreadable /api/v2/resources answer from Plex".into()),
+                Err(e) => return Verdict::Unknown(e),
             },
         };
         let id = match &user.id {
