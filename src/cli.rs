@@ -84,6 +84,17 @@ pub enum Cmd {
         #[command(flatten)]
         keys: crate::secrets_key::KeyArgs,
     },
+    /// Print a shell completion script: `authkeeper completions bash > /etc/bash_completion.d/authkeeper`
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `authkeeper man > authkeeper.1; man ./authkeeper.1`
+    Man {
+        /// Write authkeeper.1 and a page per subcommand (authkeeper-connect.1, …) into DIR instead
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Make a new key for encrypting the secrets in the store (see `daemon --secrets-key-file`)
     Keygen {
         /// Write it to FILE (created with mode 0600; an existing file is never overwritten)
@@ -209,9 +220,12 @@ fn print_json(v: &impl serde::Serialize) {
 
 async fn client_command(client: &Client, json: bool, command: Cmd) -> Result<i32, ClientError> {
     match command {
-        Cmd::Daemon { .. } | Cmd::Demo | Cmd::Emulate { .. } | Cmd::Keygen { .. } => {
-            unreachable!("not client commands")
-        }
+        Cmd::Daemon { .. }
+        | Cmd::Demo
+        | Cmd::Emulate { .. }
+        | Cmd::Keygen { .. }
+        | Cmd::Completions { .. }
+        | Cmd::Man { .. } => unreachable!("not client commands"),
         Cmd::Status { provider, profile } => {
             let all: Vec<ConnectionView> = client.get("/v1/connections").await?;
             let shown: Vec<_> = all
@@ -422,5 +436,36 @@ fn print_status(views: &[ConnectionView]) {
             v.account.as_deref().unwrap_or("-"),
             expires
         );
+    }
+}
+
+/// Write `text` to stdout; a reader that went away (`| head`) is not an error.
+fn emit(text: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
+/// `authkeeper completions SHELL`: the completion script, generated from this definition.
+pub fn print_completions(shell: clap_complete::Shell) -> std::io::Result<()> {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut cmd, "authkeeper", &mut out);
+    emit(&out)
+}
+
+/// `authkeeper man`: the manual page, generated from this definition; with `dir`, one page per
+/// subcommand too (`authkeeper-connect.1`, …), written there.
+pub fn print_man(dir: Option<&std::path::Path>) -> std::io::Result<()> {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    match dir {
+        Some(dir) => clap_mangen::generate_to(cmd, dir),
+        None => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cmd).render(&mut out)?;
+            emit(&out)
+        }
     }
 }

@@ -24,6 +24,17 @@ async fn shutdown_signal() {
     }
 }
 
+/// The exit status of a local command; its error on stderr.
+fn report(what: &str, outcome: std::io::Result<()>) -> i32 {
+    match outcome {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("authkeeper {what}: {e}");
+            1
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
@@ -59,6 +70,8 @@ async fn main() {
                 1
             }
         },
+        Cmd::Completions { shell } => report("completions", authkeeper::cli::print_completions(shell)),
+        Cmd::Man { dir } => report("man", authkeeper::cli::print_man(dir.as_deref())),
         Cmd::Demo => {
             init_logging(LogFormat::Text, "warn");
             match demo::run().await {
