@@ -411,32 +411,31 @@ fn print_status(views: &[ConnectionView]) {
         println!("no connections: add a provider block to config.json, or see `authkeeper providers`");
         return;
     }
-    println!("{:<24} {:<13} {:<16} {:<22} NOTE", "CONNECTION", "STATE", "ACCOUNT", "EXPIRES");
-    for v in views {
-        let name = format!("{}/{}", v.provider, v.profile);
-        let expires = v.expires_at.map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string()).unwrap_or_else(|| "-".into());
-        let note = match (&v.pending, &v.last_error) {
-            (Some(p), _) => match (&p.authorize_url, &p.user_code, &p.verification_url) {
-                (Some(url), _, _) => format!("open {url}"),
-                (None, Some(code), Some(url)) => format!("enter {code} at {url}"),
-                (None, Some(code), None) => format!("enter {code}"),
-                _ => format!("pending ({})", p.flow),
-            },
-            (None, Some(e)) => {
-                let next =
-                    v.next_attempt_at.map(|t| format!("; retry at {}", t.format("%H:%M:%S"))).unwrap_or_default();
-                format!("{e}{next}")
-            }
-            (None, None) => String::new(),
-        };
-        println!(
-            "{:<24} {:<13} {:<16} {:<22} {note}",
-            name,
-            v.state.as_str(),
-            v.account.as_deref().unwrap_or("-"),
-            expires
-        );
-    }
+    let rows: Vec<crate::terminal::Row> = views
+        .iter()
+        .map(|v| {
+            let expires =
+                v.expires_at.map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string()).unwrap_or_else(|| "-".into());
+            let note = match (&v.pending, &v.last_error) {
+                (Some(p), _) => match (&p.authorize_url, &p.user_code, &p.verification_url) {
+                    (Some(url), _, _) => format!("open {url}"),
+                    (None, Some(code), Some(url)) => format!("enter {code} at {url}"),
+                    (None, Some(code), None) => format!("enter {code}"),
+                    _ => format!("pending ({})", p.flow),
+                },
+                (None, Some(e)) => {
+                    let next =
+                        v.next_attempt_at.map(|t| format!("; retry at {}", t.format("%H:%M:%S"))).unwrap_or_default();
+                    format!("{e}{next}")
+                }
+                (None, None) => String::new(),
+            };
+            let account = v.account.clone().unwrap_or_else(|| "-".into());
+            [format!("{}/{}", v.provider, v.profile), v.state.as_str().to_owned(), account, expires, note]
+        })
+        .collect();
+    let table = crate::terminal::table(views, &rows, crate::terminal::colour());
+    let _ = emit(table.as_bytes());
 }
 
 /// Write `text` to stdout; a reader that went away (`| head`) is not an error.

@@ -203,6 +203,13 @@ pub async fn connect_and_wait(
             (None, Some(code), _) => eprintln!("  enter  {code}"),
             _ => {}
         }
+        // A phone can scan the page to open instead of typing it.
+        if crate::terminal::stdout_is_terminal()
+            && let Some(qr) =
+                pending.authorize_url.as_deref().or(pending.verification_url.as_deref()).and_then(crate::terminal::qr)
+        {
+            eprintln!("{qr}");
+        }
     }
     let spinner = if quiet { ProgressBar::hidden() } else { ProgressBar::new_spinner() };
     spinner.set_style(ProgressStyle::with_template("{spinner} {msg}").expect("valid template"));

@@ -26,5 +26,6 @@ pub mod links;
 pub mod providers;
 pub mod secrets_key;
 pub mod socket;
+pub mod terminal;
 pub mod web;
 pub mod wire;
