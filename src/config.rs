@@ -45,6 +45,11 @@ pub struct Settings {
     /// Per provider, what an owner who is not connected is told (default "Please log in
     /// first: /login PROVIDER").
     pub login_messages: BTreeMap<String, String>,
+    /// Encrypt the secrets in the store with the key in this file (relative to the config's
+    /// directory); read at start-up.
+    pub secrets_key_file: Option<PathBuf>,
+    /// To rotate: the key the store is encrypted with until now.
+    pub previous_secrets_key_file: Option<PathBuf>,
 }
 
 /// The schedules a user can declare.
@@ -75,6 +80,8 @@ impl Default for Settings {
             history_retention_days: 365,
             web: None,
             login_messages: BTreeMap::new(),
+            secrets_key_file: None,
+            previous_secrets_key_file: None,
         }
     }
 }

@@ -42,7 +42,7 @@ async fn main() {
         Cmd::Daemon { log_format, keys } => {
             init_logging(log_format, "info");
             let mut opts = daemon::Options::new(cli.global.paths(), Arc::new(SystemClock));
-            let outcome = match keys.sealer() {
+            let outcome = match keys.sealer(&opts.paths.config) {
                 Ok(sealer) => {
                     opts.secrets = sealer;
                     daemon::run(opts, shutdown_signal()).await

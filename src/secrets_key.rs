@@ -1,6 +1,7 @@
-//! Where the key that seals the store's secrets comes from: a file (`--secrets-key-file`), the
-//! environment (`AUTHKEEPER_SECRETS_KEY`), or a systemd credential (`authkeeper-secrets-key`
-//! in `$CREDENTIALS_DIRECTORY`), in that order; the previous key, when rotating, the same way.
+//! Where the key that seals the store's secrets comes from: a file (`--secrets-key-file`, or
+//! `authkeeper.secrets_key_file` in the config), the environment (`AUTHKEEPER_SECRETS_KEY`), or
+//! a systemd credential (`secrets_key` in `$CREDENTIALS_DIRECTORY`), in that order; the
+//! previous key, when rotating, the same way.
 
 use authkeeper_state::{Sealer, SecretsKey};
 use clap::Args;
@@ -8,18 +9,18 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-const CREDENTIAL: &str = "authkeeper-secrets-key";
-const PREVIOUS_CREDENTIAL: &str = "authkeeper-previous-secrets-key";
+const CREDENTIAL: &str = "secrets_key";
+const PREVIOUS_CREDENTIAL: &str = "previous_secrets_key";
 
 #[derive(Args, Debug, Clone, Default)]
 pub struct KeyArgs {
     /// Encrypt the secrets in the store with the key in FILE (make one with `authkeeper keygen`).
     /// Also: AUTHKEEPER_SECRETS_KEY holding the key itself, or the systemd credential
-    /// authkeeper-secrets-key. Without a key, secrets are stored in the clear (the file is 0600)
+    /// secrets_key. Without a key, secrets are stored in the clear (the file is 0600)
     #[arg(long, env = "AUTHKEEPER_SECRETS_KEY_FILE", value_name = "FILE")]
     pub secrets_key_file: Option<PathBuf>,
     /// To rotate: the key the store is encrypted with now (FILE; or AUTHKEEPER_PREVIOUS_SECRETS_KEY,
-    /// or the credential authkeeper-previous-secrets-key). The store is re-encrypted with the new
+    /// or the credential previous_secrets_key). The store is re-encrypted with the new
     /// key at start-up
     #[arg(long, env = "AUTHKEEPER_PREVIOUS_SECRETS_KEY_FILE", value_name = "FILE")]
     pub previous_secrets_key_file: Option<PathBuf>,
@@ -40,11 +41,20 @@ pub enum KeyFileError {
 }
 
 impl KeyArgs {
-    /// The sealer the daemon's store uses, if a key was given anywhere.
-    pub fn sealer(&self) -> Result<Option<Sealer>, KeyFileError> {
-        let current = find(self.secrets_key_file.as_deref(), "AUTHKEEPER_SECRETS_KEY", CREDENTIAL)?;
-        let previous =
-            find(self.previous_secrets_key_file.as_deref(), "AUTHKEEPER_PREVIOUS_SECRETS_KEY", PREVIOUS_CREDENTIAL)?;
+    /// The sealer the daemon's store uses, if a key was given anywhere: these options (or
+    /// their environment variables) first, then `authkeeper.secrets_key_file` and
+    /// `previous_secrets_key_file` in the config at `config` (paths relative to its directory),
+    /// then `AUTHKEEPER_SECRETS_KEY`, then the systemd credential.
+    pub fn sealer(&self, config: &Path) -> Result<Option<Sealer>, KeyFileError> {
+        let settings = crate::config::Config::load(config).map(|c| c.settings).unwrap_or_default();
+        let dir = config.parent().unwrap_or(Path::new("."));
+        let file = |given: &Option<PathBuf>, configured: Option<PathBuf>| {
+            given.clone().or_else(|| configured.map(|p| dir.join(p)))
+        };
+        let current = file(&self.secrets_key_file, settings.secrets_key_file);
+        let previous = file(&self.previous_secrets_key_file, settings.previous_secrets_key_file);
+        let current = find(current.as_deref(), "AUTHKEEPER_SECRETS_KEY", CREDENTIAL)?;
+        let previous = find(previous.as_deref(), "AUTHKEEPER_PREVIOUS_SECRETS_KEY", PREVIOUS_CREDENTIAL)?;
         match (current, previous) {
             (None, None) => Ok(None),
             (None, Some(_)) => Err(KeyFileError::PreviousOnly),

@@ -63,7 +63,11 @@ async fn an_encrypted_store_shows_no_token_refuses_other_keys_and_rotates() {
     assert_eq!(in_clear(&h), Vec::<String>::new());
     let (code, _, stderr) = h.cli(&["daemon", "--secrets-key-file", &key]).await;
     assert_eq!(code, 1, "the old key no longer opens it: {stderr}");
-    let daemon = h.start_daemon_with(&["--secrets-key-file", &other]).await;
+    // The key named in the config (relative to its directory) is used as well.
+    let mut config: Value = serde_json::from_slice(&std::fs::read(h.config_path()).unwrap()).unwrap();
+    config["authkeeper"]["secrets_key_file"] = json!("other.key");
+    std::fs::write(h.config_path(), config.to_string()).unwrap();
+    let daemon = h.start_daemon().await;
     let view: ConnectionView = client.get("/v1/connections/trakt/default").await.unwrap();
     assert_eq!(view.state, StateName::Connected);
     daemon.stop().await;

@@ -60,7 +60,7 @@ pub enum StoreError {
     Corrupt { key: String, source: RecordError },
     #[error(
         "the store's secrets are encrypted (key {id}): give that key with --secrets-key-file, \
-         AUTHKEEPER_SECRETS_KEY or the systemd credential authkeeper-secrets-key; nothing was changed"
+         AUTHKEEPER_SECRETS_KEY or the systemd credential secrets_key; nothing was changed"
     )]
     KeyNeeded { id: String },
     #[error(
