@@ -220,10 +220,20 @@ impl Config {
     /// Read `path`; a missing file is an empty config.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         match std::fs::read_to_string(path) {
-            Ok(text) => Self::parse(&text),
+            Ok(text) => Self::parse_file(path, &text),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
             Err(source) => Err(ConfigError::Io { path: path.to_owned(), source }),
         }
+    }
+
+    /// `text`, read from `path`: CrossWatch's encrypted values (`enc:v1:`) are decrypted first,
+    /// with the key for that file.
+    pub fn parse_file(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        if !crate::cw_crypt::uses_encryption(text) {
+            return Self::parse(text);
+        }
+        let key = crate::cw_crypt::CwKey::find(path)?;
+        Self::parse(&crate::cw_crypt::decrypt_text(text, key.as_ref())?)
     }
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {

@@ -101,6 +101,12 @@ impl ConfigOwner {
         if queued.is_empty() {
             return;
         }
+        tracing::debug!(
+            connections = queued.len(),
+            from_store = self.from_store,
+            enabled = self.config.settings.write_back,
+            "write-back"
+        );
         if self.from_store {
             // No good config yet, so whether to write back is not known: kept until one is read.
             self.shared.write_backs.keep(queued);
@@ -124,17 +130,27 @@ impl ConfigOwner {
         let mut edited = text.clone();
         let mut written = Vec::new();
         for (key, grant) in queued {
-            let Some(profile) = self.config.profile(key) else { continue };
+            let Some(profile) = self.config.profile(key) else {
+                tracing::debug!(connection = %key, "not written back: the config does not declare it");
+                continue;
+            };
             let provider = profile.provider;
-            let keys = provider.export(grant.as_ref());
-            edited = config_edit::write_keys(&edited, provider.manifest().block, &key.profile, &keys)?;
+            let mut keys = provider.export(grant.as_ref());
+            let block = provider.manifest().block;
+            // A file that keeps its secrets encrypted gets them encrypted the same way.
+            if crate::cw_crypt::uses_encryption(&text)
+                && let Some(cw) = crate::cw_crypt::CwKey::find(&self.path).map_err(DaemonError::ConfigBroken)?
+            {
+                keys = crate::cw_crypt::seal_keys(&edited, block, &key.profile, &keys, &cw);
+            }
+            edited = config_edit::write_keys(&edited, block, &key.profile, &keys)?;
             written.push(key.clone());
         }
         if edited == text {
             return Ok(());
         }
         config_edit::write_atomically(&self.path, &edited, true)?;
-        match Config::parse(&edited) {
+        match Config::parse_file(&self.path, &edited) {
             Ok(config) => self.config = config,
             Err(e) => warn!(error = %e, "the written config does not load"),
         }

@@ -85,7 +85,7 @@ enum Read {
 
 fn read(path: &std::path::Path) -> Read {
     match std::fs::read_to_string(path) {
-        Ok(text) => match Config::parse(&text) {
+        Ok(text) => match Config::parse_file(path, &text) {
             Ok(config) => Read::Good(Box::new(config), text),
             Err(e) => Read::Bad(e, Some(text)),
         },
@@ -371,7 +371,7 @@ impl ConfigOwner {
     /// Parse `text`; if it is good, make it the config and send events to just the
     /// connections it changes, then `config_reloaded`.
     async fn apply_text(&mut self, text: String) -> Result<(), ConfigError> {
-        let new = Config::parse(&text)?;
+        let new = Config::parse_file(&self.path, &text)?;
         self.text = Some(text);
         self.shared.config.write().unwrap().error = None;
         let mut old = std::mem::replace(&mut self.config, new);
