@@ -45,6 +45,11 @@ pub struct Settings {
     /// Per provider, what an owner who is not connected is told (default "Please log in
     /// first: /login PROVIDER").
     pub login_messages: BTreeMap<String, String>,
+    /// How long a request to either listener may take to arrive, headers and body each
+    /// (default 10; read at start-up).
+    pub request_timeout_secs: u64,
+    /// Plain `http` to a public host for `base_url`, servers and OAuth endpoints (default false).
+    pub allow_insecure_http: bool,
 }
 
 /// The schedules a user can declare.
@@ -75,6 +80,8 @@ impl Default for Settings {
             history_retention_days: 365,
             web: None,
             login_messages: BTreeMap::new(),
+            request_timeout_secs: crate::serve::REQUEST_TIMEOUT.as_secs(),
+            allow_insecure_http: false,
         }
     }
 }
@@ -102,6 +109,10 @@ impl Settings {
 
     pub fn http_timeout(&self) -> Duration {
         Duration::from_secs(self.http_timeout_secs.max(1))
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs.max(1))
     }
 }
 
@@ -248,10 +259,27 @@ impl Config {
         if let Some(web) = &settings.web {
             web.check().map_err(ConfigError::Invalid)?;
         }
+        let allowed = settings.allow_insecure_http;
+        for (name, url) in &settings.base_url {
+            crate::insecure::check(&format!("authkeeper.base_url.{name}"), url, allowed)
+                .map_err(ConfigError::Invalid)?;
+        }
         let mut profiles = BTreeMap::new();
         for &provider in providers::REGISTRY {
             let raw = top.get(provider.manifest().block).filter(|r| r.get() != "null");
             parse_block(text, raw.copied(), provider, &settings, &mut profiles)?;
+        }
+        let mut last: Option<&Arc<Profile>> = None;
+        for (key, profile) in &profiles {
+            // Profiles that inherit the same settings share them: each is checked once.
+            if last.is_some_and(|l| Arc::ptr_eq(l, profile)) {
+                continue;
+            }
+            last = Some(profile);
+            for (setting, url) in profile.provider.urls(profile) {
+                let what = format!("{}.{}.{setting}", profile.provider.manifest().block, key.profile);
+                profile.check_url(&what, &url).map_err(ConfigError::Invalid)?;
+            }
         }
         Ok(Self { settings, profiles })
     }
@@ -292,10 +320,12 @@ fn parse_block(
 ) -> Result<(), ConfigError> {
     let m = provider.manifest();
     let base_url = settings.base_url.get(m.name).cloned();
+    let allowed = settings.allow_insecure_http;
     let Some(raw) = raw else {
         if !m.named_profiles {
-            let profile =
-                Profile::new(provider, Map::new(), base_url).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            let profile = Profile::new(provider, Map::new(), base_url)
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?
+                .allowing_insecure_http(allowed);
             profiles.insert(ConnKey::new(m.name, "default"), Arc::new(profile));
         }
         return Ok(());
@@ -307,7 +337,10 @@ fn parse_block(
         Some(_) => return Err(ConfigError::Invalid(format!("{}.instances must be an object", m.block))),
     };
     let typed_error = |e: serde_json::Error| typed_error(text, raw, provider, e);
-    let default = Arc::new(Profile::new(provider, base.clone(), base_url.clone()).map_err(typed_error)?);
+    let new = |block: Map<String, Value>| {
+        Profile::new(provider, block, base_url.clone()).map(|p| Arc::new(p.allowing_insecure_http(allowed)))
+    };
+    let default = new(base.clone()).map_err(typed_error)?;
     if !m.named_profiles {
         profiles.insert(ConnKey::new(m.name, "default"), default.clone());
     }
@@ -315,7 +348,7 @@ fn parse_block(
     // settings, never its login.
     let inherited = if m.credential_keys.iter().any(|k| base.contains_key(*k)) {
         base.retain(|k, _| !m.credential_keys.contains(&k.as_str()));
-        Arc::new(Profile::new(provider, base.clone(), base_url.clone()).map_err(typed_error)?)
+        new(base.clone()).map_err(typed_error)?
     } else {
         default.clone()
     };
@@ -331,7 +364,7 @@ fn parse_block(
             let mut block = base.clone();
             deep_merge(&mut block, own);
             if block != last.block {
-                last = Arc::new(Profile::new(provider, block, base_url.clone()).map_err(typed_error)?);
+                last = new(block).map_err(typed_error)?;
             }
             last.clone()
         };
@@ -386,6 +419,12 @@ fn typed_error(text: &str, raw: &RawValue, provider: &dyn Provider, e: serde_jso
         }
     }
     ConfigError::Invalid(format!("{}: {e}", provider.manifest().block))
+}
+
+/// Whether `id` can name one of the provider's profiles: `default`, `PROVIDER-P##`, a named
+/// instance's id, or an owner's (`discord:123456`). Nothing else reaches the store or the file.
+pub fn is_profile_id(m: &Manifest, id: &str) -> bool {
+    (id == "default" && !m.named_profiles) || check_profile_id(m, id).is_ok() || authkeeper_state::is_owner_id(id)
 }
 
 /// Profile ids are `PROVIDER-P##` (`TRAKT-P01`), or for named instances `[a-z0-9_-]{1,64}`.
