@@ -91,7 +91,7 @@ pub fn limited(router: Router, limits: Limits, refuse: fn(RequestError) -> Respo
 }
 
 /// Serve `router` on `listener` until `shutdown` turns true, then let the requests in flight
-/// finish. Each request carries its peer's address as `ConnectInfo`.
+/// finish (for at most the time limit). Each request carries its peer's address as `ConnectInfo`.
 pub async fn serve<L>(
     mut listener: L,
     router: Router,
@@ -103,9 +103,11 @@ where
     L::Addr: Clone + Send + Sync + 'static,
 {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let (io, addr) = tokio::select! {
             accepted = listener.accept() => accepted,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             _ = shutdown.wait_for(|s| *s) => break,
         };
         let router = router.clone();
@@ -117,13 +119,22 @@ where
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder.timer(TokioTimer::new()).header_read_timeout(limits.timeout);
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(io), service));
-        tokio::spawn(async move {
+        connections.spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "a connection ended with an error");
             }
         });
     }
-    graceful.shutdown().await;
+    // A client that stopped reading (a stalled `/v1/events` reader) must not hold the daemon
+    // up: what is still open after the time limit is closed.
+    let drained = tokio::time::timeout(limits.timeout, async {
+        graceful.shutdown().await;
+        while connections.join_next().await.is_some() {}
+    });
+    if drained.await.is_err() {
+        tracing::warn!(open = connections.len(), "connections still open at shutdown; closing them");
+        connections.shutdown().await;
+    }
     Ok(())
 }
 

@@ -237,6 +237,15 @@ impl Connection {
         Ok((status, content_type, body))
     }
 
+    /// GET `path` and hand back its body as it streams (`/v1/events`).
+    pub async fn stream(&mut self, path: &str) -> anyhow::Result<Incoming> {
+        self.sender.ready().await?;
+        let request = Request::get(path).header(hyper::header::HOST, "localhost").body(Empty::new())?;
+        let response = self.sender.send_request(request).await?;
+        anyhow::ensure!(response.status() == 200, "GET {path} answered {}", response.status());
+        Ok(response.into_body())
+    }
+
     /// GET `path` and count the body's bytes as they arrive, without keeping them.
     pub async fn get_counting(&mut self, path: &str) -> anyhow::Result<(u16, u64, Bytes)> {
         self.sender.ready().await?;
