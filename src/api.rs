@@ -208,7 +208,8 @@ async fn connect(State(shared): App, Path((provider, profile)): Key, body: Bytes
         None => &manifest.flows[0],
         Some(flow) => manifest.flows.iter().find(|f| f.flow == flow).ok_or_else(|| {
             let known: Vec<_> = manifest.flows.iter().map(|f| f.flow).collect();
-            ApiError::bad_request(format!("{provider} has no flow {flow:?}; it supports: {}", known.join(", ")))
+            // The value is not echoed: a secret pasted into the wrong field must not come back.
+            ApiError::bad_request(format!("{provider} has no flow by that name; it supports: {}", known.join(", ")))
         })?,
     };
     let mut input = Input::new();

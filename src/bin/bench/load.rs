@@ -7,8 +7,7 @@
 
 use super::process::{self, Connection, Server};
 use authkeeper_fixtures::{TraktEmulator, TraktOptions};
-use authkeeper_state::{Account, Commit, ConnKey, Event, Grant, Machine, Policy, Secret, Store};
-use chrono::{TimeDelta, Utc};
+use chrono::Utc;
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use std::path::Path;
@@ -28,28 +27,12 @@ pub struct Options {
 /// and `dir/config.json` naming them, validating every `every` seconds.
 fn prepare(dir: &Path, emulator: &TraktEmulator, n: usize, every: u64) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir.join("state"))?;
-    let store = Store::open(&dir.join("state").join("authkeeper.redb"))?;
     let now = Utc::now();
-    let policy = Policy::default();
-    let mut batch = Vec::with_capacity(n);
-    for i in 0..n {
+    let db = dir.join("state").join("authkeeper.redb");
+    drop(process::populate_with(&db, n, process::profile, |_| {
         let (access, refresh) = emulator.issue_grant();
-        let grant = Grant {
-            refresh_token: Some(Secret::new(refresh)),
-            expires_at: Some(now + TimeDelta::days(7)),
-            ..Grant::bearer(access, now)
-        };
-        let mut m = Machine::new(ConnKey::new("trakt", process::profile(i)), now);
-        m.handle(&Event::CredentialsSupplied { grant }, now, policy, 0.0);
-        let step = m.handle(
-            &Event::Validated { account: Account { name: format!("u{i}"), id: None }, grant: None },
-            now,
-            policy,
-            0.0,
-        );
-        batch.push(Commit { machine: m, transition: step.transition });
-    }
-    store.commit(&batch)?;
+        (access, refresh, now)
+    })?);
     let instances: serde_json::Map<String, Value> = (0..n).map(|i| (process::profile(i), json!({}))).collect();
     let config = json!({
         "trakt": {"client_id": "emulator-client-id", "client_secret": "emulator-client-secret", "instances": instances},

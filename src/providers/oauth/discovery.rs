@@ -48,14 +48,14 @@ impl Metadata {
     /// What the instance's config gives.
     pub fn configured(block: &Block) -> Self {
         Metadata {
-        issuer: block.issuer.clone(),
-        authorization_endpoint: block.authorization_endpoint.clone(),
-        token_endpoint: block.token_endpoint.clone(),
-        device_authorization_endpoint: block.device_authorization_endpoint.clone(),
-        userinfo_endpoint: block.userinfo_endpoint.clone(),
-        introspection_endpoint: block.introspection_endpoint.clone(),
-        revocation_endpoint: block.revocation_endpoint.clone(),
-        token_endpoint_auth_methods_supported: None,
+            issuer: block.issuer.clone(),
+            authorization_endpoint: block.authorization_endpoint.clone(),
+            token_endpoint: block.token_endpoint.clone(),
+            device_authorization_endpoint: block.device_authorization_endpoint.clone(),
+            userinfo_endpoint: block.userinfo_endpoint.clone(),
+            introspection_endpoint: block.introspection_endpoint.clone(),
+            revocation_endpoint: block.revocation_endpoint.clone(),
+            token_endpoint_auth_methods_supported: None,
         }
     }
 }
