@@ -259,28 +259,12 @@ impl Config {
         if let Some(web) = &settings.web {
             web.check().map_err(ConfigError::Invalid)?;
         }
-        let allowed = settings.allow_insecure_http;
-        for (name, url) in &settings.base_url {
-            crate::insecure::check(&format!("authkeeper.base_url.{name}"), url, allowed)
-                .map_err(ConfigError::Invalid)?;
-        }
         let mut profiles = BTreeMap::new();
         for &provider in providers::REGISTRY {
             let raw = top.get(provider.manifest().block).filter(|r| r.get() != "null");
             parse_block(text, raw.copied(), provider, &settings, &mut profiles)?;
         }
-        let mut last: Option<&Arc<Profile>> = None;
-        for (key, profile) in &profiles {
-            // Profiles that inherit the same settings share them: each is checked once.
-            if last.is_some_and(|l| Arc::ptr_eq(l, profile)) {
-                continue;
-            }
-            last = Some(profile);
-            for (setting, url) in profile.provider.urls(profile) {
-                let what = format!("{}.{}.{setting}", profile.provider.manifest().block, key.profile);
-                profile.check_url(&what, &url).map_err(ConfigError::Invalid)?;
-            }
-        }
+        crate::insecure::check_config(&settings, &profiles).map_err(ConfigError::Invalid)?;
         Ok(Self { settings, profiles })
     }
 

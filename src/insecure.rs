@@ -4,7 +4,10 @@
 //! cross the internet in clear. Home network: loopback, private and link-local addresses,
 //! names without a dot, and names under `.local`, `.lan`, `.internal` or `.home.arpa`.
 
+use authkeeper_state::ConnKey;
+use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 /// Whether plain `http` to `host` (as a URL writes it; IPv6 in brackets) stays at home.
 pub fn home_host(host: &str) -> bool {
@@ -36,6 +39,29 @@ pub fn check(what: &str, url: &str, allowed: bool) -> Result<(), String> {
         "{what}: {url:?} is plain http to {host}, a host outside your network: secrets sent there would \
          travel in clear text. Use https, or set \"authkeeper\": {{\"allow_insecure_http\": true}} to allow it"
     ))
+}
+
+/// Every URL a config names that secrets are sent to: `authkeeper.base_url` and each
+/// profile's (its server, its OAuth endpoints).
+pub fn check_config(
+    settings: &crate::config::Settings,
+    profiles: &BTreeMap<ConnKey, Arc<crate::providers::Profile>>,
+) -> Result<(), String> {
+    for (name, url) in &settings.base_url {
+        check(&format!("authkeeper.base_url.{name}"), url, settings.allow_insecure_http)?;
+    }
+    let mut last: Option<&Arc<crate::providers::Profile>> = None;
+    for (key, profile) in profiles {
+        // Profiles that inherit the same settings share them: each is checked once.
+        if last.is_some_and(|l| Arc::ptr_eq(l, profile)) {
+            continue;
+        }
+        last = Some(profile);
+        for (setting, url) in profile.provider.urls(profile) {
+            profile.check_url(&format!("{}.{}.{setting}", profile.provider.manifest().block, key.profile), &url)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
