@@ -40,7 +40,33 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/events", get(events))
         .route("/v1/links", post(create_link))
         .fallback(|| async { ApiError::not_found() })
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(shared)
+}
+
+/// Every error answer has the contract's shape, axum's own refusals too (a path that does
+/// not decode, a method a route does not take): `{"error": "<code>", "message": "…"}`.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let json =
+        response.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let text = match axum::body::to_bytes(response.into_body(), 4096).await {
+        Ok(bytes) if !bytes.is_empty() => String::from_utf8_lossy(&bytes).into_owned(),
+        _ => status.canonical_reason().unwrap_or("refused").to_owned(),
+    };
+    let code = match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::REQUEST_TIMEOUT => "request_timeout",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        s if s.is_client_error() => "bad_request",
+        _ => "internal",
+    };
+    (status, Json(json!({"error": code, "message": text}))).into_response()
 }
 
 async fn health(State(shared): App) -> Response {
@@ -182,7 +208,8 @@ async fn connect(State(shared): App, Path((provider, profile)): Key, body: Bytes
         None => &manifest.flows[0],
         Some(flow) => manifest.flows.iter().find(|f| f.flow == flow).ok_or_else(|| {
             let known: Vec<_> = manifest.flows.iter().map(|f| f.flow).collect();
-            ApiError::bad_request(format!("{provider} has no flow {flow:?}; it supports: {}", known.join(", ")))
+            // The value is not echoed: a secret pasted into the wrong field must not come back.
+            ApiError::bad_request(format!("{provider} has no flow by that name; it supports: {}", known.join(", ")))
         })?,
     };
     let mut input = Input::new();

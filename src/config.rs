@@ -4,12 +4,13 @@
 
 use crate::limits::{Limits, Rate};
 use crate::providers::{self, Manifest, Profile, Provider};
-use authkeeper_state::{ConnKey, Grant, Policy};
+use authkeeper_state::{ConnKey, Policy};
+
+pub use crate::config_diff::{Change, credential_digest, diff};
 use chrono::TimeDelta;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -50,6 +51,11 @@ pub struct Settings {
     pub secrets_key_file: Option<PathBuf>,
     /// To rotate: the key the store is encrypted with until now.
     pub previous_secrets_key_file: Option<PathBuf>,
+    /// How long a request to either listener may take to arrive, headers and body each
+    /// (default 10; read at start-up).
+    pub request_timeout_secs: u64,
+    /// Plain `http` to a public host for `base_url`, servers and OAuth endpoints (default false).
+    pub allow_insecure_http: bool,
 }
 
 /// The schedules a user can declare.
@@ -82,6 +88,8 @@ impl Default for Settings {
             login_messages: BTreeMap::new(),
             secrets_key_file: None,
             previous_secrets_key_file: None,
+            request_timeout_secs: crate::serve::REQUEST_TIMEOUT.as_secs(),
+            allow_insecure_http: false,
         }
     }
 }
@@ -111,71 +119,10 @@ impl Settings {
     pub fn http_timeout(&self) -> Duration {
         Duration::from_secs(self.http_timeout_secs.max(1))
     }
-}
 
-/// How one profile differs between two configs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Change {
-    Added,
-    Removed,
-    /// `app`: settings that decide how the provider is reached (client id, base URL, timeout);
-    /// `credential`: the token fields.
-    Changed {
-        app: bool,
-        credential: bool,
-    },
-}
-
-/// The profiles that differ between `old` and `new`, in key order. Cost: one pass over both.
-pub fn diff(old: &Config, new: &Config) -> Vec<(ConnKey, Change)> {
-    use std::cmp::Ordering;
-    let timeout_changed = old.settings.http_timeout() != new.settings.http_timeout();
-    let mut out = Vec::new();
-    let (mut a, mut b) = (old.profiles.iter().peekable(), new.profiles.iter().peekable());
-    loop {
-        let order = match (a.peek(), b.peek()) {
-            (None, None) => break,
-            (Some(_), None) => Ordering::Less,
-            (None, Some(_)) => Ordering::Greater,
-            (Some((ka, _)), Some((kb, _))) => ka.cmp(kb),
-        };
-        match order {
-            Ordering::Less => out.push((a.next().unwrap().0.clone(), Change::Removed)),
-            Ordering::Greater => out.push((b.next().unwrap().0.clone(), Change::Added)),
-            Ordering::Equal => {
-                let ((key, before), (_, after)) = (a.next().unwrap(), b.next().unwrap());
-                let same = Arc::ptr_eq(before, after) || before == after;
-                if same && !timeout_changed {
-                    continue;
-                }
-                let app = timeout_changed || before.app_differs(after);
-                let credential = before.credential_differs(after);
-                if app || credential {
-                    out.push((key.clone(), Change::Changed { app, credential }));
-                }
-            }
-        }
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs.max(1))
     }
-    out
-}
-
-/// A digest of a credential, to tell whether the user changed the one in the file since the
-/// daemon last read or wrote it. Empty when there is no credential.
-pub fn credential_digest(g: Option<&Grant>) -> Vec<u8> {
-    let Some(g) = g else { return Vec::new() };
-    let mut h = Sha256::new();
-    h.update(g.access_token.expose());
-    h.update([0]);
-    h.update(g.refresh_token.as_ref().map_or("", |t| t.expose()));
-    h.update([0]);
-    h.update(g.expires_at.map_or(0, |t| t.timestamp()).to_le_bytes());
-    for (name, secret) in g.secrets() {
-        h.update([0]);
-        h.update(name);
-        h.update([0]);
-        h.update(secret.expose());
-    }
-    h.finalize().to_vec()
 }
 
 /// A loaded, validated config.
@@ -271,6 +218,7 @@ impl Config {
             let raw = top.get(provider.manifest().block).filter(|r| r.get() != "null");
             parse_block(text, raw.copied(), provider, &settings, &mut profiles)?;
         }
+        crate::insecure::check_config(&settings, &profiles).map_err(ConfigError::Invalid)?;
         Ok(Self { settings, profiles })
     }
 
@@ -310,10 +258,12 @@ fn parse_block(
 ) -> Result<(), ConfigError> {
     let m = provider.manifest();
     let base_url = settings.base_url.get(m.name).cloned();
+    let allowed = settings.allow_insecure_http;
     let Some(raw) = raw else {
         if !m.named_profiles {
-            let profile =
-                Profile::new(provider, Map::new(), base_url).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            let profile = Profile::new(provider, Map::new(), base_url)
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?
+                .allowing_insecure_http(allowed);
             profiles.insert(ConnKey::new(m.name, "default"), Arc::new(profile));
         }
         return Ok(());
@@ -325,7 +275,10 @@ fn parse_block(
         Some(_) => return Err(ConfigError::Invalid(format!("{}.instances must be an object", m.block))),
     };
     let typed_error = |e: serde_json::Error| typed_error(text, raw, provider, e);
-    let default = Arc::new(Profile::new(provider, base.clone(), base_url.clone()).map_err(typed_error)?);
+    let new = |block: Map<String, Value>| {
+        Profile::new(provider, block, base_url.clone()).map(|p| Arc::new(p.allowing_insecure_http(allowed)))
+    };
+    let default = new(base.clone()).map_err(typed_error)?;
     if !m.named_profiles {
         profiles.insert(ConnKey::new(m.name, "default"), default.clone());
     }
@@ -333,7 +286,7 @@ fn parse_block(
     // settings, never its login.
     let inherited = if m.credential_keys.iter().any(|k| base.contains_key(*k)) {
         base.retain(|k, _| !m.credential_keys.contains(&k.as_str()));
-        Arc::new(Profile::new(provider, base.clone(), base_url.clone()).map_err(typed_error)?)
+        new(base.clone()).map_err(typed_error)?
     } else {
         default.clone()
     };
@@ -349,7 +302,7 @@ fn parse_block(
             let mut block = base.clone();
             deep_merge(&mut block, own);
             if block != last.block {
-                last = Arc::new(Profile::new(provider, block, base_url.clone()).map_err(typed_error)?);
+                last = new(block).map_err(typed_error)?;
             }
             last.clone()
         };
@@ -404,6 +357,12 @@ fn typed_error(text: &str, raw: &RawValue, provider: &dyn Provider, e: serde_jso
         }
     }
     ConfigError::Invalid(format!("{}: {e}", provider.manifest().block))
+}
+
+/// Whether `id` can name one of the provider's profiles: `default`, `PROVIDER-P##`, a named
+/// instance's id, or an owner's (`discord:123456`). Nothing else reaches the store or the file.
+pub fn is_profile_id(m: &Manifest, id: &str) -> bool {
+    (id == "default" && !m.named_profiles) || check_profile_id(m, id).is_ok() || authkeeper_state::is_owner_id(id)
 }
 
 /// Profile ids are `PROVIDER-P##` (`TRAKT-P01`), or for named instances `[a-z0-9_-]{1,64}`.

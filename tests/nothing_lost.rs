@@ -1,6 +1,7 @@
 //! Ways a credential or a file could be lost, each shut: a missing or broken config at
 //! start-up, a crash between an approval and its validation, a store that refuses writes, a
-//! `--socket` that names a regular file, and connections no config declared.
+//! `--socket` that names a regular file (a directory, a symlink, a FIFO), and connections no
+//! config declared.
 
 mod common;
 
@@ -117,16 +118,46 @@ async fn a_socket_path_that_is_a_regular_file_is_refused_and_left_alone() {
     let h = Harness::new(fast_trakt(), json!({})).await;
     std::fs::create_dir_all(h.socket().parent().unwrap()).unwrap();
     std::fs::write(h.socket(), "precious notes\n").unwrap();
+    refused_start(&h, "a regular file").await;
+    assert_eq!(std::fs::read_to_string(h.socket()).unwrap(), "precious notes\n", "the file is untouched");
+}
+
+/// `authkeeper daemon` exits 1, saying the socket path is not a socket.
+async fn refused_start(h: &Harness, what: &str) {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_authkeeper"))
         .arg("daemon")
         .args(h.args())
         .output()
         .await
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(1), "{what}");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("is not a socket; refusing to replace it"), "{err}");
-    assert_eq!(std::fs::read_to_string(h.socket()).unwrap(), "precious notes\n", "the file is untouched");
+    assert!(err.contains("is not a socket; refusing to replace it"), "{what}: {err}");
+}
+
+/// How a test puts something that is not a socket at the socket's path.
+type Make<'a> = &'a dyn Fn(&std::path::Path);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_path_that_is_a_directory_a_symlink_or_a_fifo_is_refused_and_left_alone() {
+    let h = Harness::new(fast_trakt(), json!({})).await;
+    let run = h.socket().parent().unwrap().to_owned();
+    let target = h.dir.path().join("precious.txt");
+    std::fs::write(&target, "precious notes\n").unwrap();
+    let make: [(&str, Make); 3] = [
+        ("a directory", &|p| std::fs::create_dir_all(p.join("inside")).unwrap()),
+        ("a symlink", &|p| std::os::unix::fs::symlink(&target, p).unwrap()),
+        ("a fifo", &|p| assert!(std::process::Command::new("mkfifo").arg(p).status().unwrap().success())),
+    ];
+    for (what, make) in make {
+        let _ = std::fs::remove_dir_all(&run);
+        std::fs::create_dir_all(&run).unwrap();
+        make(&h.socket());
+        let kind = std::fs::symlink_metadata(h.socket()).unwrap().file_type();
+        refused_start(&h, what).await;
+        assert_eq!(std::fs::symlink_metadata(h.socket()).unwrap().file_type(), kind, "{what} is left as it was");
+    }
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious notes\n", "the symlink's target is untouched");
 }
 
 /// A store whose commits fail while `failing` is set.

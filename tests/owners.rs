@@ -30,9 +30,12 @@ async fn an_owner_who_never_linked_is_told_to_log_in_first() {
         "configured per provider"
     );
 
-    // Not an owner id: an unknown profile, as before.
-    let (status, body) = api_error(client.get::<Value>("/v1/connections/jellyfin/nobody/token").await.unwrap_err());
+    // Not an owner id: an unknown profile, as before; no profile id at all: a bad request.
+    let (status, body) =
+        api_error(client.get::<Value>("/v1/connections/jellyfin/JELLYFIN-P07/token").await.unwrap_err());
     assert_eq!((status, body["error"].as_str()), (404, Some("unknown_profile")));
+    let (status, body) = api_error(client.get::<Value>("/v1/connections/jellyfin/nobody/token").await.unwrap_err());
+    assert_eq!((status, body["error"].as_str()), (400, Some("bad_request")));
 
     // The CLI: the message on stderr, exit 1, nothing on stdout.
     let (code, out, err) = h.cli(&["token", "jellyfin", "--owner", "discord:123456"]).await;

@@ -179,8 +179,16 @@ impl Shared {
 
     /// The slot for `provider/profile`, or the fitting 404.
     pub fn lookup<T>(&self, provider: &str, profile: &str, f: impl FnOnce(&Slot) -> T) -> Result<T, DaemonError> {
-        if providers::find(provider).is_none() {
-            return Err(DaemonError::UnknownProvider(provider.to_owned()));
+        let Some(found) = providers::find(provider) else {
+            return Err(DaemonError::UnknownProvider(shown(provider)));
+        };
+        if !crate::config::is_profile_id(found.manifest(), profile) {
+            return Err(DaemonError::BadRequest(format!(
+                "{:?} is not a profile id: default, {}-P01 and up, or an owner id (namespace:id; letters, digits \
+                 and :._@-, up to 128 characters)",
+                shown(profile),
+                provider.to_ascii_uppercase()
+            )));
         }
         let conns = self.conns.read().unwrap();
         let slot = conns
@@ -425,21 +433,15 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
         None => ControlSocket::bind(&paths.socket).await?,
     };
     let owner = ConfigOwner::start(paths.config.clone(), shared.clone(), stored, profile_states).await?;
+    let limits = owner.request_limits();
     let web = match owner.web() {
-        Some(settings) => Some(crate::web::serve(&settings, shared.clone(), shutdown.clone()).await?),
+        Some(settings) => Some(crate::web::serve(&settings, shared.clone(), limits, shutdown.clone()).await?),
         None => None,
     };
     let owner = tokio::spawn(owner.run(config_rx, shutdown.clone()));
     let socket_path = socket.path().to_owned();
-    let router = api::router(shared.clone());
-    let mut server_stop = shutdown.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(socket, router)
-            .with_graceful_shutdown(async move {
-                let _ = server_stop.wait_for(|s| *s).await;
-            })
-            .await
-    });
+    let router = crate::serve::limited(api::router(shared.clone()), limits, crate::serve::json_refusal);
+    let server = tokio::spawn(crate::serve::serve(socket, router, limits, shutdown.clone()));
     info!(
         socket = %socket_path.display(),
         config = %paths.config.display(),
@@ -447,4 +449,10 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
         "authkeeper ready"
     );
     Ok(Running { socket: socket_path, stop, server, web, owner, scheduler, commit_thread, shared })
+}
+
+/// An id from a request, cut for a message (quote it with `{:?}`): at most 64 characters.
+pub fn shown(id: &str) -> String {
+    let cut: String = id.chars().take(64).collect();
+    if cut.len() < id.len() { cut + "…" } else { cut }
 }

@@ -55,8 +55,10 @@ pub fn split(token: &str) -> Option<(&str, &str)> {
 
 /// Make an owner's connection if it has none yet (a config profile must exist already).
 pub async fn ensure_connection(shared: &Arc<Shared>, key: &ConnKey) -> Result<(), DaemonError> {
-    if shared.lookup(&key.provider, &key.profile, |_| ()).is_ok() {
-        return Ok(());
+    match shared.lookup(&key.provider, &key.profile, |_| ()) {
+        Ok(()) => return Ok(()),
+        Err(e @ DaemonError::BadRequest(_)) => return Err(e),
+        Err(_) => {}
     }
     if !is_owner_id(&key.profile) {
         return Err(DaemonError::unknown_profile(&key.provider, &key.profile));
@@ -94,7 +96,7 @@ pub fn has_password(provider: &str) -> bool {
 
 /// A new link for `provider`/`profile`.
 pub async fn create(shared: &Arc<Shared>, provider: &str, profile: &str) -> Result<Issued, DaemonError> {
-    providers::find(provider).ok_or_else(|| DaemonError::UnknownProvider(provider.to_owned()))?;
+    providers::find(provider).ok_or_else(|| DaemonError::UnknownProvider(crate::daemon::shown(provider)))?;
     if page_flow(provider).is_none() {
         return Err(DaemonError::BadRequest(format!(
             "{provider} has no login a browser page can do (it takes a key or a named instance): \

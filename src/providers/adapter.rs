@@ -19,6 +19,8 @@ pub struct Profile {
     pub block: Map<String, Value>,
     /// `authkeeper.base_url` for this provider: every host of it at one origin.
     pub base_url: Option<String>,
+    /// `authkeeper.allow_insecure_http`: plain `http` to a public host is allowed.
+    pub insecure_http: bool,
     typed: Box<dyn Any + Send + Sync>,
 }
 
@@ -29,7 +31,19 @@ impl Profile {
         base_url: Option<String>,
     ) -> Result<Self, serde_json::Error> {
         let typed = provider.settings(&block)?;
-        Ok(Self { provider, block, base_url, typed })
+        Ok(Self { provider, block, base_url, insecure_http: false, typed })
+    }
+
+    /// With `authkeeper.allow_insecure_http` as given.
+    pub fn allowing_insecure_http(mut self, allowed: bool) -> Self {
+        self.insecure_http = allowed;
+        self
+    }
+
+    /// `url` may carry this profile's secrets: plain `http` only to a home-network host, unless
+    /// allowed (`what` names the setting in the error).
+    pub fn check_url(&self, what: &str, url: &str) -> Result<(), String> {
+        crate::insecure::check(what, url, self.insecure_http)
     }
 
     /// The provider's own typed block.
@@ -47,7 +61,8 @@ impl Profile {
             .filter(|(k, _)| !keys.contains(&k.as_str()))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        serde_json::to_vec(&json!({"block": block, "base_url": self.base_url})).expect("settings serialize")
+        let stored = json!({"block": block, "base_url": self.base_url, "allow_insecure_http": self.insecure_http});
+        serde_json::to_vec(&stored).expect("settings serialize")
     }
 
     /// The inverse of [`Profile::to_stored`].
@@ -56,9 +71,11 @@ impl Profile {
         struct Stored {
             block: Map<String, Value>,
             base_url: Option<String>,
+            #[serde(default)]
+            allow_insecure_http: bool,
         }
         let s: Stored = serde_json::from_slice(bytes)?;
-        Self::new(provider, s.block, s.base_url)
+        Ok(Self::new(provider, s.block, s.base_url)?.allowing_insecure_http(s.allow_insecure_http))
     }
 
     /// The settings that decide how the provider is reached differ (anything but credentials).
@@ -67,7 +84,7 @@ impl Profile {
         let app = |p: &Profile| -> Vec<(String, Value)> {
             p.block.iter().filter(|(k, _)| !keys.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect()
         };
-        self.base_url != other.base_url || app(self) != app(other)
+        self.base_url != other.base_url || self.insecure_http != other.insecure_http || app(self) != app(other)
     }
 
     /// The credential keys differ.
@@ -80,6 +97,7 @@ impl PartialEq for Profile {
     fn eq(&self, other: &Self) -> bool {
         self.provider.manifest().name == other.provider.manifest().name
             && self.base_url == other.base_url
+            && self.insecure_http == other.insecure_http
             && self.block == other.block
     }
 }

@@ -210,6 +210,10 @@ impl Provider for Jellyfin {
         &MANIFEST
     }
 
+    fn urls(&self, profile: &Profile) -> Vec<(&'static str, String)> {
+        nonempty(&profile.typed::<Block>().server).map(|u| ("server", u.to_owned())).into_iter().collect()
+    }
+
     typed_block!(Block);
 
     fn import(&self, profile: &Profile, now: DateTime<Utc>) -> Option<Grant> {

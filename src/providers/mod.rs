@@ -177,6 +177,12 @@ pub trait Provider: Send + Sync + 'static {
     /// The typed settings of a profile's effective block (the base deep-merged with its own).
     fn settings(&self, block: &Map<String, Value>) -> Result<Box<dyn Any + Send + Sync>, serde_json::Error>;
 
+    /// The URLs a profile's settings send secrets to (a server, an OAuth endpoint), each with
+    /// its key, so that plain `http` to a public host is refused (see `crate::insecure`).
+    fn urls(&self, _profile: &Profile) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
+
     /// The grant a CrossWatch block holds, if any, for import.
     fn import(&self, profile: &Profile, now: DateTime<Utc>) -> Option<Grant>;
 

@@ -116,6 +116,10 @@ impl Provider for Tautulli {
         &MANIFEST
     }
 
+    fn urls(&self, profile: &Profile) -> Vec<(&'static str, String)> {
+        nonempty(&profile.typed::<Block>().server_url).map(|u| ("server_url", u.to_owned())).into_iter().collect()
+    }
+
     typed_block!(Block);
 
     fn import(&self, profile: &Profile, now: DateTime<Utc>) -> Option<Grant> {
@@ -139,6 +143,7 @@ impl Provider for Tautulli {
             if !matches!(parsed.scheme(), "http" | "https") {
                 return Err(FlowError::Input(format!("server_url {url:?} must be an http:// or https:// URL")));
             }
+            cx.profile.check_url("server_url", url).map_err(FlowError::Input)?;
             grant.set_fact(GIVEN, url.trim_end_matches('/'));
         }
         server(cx, Some(&grant)).map_err(FlowError::Config)?;

@@ -159,7 +159,8 @@ pub fn reconfigure(shared: &Shared, was: Option<&WebSettings>, now: Option<&WebS
 pub async fn serve(
     settings: &WebSettings,
     shared: Arc<Shared>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    limits: crate::serve::Limits,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
     use anyhow::Context;
     let addr = settings.listen_addr();
@@ -167,16 +168,14 @@ pub async fn serve(
         .await
         .with_context(|| format!("cannot listen on {addr} for authkeeper.web"))?;
     tracing::info!(listen = %addr, public_url = %settings.public_url(), "web listener ready");
-    let app = router(shared.clone())
-        .merge(crate::links::routes(shared, settings.trusted_proxies.clone()))
-        .layer(axum::middleware::map_response(hygiene));
-    Ok(tokio::spawn(async move {
-        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(async move {
-                let _ = shutdown.wait_for(|s| *s).await;
-            })
-            .await
-    }))
+    let app = router(shared.clone()).merge(crate::links::routes(shared, settings.trusted_proxies.clone()));
+    let app = crate::serve::limited(app, limits, page_refusal).layer(axum::middleware::map_response(hygiene));
+    Ok(tokio::spawn(crate::serve::serve(listener, app, limits, shutdown)))
+}
+
+/// A plain page for a request refused before any handler saw it.
+fn page_refusal(e: crate::serve::RequestError) -> Response {
+    pages::page(e.status(), "Request refused", &e.to_string()).into_response()
 }
 
 /// Every answer of the listener, redirects and rejections included, carries the pages' headers.

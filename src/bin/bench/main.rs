@@ -12,6 +12,8 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod load;
+mod oha;
 mod owners;
 mod process;
 mod startup;
@@ -118,6 +120,23 @@ enum Scenario {
         dir: std::path::PathBuf,
         #[arg(long, default_value_t = 10_000)]
         connections: usize,
+    },
+    /// 1,000 concurrent socket clients (token lookups and status calls) and 100 `/v1/events`
+    /// subscribers, one of them slow, on a daemon whose connections validate on a short
+    /// schedule; against the same clients on a bare hyper server
+    Load {
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        #[arg(long, default_value_t = 100)]
+        subscribers: usize,
+        /// Seconds the clients run (the slow subscriber reads nothing meanwhile)
+        #[arg(long, default_value_t = 10.0)]
+        secs: f64,
+        /// Each connection's validation period, in seconds
+        #[arg(long, default_value_t = 1)]
+        validate_every: u64,
     },
     /// (internal) the baseline server: answer every request with the file's bytes
     #[command(hide = true)]
@@ -415,7 +434,7 @@ async fn tokens(length: Duration, rounds: usize, clients: &[usize]) -> anyhow::R
         }
         print_row(n, &base, &ours);
     }
-    match oha() {
+    match oha::oha() {
         Some(oha) => {
             println!(
                 "  oha ({}), {} s per run, {rounds} alternating runs each, median:",
@@ -425,8 +444,8 @@ async fn tokens(length: Duration, rounds: usize, clients: &[usize]) -> anyhow::R
             for &n in clients {
                 let (mut base, mut ours) = (Vec::new(), Vec::new());
                 for _ in 0..rounds {
-                    base.push(run_oha(&oha, &bare.socket, &path, n, length)?);
-                    ours.push(run_oha(&oha, &daemon.socket, &path, n, length)?);
+                    base.push(oha::run_oha(&oha, &bare.socket, &path, n, length)?);
+                    ours.push(oha::run_oha(&oha, &daemon.socket, &path, n, length)?);
                 }
                 print_row(n, &base, &ours);
             }
@@ -451,41 +470,6 @@ fn print_row(clients: usize, base: &[process::Load], ours: &[process::Load]) {
         o_p99 / b_p99,
         med(ours, |l| l.p50_us)
     );
-}
-
-fn oha() -> Option<std::path::PathBuf> {
-    let home = std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cargo/bin/oha"));
-    let on_path =
-        std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join("oha")).find(|p| p.is_file()));
-    on_path.or(home.filter(|p| p.is_file()))
-}
-
-fn run_oha(
-    oha: &std::path::Path,
-    socket: &std::path::Path,
-    path: &str,
-    clients: usize,
-    length: Duration,
-) -> anyhow::Result<process::Load> {
-    let out = std::process::Command::new(oha)
-        .args(["--no-tui", "--output-format", "json", "-c", &clients.to_string()])
-        .args(["-z", &format!("{}ms", length.as_millis())])
-        .arg("--unix-socket")
-        .arg(socket)
-        .arg(format!("http://localhost{path}"))
-        .output()?;
-    anyhow::ensure!(out.status.success(), "oha failed: {}", String::from_utf8_lossy(&out.stderr));
-    let v: Value = serde_json::from_slice(&out.stdout)?;
-    let codes = &v["statusCodeDistribution"];
-    anyhow::ensure!(
-        codes.as_object().is_some_and(|c| c.keys().all(|k| k == "200")),
-        "oha saw answers other than 200: {codes}"
-    );
-    Ok(process::Load {
-        per_sec: v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
-        p50_us: v["latencyPercentiles"]["p50"].as_f64().unwrap_or(0.0) * 1e6,
-        p99_us: v["latencyPercentiles"]["p99"].as_f64().unwrap_or(0.0) * 1e6,
-    })
 }
 
 async fn scale(sizes: &[usize]) -> anyhow::Result<()> {
@@ -578,6 +562,9 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Scale { sizes } => scale(&sizes).await,
         Scenario::Startup => startup::startup().await,
         Scenario::Owners { connections } => owners::owners(connections).await,
+        Scenario::Load { connections, clients, subscribers, secs, validate_every } => {
+            load::load(load::Options { connections, clients, subscribers, secs, validate_every }).await
+        }
         Scenario::Prepare { dir, connections } => process::prepare(&dir, connections),
         Scenario::BareServer { socket, body_file, content_type } => {
             process::bare_server(&socket, std::fs::read(body_file)?.into(), content_type).await

@@ -23,16 +23,32 @@ pub fn populate(db: &Path, n: usize, now: DateTime<Utc>) -> anyhow::Result<Store
 
 /// [`populate`] with profiles named by `name` (`discord:7` for owners' connections).
 pub fn populate_as(db: &Path, n: usize, now: DateTime<Utc>, name: fn(usize) -> String) -> anyhow::Result<Store> {
+    populate_with(db, n, name, |i| {
+        let issued = now - TimeDelta::seconds((i % 86_400) as i64);
+        let access = format!("access-{i:08}-0123456789abcdef0123456789abcdef");
+        let refresh = format!("refresh-{i:08}-0123456789abcdef0123456789abcdef");
+        (access, refresh, issued)
+    })
+}
+
+/// `n` connected Trakt connections named by `name`, connection `i` on the week-long grant
+/// `grant(i)`: (access token, refresh token, when it was issued and validated).
+pub fn populate_with(
+    db: &Path,
+    n: usize,
+    name: fn(usize) -> String,
+    mut grant: impl FnMut(usize) -> (String, String, DateTime<Utc>),
+) -> anyhow::Result<Store> {
     let store = Store::open(db)?;
     let policy = Policy { validate_every: TimeDelta::days(7), ..Policy::default() };
     let mut batch = Vec::new();
     for i in 0..n {
-        let issued = now - TimeDelta::seconds((i % 86_400) as i64);
+        let (access, refresh, issued) = grant(i);
         let grant = Grant {
-            refresh_token: Some(Secret::new(format!("refresh-{i:08}-0123456789abcdef0123456789abcdef"))),
+            refresh_token: Some(Secret::new(refresh)),
             scope: Some("public".into()),
             expires_at: Some(issued + TimeDelta::days(7)),
-            ..Grant::bearer(format!("access-{i:08}-0123456789abcdef0123456789abcdef"), issued)
+            ..Grant::bearer(access, issued)
         };
         let mut m = Machine::new(ConnKey::new("trakt", name(i)), issued);
         m.handle(&Event::CredentialsSupplied { grant }, issued, policy, 0.0);
@@ -235,6 +251,15 @@ impl Connection {
             response.headers().get(hyper::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
         let body = response.into_body().collect().await?.to_bytes();
         Ok((status, content_type, body))
+    }
+
+    /// GET `path` and hand back its body as it streams (`/v1/events`).
+    pub async fn stream(&mut self, path: &str) -> anyhow::Result<Incoming> {
+        self.sender.ready().await?;
+        let request = Request::get(path).header(hyper::header::HOST, "localhost").body(Empty::new())?;
+        let response = self.sender.send_request(request).await?;
+        anyhow::ensure!(response.status() == 200, "GET {path} answered {}", response.status());
+        Ok(response.into_body())
     }
 
     /// GET `path` and count the body's bytes as they arrive, without keeping them.

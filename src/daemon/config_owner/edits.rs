@@ -36,7 +36,7 @@ impl ConfigOwner {
 
     pub(super) async fn add_profile(&mut self, provider: &str) -> Result<String, DaemonError> {
         let Some(p) = providers::find(provider) else {
-            return Err(DaemonError::UnknownProvider(provider.to_owned()));
+            return Err(DaemonError::UnknownProvider(crate::daemon::shown(provider)));
         };
         if p.manifest().named_profiles {
             return Err(DaemonError::BadRequest(format!(
@@ -75,8 +75,11 @@ impl ConfigOwner {
 
     pub(super) async fn remove_profile(&mut self, provider: &str, profile: &str) -> Result<String, DaemonError> {
         let Some(p) = providers::find(provider) else {
-            return Err(DaemonError::UnknownProvider(provider.to_owned()));
+            return Err(DaemonError::UnknownProvider(crate::daemon::shown(provider)));
         };
+        if !crate::config::is_profile_id(p.manifest(), profile) {
+            return Err(DaemonError::BadRequest(format!("{:?} is not a profile id", crate::daemon::shown(profile))));
+        }
         if profile == "default" {
             return Err(DaemonError::BadRequest(
                 "the default profile is the provider's base block; it cannot be removed".into(),

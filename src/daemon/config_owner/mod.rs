@@ -234,6 +234,11 @@ impl ConfigOwner {
         self.config.settings.web.clone()
     }
 
+    /// The limits both listeners hold requests to (taken at start-up).
+    pub fn request_limits(&self) -> crate::serve::Limits {
+        crate::serve::Limits { timeout: self.config.settings.request_timeout(), ..Default::default() }
+    }
+
     fn from_stored(store: &dyn authkeeper_state::ConnectionStore) -> Config {
         let mut config = Config::parse("{}").expect("the empty config loads");
         let stored = store.settings().unwrap_or_else(|e| {

@@ -32,19 +32,38 @@ type Cache = Mutex<HashMap<String, (Arc<Metadata>, Instant)>>;
 
 static CACHE: LazyLock<Cache> = LazyLock::new(Default::default);
 
+impl Metadata {
+    /// The endpoints, each with its name.
+    pub fn named(&self) -> [(&'static str, &Option<String>); 6] {
+        [
+            ("authorization_endpoint", &self.authorization_endpoint),
+            ("token_endpoint", &self.token_endpoint),
+            ("device_authorization_endpoint", &self.device_authorization_endpoint),
+            ("userinfo_endpoint", &self.userinfo_endpoint),
+            ("introspection_endpoint", &self.introspection_endpoint),
+            ("revocation_endpoint", &self.revocation_endpoint),
+        ]
+    }
+
+    /// What the instance's config gives.
+    pub fn configured(block: &Block) -> Self {
+        Metadata {
+            issuer: block.issuer.clone(),
+            authorization_endpoint: block.authorization_endpoint.clone(),
+            token_endpoint: block.token_endpoint.clone(),
+            device_authorization_endpoint: block.device_authorization_endpoint.clone(),
+            userinfo_endpoint: block.userinfo_endpoint.clone(),
+            introspection_endpoint: block.introspection_endpoint.clone(),
+            revocation_endpoint: block.revocation_endpoint.clone(),
+            token_endpoint_auth_methods_supported: None,
+        }
+    }
+}
+
 /// The instance's endpoints: its own settings over the server's metadata.
 pub async fn endpoints(cx: &Adapter) -> Result<Arc<Metadata>, String> {
     let block: &Block = cx.profile.typed();
-    let configured = Metadata {
-        issuer: block.issuer.clone(),
-        authorization_endpoint: block.authorization_endpoint.clone(),
-        token_endpoint: block.token_endpoint.clone(),
-        device_authorization_endpoint: block.device_authorization_endpoint.clone(),
-        userinfo_endpoint: block.userinfo_endpoint.clone(),
-        introspection_endpoint: block.introspection_endpoint.clone(),
-        revocation_endpoint: block.revocation_endpoint.clone(),
-        token_endpoint_auth_methods_supported: None,
-    };
+    let configured = Metadata::configured(block);
     let Some(issuer) = block.issuer.as_deref().map(|i| i.trim_end_matches('/')) else {
         return match configured.token_endpoint {
             Some(_) => Ok(Arc::new(configured)),
@@ -53,7 +72,7 @@ pub async fn endpoints(cx: &Adapter) -> Result<Arc<Metadata>, String> {
     };
     let found = discover(cx, issuer).await?;
     let or = |own: Option<String>, theirs: &Option<String>| own.or_else(|| theirs.clone());
-    Ok(Arc::new(Metadata {
+    let merged = Metadata {
         issuer: Some(issuer.to_owned()),
         authorization_endpoint: or(configured.authorization_endpoint, &found.authorization_endpoint),
         token_endpoint: or(configured.token_endpoint, &found.token_endpoint),
@@ -65,7 +84,14 @@ pub async fn endpoints(cx: &Adapter) -> Result<Arc<Metadata>, String> {
         introspection_endpoint: or(configured.introspection_endpoint, &found.introspection_endpoint),
         revocation_endpoint: or(configured.revocation_endpoint, &found.revocation_endpoint),
         token_endpoint_auth_methods_supported: found.token_endpoint_auth_methods_supported.clone(),
-    }))
+    };
+    // What the server publishes is held to the same rule as what the config names.
+    for (name, url) in merged.named() {
+        if let Some(url) = url {
+            cx.profile.check_url(&format!("the {name} of {issuer}"), url)?;
+        }
+    }
+    Ok(Arc::new(merged))
 }
 
 /// The metadata `issuer` publishes, from the cache when fresh.

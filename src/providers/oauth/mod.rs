@@ -127,6 +127,16 @@ impl Provider for OAuth {
         &MANIFEST
     }
 
+    fn urls(&self, profile: &Profile) -> Vec<(&'static str, String)> {
+        let configured = Metadata::configured(profile.typed());
+        let issuer = [("issuer", &configured.issuer)];
+        issuer
+            .into_iter()
+            .chain(configured.named())
+            .filter_map(|(key, url)| Some((key, nonempty(url)?.to_owned())))
+            .collect()
+    }
+
     typed_block!(Block);
 
     fn import(&self, profile: &Profile, now: DateTime<Utc>) -> Option<Grant> {
