@@ -95,6 +95,10 @@ pub enum Cmd {
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
+    /// Check the setup and say what is wrong and what to do: the config (line, column, key),
+    /// file modes, the socket, the store, the clock and each provider's reachability. Exits 1
+    /// when something is wrong
+    Doctor,
     /// Make a new key for encrypting the secrets in the store (see `daemon --secrets-key-file`)
     Keygen {
         /// Write it to FILE (created with mode 0600; an existing file is never overwritten)
@@ -225,6 +229,7 @@ async fn client_command(client: &Client, json: bool, command: Cmd) -> Result<i32
         | Cmd::Emulate { .. }
         | Cmd::Keygen { .. }
         | Cmd::Completions { .. }
+        | Cmd::Doctor
         | Cmd::Man { .. } => unreachable!("not client commands"),
         Cmd::Status { provider, profile } => {
             let all: Vec<ConnectionView> = client.get("/v1/connections").await?;

@@ -22,6 +22,7 @@ pub mod config_edit;
 pub mod cw_crypt;
 pub mod daemon;
 pub mod demo;
+pub mod doctor;
 pub mod emulate;
 pub mod insecure;
 pub mod limits;

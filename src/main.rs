@@ -70,6 +70,7 @@ async fn main() {
                 1
             }
         },
+        Cmd::Doctor => authkeeper::doctor::report(&authkeeper::doctor::run(&cli.global.paths()).await),
         Cmd::Completions { shell } => report("completions", authkeeper::cli::print_completions(shell)),
         Cmd::Man { dir } => report("man", authkeeper::cli::print_man(dir.as_deref())),
         Cmd::Demo => {

@@ -1,5 +1,5 @@
 //! Load, small enough for CI (`bench load` runs the full size): 200 concurrent socket clients
-//! and 20 `/v1/events` subscribers on a daemon whose connections validate every second. Every
+//! and 8 `/v1/events` subscribers on a daemon whose connections validate every second. Every
 //! client is answered; a subscriber that reads nothing is told it fell behind and blocks
 //! nothing, while the others see every transition.
 
@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CONNECTIONS: usize = 500;
 const CLIENTS: usize = 200;
-const SUBSCRIBERS: usize = 20;
+const SUBSCRIBERS: usize = 8;
 /// Requests each client makes, alternating a token lookup and a status call.
 const EACH: usize = 20;
 /// Transitions the slow subscriber lets pass unread: more than the daemon's buffer (4,096

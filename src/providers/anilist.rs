@@ -23,7 +23,7 @@ pub struct AniList;
 /// anilist.co: `/api/v2/oauth/authorize` and `/api/v2/oauth/token`.
 const SITE: &str = "https://anilist.co";
 /// graphql.anilist.co: the API, at `/`.
-const GRAPHQL: &str = "https://graphql.anilist.co";
+pub const GRAPHQL: &str = "https://graphql.anilist.co";
 const LABEL: &str = "AniList";
 
 static MANIFEST: LazyLock<Manifest> = LazyLock::new(|| Manifest {

@@ -19,7 +19,7 @@ use std::sync::LazyLock;
 
 pub struct MdbList;
 
-const API: &str = "https://api.mdblist.com";
+pub const API: &str = "https://api.mdblist.com";
 const LABEL: &str = "MDBList";
 /// The grant type of a connection made with a key.
 const API_KEY: &str = "api_key";

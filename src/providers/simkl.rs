@@ -20,7 +20,7 @@ use std::sync::LazyLock;
 
 pub struct Simkl;
 
-const API: &str = "https://api.simkl.com";
+pub const API: &str = "https://api.simkl.com";
 /// The browser's host (`/oauth/authorize`).
 const SITE: &str = "https://simkl.com";
 const LABEL: &str = "Simkl";

@@ -22,7 +22,7 @@ use std::sync::LazyLock;
 
 pub struct Tmdb;
 
-const API: &str = "https://api.themoviedb.org";
+pub const API: &str = "https://api.themoviedb.org";
 /// www.themoviedb.org: `/authenticate/{request_token}`.
 const SITE: &str = "https://www.themoviedb.org";
 const LABEL: &str = "TMDB";

@@ -25,7 +25,7 @@ use jwt::DeviceKey;
 /// How errors name it.
 const LABEL: &str = "Plex";
 /// plex.tv and clients.plex.tv; `base_url` puts both at one origin.
-const PLEX_TV: &str = "https://plex.tv";
+pub const PLEX_TV: &str = "https://plex.tv";
 const CLIENTS: &str = "https://clients.plex.tv";
 const PRODUCT: &str = "authkeeper";
 
