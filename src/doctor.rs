@@ -267,13 +267,13 @@ async fn check_providers(config: &Config, blocks: &serde_json::Map<String, serde
         match http.get(&url).send().await {
             Ok(resp) => {
                 out.push(ok(format!("{label} reachable at {url} (HTTP {})", resp.status().as_u16())));
-                if let Some(skew) = clock_skew(resp.headers()) {
-                    if skew.abs() > 60 {
-                        out.push(problem(
-                            format!("this machine's clock is {skew} s off {label}'s"),
-                            "token expiry is judged by this clock: enable time sync (timedatectl set-ntp true)",
-                        ));
-                    }
+                if let Some(skew) = clock_skew(resp.headers())
+                    && skew.abs() > 60
+                {
+                    out.push(problem(
+                        format!("this machine's clock is {skew} s off {label}'s"),
+                        "token expiry is judged by this clock: enable time sync (timedatectl set-ntp true)",
+                    ));
                 }
             }
             Err(e) => out.push(problem(
