@@ -1,5 +1,5 @@
 //! Benchmarks, each reported as a ratio to a baseline measured in the same run (these machines
-//! are shared and noisy). `cargo run --release --bin bench -- <scenario>`; see BENCHMARKS.md.
+//! are shared and noisy). `cargo run --release -p authkeeper-bench -- <scenario>`; see BENCHMARKS.md.
 
 use authkeeper::client::Client;
 use authkeeper::clock::SystemClock;
