@@ -192,6 +192,7 @@ async fn hygiene(mut response: Response) -> Response {
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/oauth/callback/{provider}", get(callback))
+        .route("/metrics", get(crate::metrics::scrape))
         .fallback(|| async { pages::page(StatusCode::NOT_FOUND, "Not found", "There is nothing here.") })
         .with_state(shared)
 }
