@@ -1,10 +1,12 @@
 //! `GET /metrics` on the control socket and on the web listener, through the real binary: both
 //! parse as Prometheus text, and the series a user would graph move as a Trakt connection is
-//! connected, refreshed and its config reloaded (and refused), with no secret in them.
+//! connected, refreshed, its config reloaded (and refused), a validation left without a verdict
+//! and a revoked token refused, with no secret in them.
 
 mod common;
 
 use authkeeper::wire::{ConnectionView, WireEvent};
+use authkeeper_fixtures::Fault;
 use authkeeper_state::StateName;
 use common::trackers::free_port;
 use common::*;
@@ -158,10 +160,11 @@ async fn metrics_count_a_connection_its_refresh_and_config_reloads_on_both_liste
     );
     assert_eq!(m.value("authkeeper_scheduler_queue_depth", &[]), 1.0, "the connection's next check");
 
-    // An edit the daemon applies, then one it refuses.
+    // An edit the daemon applies (retries after an unknown answer wait ten minutes or more, so
+    // none comes during this test), then one it refuses.
     let config = std::fs::read_to_string(h.config_path()).unwrap();
     let mut edited: serde_json::Value = serde_json::from_str(&config).unwrap();
-    edited["authkeeper"]["backoff_base_secs"] = json!(2);
+    edited["authkeeper"]["backoff_base_secs"] = json!(600);
     save_by_rename(&h.config_path(), &serde_json::to_string_pretty(&edited).unwrap());
     wait_config(&mut events, true).await;
     save_by_rename(&h.config_path(), "{ this is not json");
@@ -176,8 +179,23 @@ async fn metrics_count_a_connection_its_refresh_and_config_reloads_on_both_liste
         }
         assert!(!m.text.contains("://") && !m.text.contains("default"), "{}", m.text);
     }
-    // Every transition in the connection's history is counted under its cause, once.
+    // No verdict (a 500 from Trakt), then a refusal: the revoked token is rejected, and so is
+    // its refresh.
     let conn = common::trackers::Conn::new(&h, "trakt", "default");
+    h.emulator.log().inject("/users/settings", Fault::Status(500), 1);
+    let view = conn.validate().await;
+    assert_eq!((view.state, view.last_error.is_some()), (StateName::Connected, true));
+    h.emulator.revoke_all_grants();
+    assert_eq!(conn.validate().await.state, StateName::Expired);
+    let m = web_metrics(&public_url).await;
+    assert_eq!(m.calls("validate", "unknown"), 1.0);
+    assert_eq!(m.calls("validate", "rejected"), 1.0);
+    assert_eq!(m.calls("validate", "valid"), 1.0);
+    assert_eq!(m.calls("refresh", "rejected"), 1.0);
+    assert_eq!(m.transitions("refresh_rejected"), 1.0);
+    assert_eq!((m.connections(StateName::Expired), m.connections(StateName::Connected)), (1.0, 0.0));
+
+    // Every transition in the connection's history is counted under its cause, once.
     let mut history: BTreeMap<String, f64> = BTreeMap::new();
     for cause in conn.causes().await {
         *history.entry(cause).or_default() += 1.0;
