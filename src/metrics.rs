@@ -1,5 +1,5 @@
-//! Prometheus metrics, served as `GET /metrics` (text format 0.0.4) on the control socket and on
-//! the web listener. Each daemon has its own registry in its `Shared`. Counters and histograms
+//! Prometheus metrics, served as `GET /metrics` (text format 0.0.4) on the control socket and,
+//! with `authkeeper.web.metrics`, on the web listener. Each daemon has its own registry in its `Shared`. Counters and histograms
 //! move where the work happens; the connection and queue gauges are read from the daemon's
 //! views at each scrape. Labels are provider names, states, causes, endpoint classes and
 //! outcomes only: never a profile id, a URL or anything from a credential.
@@ -18,6 +18,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use std::collections::BTreeSet;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -128,6 +129,8 @@ pub struct Metrics {
     commit_seconds: Histogram,
     config_reloads: Counter,
     config_errors: Counter,
+    /// `authkeeper.web.metrics`: the web listener answers `GET /metrics` too.
+    on_web: AtomicBool,
 }
 
 impl Default for Metrics {
@@ -182,6 +185,7 @@ impl Default for Metrics {
             commit_seconds,
             config_reloads,
             config_errors,
+            on_web: AtomicBool::new(false),
         }
     }
 }
@@ -213,6 +217,14 @@ impl Metrics {
 
     pub fn config_refused(&self) {
         self.config_errors.inc();
+    }
+
+    pub fn serve_on_web(&self, on: bool) {
+        self.on_web.store(on, Ordering::Relaxed);
+    }
+
+    pub fn on_web(&self) -> bool {
+        self.on_web.load(Ordering::Relaxed)
     }
 
     /// The text for a scrape, with the gauges read from `shared` now.

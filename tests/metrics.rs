@@ -108,7 +108,8 @@ async fn wait_config(events: &mut authkeeper::client::EventStream, reloaded: boo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_a_connection_its_refresh_and_config_reloads_on_both_listeners() {
     let (listen, public_url) = free_port();
-    let h = Harness::new(fast_trakt(), json!({"web": {"listen": listen, "public_url": public_url}})).await;
+    let web = json!({"listen": listen, "public_url": public_url, "metrics": true});
+    let h = Harness::new(fast_trakt(), json!({ "web": web })).await;
     let daemon = h.start_daemon().await;
 
     // Before anything happens: the configured profile, disconnected; nothing counted yet.
@@ -212,5 +213,14 @@ async fn metrics_count_a_connection_its_refresh_and_config_reloads_on_both_liste
         })
         .collect();
     assert_eq!(counted, history);
+
+    // Turned off on the web listener: not found there; the socket still answers.
+    edited["authkeeper"]["web"]["metrics"] = json!(false);
+    save_by_rename(&h.config_path(), &serde_json::to_string_pretty(&edited).unwrap());
+    wait_config(&mut events, true).await;
+    let resp = reqwest::get(format!("{public_url}/metrics")).await.unwrap();
+    assert_eq!(resp.status(), 404);
+    assert!(!resp.text().await.unwrap().contains("authkeeper_"));
+    assert_eq!(socket_metrics(&h).await.value("authkeeper_config_reloads_total", &[]), 2.0);
     assert_eq!(daemon.stop().await, 0);
 }

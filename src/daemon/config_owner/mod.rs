@@ -133,6 +133,7 @@ impl ConfigOwner {
         *shared.login_messages.write().unwrap() = config.settings.login_messages.clone();
         if let Some(web) = &config.settings.web {
             *shared.link_ttl.write().unwrap() = web.link_ttl();
+            shared.metrics.serve_on_web(web.metrics);
         }
         for (provider, gate) in &shared.gates {
             gate.set_limits(config.settings.limits(provider));
