@@ -39,6 +39,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/connections/{provider}/{profile}/history", get(history))
         .route("/v1/events", get(events))
         .route("/v1/links", post(create_link))
+        .route("/metrics", get(crate::metrics::scrape))
         .fallback(|| async { ApiError::not_found() })
         .layer(axum::middleware::map_response(json_errors))
         .with_state(shared)

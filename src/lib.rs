@@ -6,7 +6,7 @@
 //! - [`providers`]: one protocol adapter per provider, behind one trait and a registry.
 //! - [`web`]: the optional web listener (browser logins come back to its callback).
 //! - [`config`]: `config.json` in the CrossWatch layout, and path resolution.
-//! - [`clock`]: the injected clock.
+//! - [`clock`]: the injected clock; [`metrics`]: the Prometheus metrics behind `GET /metrics`.
 //! - [`client`]: the CLI's socket client; [`cli`]: the command line; [`demo`]: the offline demo.
 //!
 //! The machine and the store live in the `authkeeper-state` crate.
@@ -27,6 +27,7 @@ pub mod emulate;
 pub mod insecure;
 pub mod limits;
 pub mod links;
+pub mod metrics;
 pub mod providers;
 pub mod secrets_key;
 pub mod serve;

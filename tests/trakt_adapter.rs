@@ -21,6 +21,7 @@ fn adapter(block: Value, url: &str) -> Adapter {
         gate: open_gate(),
         account: "trakt/default".into(),
         public_url: Arc::default(),
+        metrics: Arc::default(),
     }
 }
 

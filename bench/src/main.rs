@@ -365,7 +365,7 @@ async fn commits(connections: usize, each: usize, baseline: usize, rounds: usize
     println!("commits: durable (Immediate) transitions, each acknowledged only after its commit");
     println!("  baseline: one transaction per transition ({baseline}); group: {connections} connections at once");
     println!("  through the daemon's commit thread, {each} transitions each; {rounds} alternating rounds");
-    let (committer, thread) = Committer::spawn(Arc::new(store.clone()));
+    let (committer, thread) = Committer::spawn(Arc::new(store.clone()), Arc::default());
     let mut ratios = Vec::new();
     for round in 1..=rounds {
         // Baseline: one durable transaction per transition, on the same disk.

@@ -435,9 +435,13 @@ impl Actor {
             self.commit(&self.machine.awaiting_refresh(), &Step::default()).await?;
         }
         let event = match self.provider.refresh(&grant, self.shared.clock.now()).await {
-            Verdict::Valid(grant) => {
+            Verdict::Valid(fresh) => {
                 let answered = std::time::Instant::now();
-                let step = self.step_stored(Event::Refreshed { grant }, true).await;
+                if let Some(end) = grant.expires_at {
+                    let lead = (end - self.shared.clock.now()).num_milliseconds() as f64 / 1000.0;
+                    self.shared.metrics.refresh_lead(&self.machine.key().provider, lead);
+                }
+                let step = self.step_stored(Event::Refreshed { grant: fresh }, true).await;
                 // From the provider's answer to our commit: a kill in there loses the answer.
                 debug!(
                     connection = %self.machine.key(),

@@ -2,6 +2,7 @@
 //! wakes goes into one durable redb transaction; each sender hears back only after that
 //! transaction has committed.
 
+use crate::metrics::Metrics;
 use authkeeper_state::{Commit, ConnectionStore};
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -24,7 +25,7 @@ pub struct Committer {
 impl Committer {
     /// Start the commit thread. It ends when every `Committer` clone is dropped, after
     /// committing what was queued.
-    pub fn spawn(store: Arc<dyn ConnectionStore>) -> (Self, JoinHandle<()>) {
+    pub fn spawn(store: Arc<dyn ConnectionStore>, metrics: Arc<Metrics>) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("authkeeper-commit".into())
@@ -39,7 +40,9 @@ impl Committer {
                     }
                     let (commits, waiters): (Vec<Commit>, Vec<_>) =
                         jobs.into_iter().map(|j| (j.commit, j.done)).unzip();
+                    let started = std::time::Instant::now();
                     let result = store.commit(&commits).map_err(|e| e.to_string());
+                    metrics.commit(commits.len(), started.elapsed());
                     for done in waiters {
                         let _ = done.send(result.clone());
                     }

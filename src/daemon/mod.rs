@@ -117,6 +117,8 @@ pub struct Shared {
     pub guesses: crate::links::Guesses,
     /// Per provider, what an owner who is not connected is told (`authkeeper.login_messages`).
     pub login_messages: RwLock<BTreeMap<String, String>>,
+    /// This daemon's metrics, for `GET /metrics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
     actors: TaskTracker,
 }
 
@@ -150,6 +152,7 @@ impl Shared {
     }
 
     pub fn publish_transition(&self, key: &ConnKey, t: &Transition) {
+        self.metrics.transition(&key.provider, t.cause);
         let _ = self.events.send(WireEvent::Transition {
             provider: key.provider.clone(),
             profile: key.profile.clone(),
@@ -388,7 +391,8 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
     let stored = store.load_all().context("cannot load connections")?;
     let profile_states = store.profile_states().context("cannot load provider state")?;
 
-    let (committer, commit_thread) = Committer::spawn(store.clone());
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let (committer, commit_thread) = Committer::spawn(store.clone(), metrics.clone());
     let (stop, shutdown) = watch::channel(false);
     let (config_tx, config_rx) = mpsc::channel(256);
     let shared = Arc::new(Shared {
@@ -422,6 +426,7 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
         active_links: Default::default(),
         link_ttl: RwLock::new(crate::links::LINK_TTL),
         guesses: Default::default(),
+        metrics,
         actors: TaskTracker::new(),
     });
     let scheduler = tokio::spawn(shared.deadlines.clone().run(shared.clone(), shutdown.clone()));

@@ -3,6 +3,7 @@
 
 use super::{Begun, FlowError, Identity, Input, Poll, Provider, Verdict, transport_error};
 use crate::limits::{Gate, Kind};
+use crate::metrics::{Endpoint, Metrics, Outcome};
 use crate::web::{CallbackQuery, PublicUrl};
 use authkeeper_state::{Grant, PendingFlow, ProfileState};
 use chrono::{DateTime, TimeDelta, Utc};
@@ -124,6 +125,8 @@ pub struct Adapter {
     pub account: Arc<str>,
     /// The web listener's public URL in force, shared by every adapter.
     pub public_url: Arc<PublicUrl>,
+    /// Where each call's endpoint class, outcome and latency are counted.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Why a call that must not be repeated blindly failed.
@@ -247,28 +250,54 @@ impl Adapter {
         )
     }
 
+    /// Run one provider call and count it: its endpoint class, its outcome and how long it took
+    /// (no outcome: it never went out).
+    async fn counted<T>(
+        &self,
+        endpoint: Endpoint,
+        call: impl Future<Output = T>,
+        outcome: impl FnOnce(&T) -> Option<Outcome>,
+    ) -> T {
+        let started = std::time::Instant::now();
+        let answer = call.await;
+        if let Some(outcome) = outcome(&answer) {
+            let name = self.provider().manifest().name;
+            self.metrics.provider_call(name, endpoint, outcome, started.elapsed());
+        }
+        answer
+    }
+
     pub async fn begin(&self, flow: &str, input: Input, now: DateTime<Utc>) -> Result<Begun, FlowError> {
-        self.provider().begin(self, flow, input, now).await
+        self.counted(Endpoint::Other, self.provider().begin(self, flow, input, now), |r| match r {
+            Ok(_) => Some(Outcome::Valid),
+            Err(FlowError::Rejected(_)) => Some(Outcome::Rejected),
+            Err(FlowError::Unavailable(_)) => Some(Outcome::Unknown),
+            // Settings or input refused before any call.
+            Err(FlowError::Config(_) | FlowError::Input(_)) => None,
+        })
+        .await
     }
 
     pub async fn poll(&self, flow: &PendingFlow, now: DateTime<Utc>) -> Poll {
-        self.provider().poll(self, flow, now).await
+        self.counted(Endpoint::Poll, self.provider().poll(self, flow, now), |a| Some(Outcome::from(a))).await
     }
 
     pub async fn complete(&self, flow: &PendingFlow, query: &CallbackQuery, now: DateTime<Utc>) -> Poll {
-        self.provider().complete(self, flow, query, now).await
+        self.counted(Endpoint::Other, self.provider().complete(self, flow, query, now), |a| Some(Outcome::from(a)))
+            .await
     }
 
     pub async fn validate(&self, grant: &Grant) -> Verdict<Identity> {
-        self.provider().validate(self, grant).await
+        self.counted(Endpoint::Validate, self.provider().validate(self, grant), |a| Some(Outcome::from(a))).await
     }
 
     pub async fn refresh(&self, grant: &Grant, now: DateTime<Utc>) -> Verdict<Grant> {
-        self.provider().refresh(self, grant, now).await
+        self.counted(Endpoint::Refresh, self.provider().refresh(self, grant, now), |a| Some(Outcome::from(a))).await
     }
 
     pub async fn revoke(&self, grant: &Grant) -> Result<(), String> {
-        self.provider().revoke(self, grant).await
+        let outcome = |r: &Result<(), String>| Some(if r.is_ok() { Outcome::Valid } else { Outcome::Unknown });
+        self.counted(Endpoint::Revoke, self.provider().revoke(self, grant), outcome).await
     }
 
     /// A consumer's token answer: the grant's token and expiry, and what the provider adds.

@@ -38,6 +38,9 @@ pub struct WebSettings {
     pub trusted_proxies: Vec<std::net::IpAddr>,
     /// How long a one-time link may wait to be opened (default 600 s).
     pub link_ttl_secs: Option<u64>,
+    /// Serve `GET /metrics` here too (off by default: this listener may face the internet).
+    #[serde(default)]
+    pub metrics: bool,
 }
 
 impl WebSettings {
@@ -136,6 +139,7 @@ pub fn reconfigure(shared: &Shared, was: Option<&WebSettings>, now: Option<&WebS
         shared.publish_warning(None, message.into(), None);
     }
     *shared.link_ttl.write().unwrap() = now.map_or(crate::links::LINK_TTL, WebSettings::link_ttl);
+    shared.metrics.serve_on_web(now.is_some_and(|w| w.metrics));
     if !shared.public_url.set(now.map(WebSettings::public_url)) {
         return;
     }
@@ -192,8 +196,21 @@ async fn hygiene(mut response: Response) -> Response {
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/oauth/callback/{provider}", get(callback))
-        .fallback(|| async { pages::page(StatusCode::NOT_FOUND, "Not found", "There is nothing here.") })
+        .route("/metrics", get(metrics))
+        .fallback(|| async { not_found() })
         .with_state(shared)
+}
+
+fn not_found() -> Response {
+    pages::page(StatusCode::NOT_FOUND, "Not found", "There is nothing here.").into_response()
+}
+
+/// `GET /metrics`, when `authkeeper.web.metrics` is on.
+async fn metrics(shared: State<Arc<Shared>>) -> Response {
+    if !shared.metrics.on_web() {
+        return not_found();
+    }
+    crate::metrics::scrape(shared).await
 }
 
 /// The query a provider's redirect carries: `code` and `state`, or `error`; TMDB's

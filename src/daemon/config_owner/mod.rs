@@ -114,6 +114,7 @@ impl ConfigOwner {
                     Read::Bad(e, text) => {
                         error!(path = %path.display(), error = %e, "config not loaded; stored connections keep their stored settings");
                         shared.config.write().unwrap().error = Some((e.message(), e.position()));
+                        shared.metrics.config_refused();
                         (format!("config.json does not load ({e})"), text)
                     }
                     _ => {
@@ -132,6 +133,7 @@ impl ConfigOwner {
         *shared.login_messages.write().unwrap() = config.settings.login_messages.clone();
         if let Some(web) = &config.settings.web {
             *shared.link_ttl.write().unwrap() = web.link_ttl();
+            shared.metrics.serve_on_web(web.metrics);
         }
         for (provider, gate) in &shared.gates {
             gate.set_limits(config.settings.limits(provider));
@@ -364,6 +366,7 @@ impl ConfigOwner {
     fn report(&self, e: ConfigError) {
         error!(path = %self.path.display(), error = %e, "config not applied; the last good config stays in force");
         let position = e.position();
+        self.shared.metrics.config_refused();
         self.shared.config.write().unwrap().error = Some((e.message(), position));
         let _ = self.shared.events.send(WireEvent::ConfigError {
             error: e.message(),
@@ -401,6 +404,7 @@ impl ConfigOwner {
         }
         self.schedules.apply(&self.config.settings, &self.shared).await;
         info!(changed = changed.len(), "config reloaded");
+        self.shared.metrics.config_reloaded();
         let _ = self.shared.events.send(WireEvent::ConfigReloaded {
             changed: changed.iter().map(ToString::to_string).collect(),
             at: self.shared.clock.now(),
@@ -516,6 +520,7 @@ impl ConfigOwner {
             gate: self.shared.gates[&key.provider].clone(),
             account: key.to_string().into(),
             public_url: self.shared.public_url.clone(),
+            metrics: self.shared.metrics.clone(),
         }
     }
 
