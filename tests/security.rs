@@ -57,11 +57,11 @@ async fn a_peer_with_another_uid_is_refused_even_when_the_file_lets_it_connect()
     let (code, out, err) = status_as(&h, NOBODY);
     assert_eq!((code, out.as_str()), (1, ""), "no answer for another uid: {err}");
     assert!(!out.contains("trakt"), "{out}");
+    assert_eq!(status_as(&h, 0).0, 0, "and root still is served");
+    daemon.stop().await; // the whole log is written once it has stopped
     let log = h.log();
     assert!(log.contains("refused a control-socket peer with another uid"), "{log}");
     assert!(log.contains(&format!("Some({NOBODY})")), "the log names its uid: {log}");
-    assert_eq!(status_as(&h, 0).0, 0, "and root still is served");
-    daemon.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

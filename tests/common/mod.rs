@@ -26,6 +26,9 @@ pub struct Harness {
 pub struct Daemon {
     child: Child,
     pub socket: PathBuf,
+    /// Copies the daemon's stderr into `daemon.log`; it ends once the process has exited and
+    /// every line is in the file.
+    logger: tokio::task::JoinHandle<()>,
 }
 
 impl Harness {
@@ -98,7 +101,7 @@ impl Harness {
         let stderr = child.stderr.take().unwrap();
         let mut log = tokio::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).await.unwrap();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
+        let logger = tokio::spawn(async move {
             let mut lines = BufReader::new(stderr).lines();
             let mut ready = Some(ready_tx);
             while let Ok(Some(line)) = lines.next_line().await {
@@ -116,7 +119,7 @@ impl Harness {
             .await
             .expect("the daemon got ready in time")
             .unwrap_or_else(|_| panic!("the daemon exited before it was ready:\n{}", self.log()));
-        Daemon { child, socket: self.socket() }
+        Daemon { child, socket: self.socket(), logger }
     }
 
     pub fn client(&self) -> Client {
@@ -179,6 +182,7 @@ impl Daemon {
     pub async fn kill9(mut self) {
         self.child.start_kill().unwrap();
         self.child.wait().await.unwrap();
+        let _ = self.logger.await;
     }
 
     /// SIGTERM and wait for a clean exit.
@@ -187,6 +191,8 @@ impl Daemon {
         let status = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().unwrap();
         assert!(status.success());
         let status = tokio::time::timeout(PATIENCE, self.child.wait()).await.expect("stops in time").unwrap();
+        // Every line it wrote is in daemon.log from here on.
+        let _ = tokio::time::timeout(PATIENCE, self.logger).await;
         status.code().unwrap_or(-1)
     }
 }
