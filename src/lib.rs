@@ -18,6 +18,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod config_edit;
+mod config_unique;
 pub mod daemon;
 pub mod demo;
 pub mod emulate;
