@@ -40,7 +40,26 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/events", get(events))
         .route("/v1/links", post(create_link))
         .fallback(|| async { ApiError::not_found() })
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(shared)
+}
+
+/// axum's own refusals (a wrong method, a path, query or body it cannot read) come in plain
+/// text: given here in the API's error shape, with their status.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let json =
+        response.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let body = axum::body::to_bytes(response.into_body(), 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&body);
+    let message = match text.trim() {
+        "" => status.canonical_reason().unwrap_or("refused").to_owned(),
+        text => text.to_owned(),
+    };
+    ApiError::of_status(status, message).into_response()
 }
 
 async fn health(State(shared): App) -> Response {
