@@ -167,9 +167,7 @@ pub async fn serve(
         .await
         .with_context(|| format!("cannot listen on {addr} for authkeeper.web"))?;
     tracing::info!(listen = %addr, public_url = %settings.public_url(), "web listener ready");
-    let app = router(shared.clone())
-        .merge(crate::links::routes(shared, settings.trusted_proxies.clone()))
-        .layer(axum::middleware::map_response(hygiene));
+    let app = app(shared, settings.trusted_proxies.clone());
     Ok(tokio::spawn(async move {
         axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(async move {
@@ -177,6 +175,12 @@ pub async fn serve(
             })
             .await
     }))
+}
+
+/// Everything the listener serves: the OAuth callback and the login pages, each answer with the
+/// pages' headers. `trusted` are the proxies whose `X-Forwarded-For` is believed.
+pub fn app(shared: Arc<Shared>, trusted: Vec<std::net::IpAddr>) -> Router {
+    router(shared.clone()).merge(crate::links::routes(shared, trusted)).layer(axum::middleware::map_response(hygiene))
 }
 
 /// Every answer of the listener, redirects and rejections included, carries the pages' headers.
