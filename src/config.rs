@@ -185,6 +185,8 @@ impl Config {
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let top: BTreeMap<String, &RawValue> = serde_json::from_str(text).map_err(|e| parse_error(&e, (1, 0)))?;
+        let ours = |key: &str| key == "authkeeper" || providers::REGISTRY.iter().any(|p| p.manifest().block == key);
+        crate::config_unique::check(text, &ours).map_err(|e| parse_error(&e, (1, 0)))?;
         let settings: Settings = match top.get("authkeeper") {
             Some(raw) => serde_json::from_str(raw.get()).map_err(|e| located(text, raw, &e))?,
             None => Settings::default(),

@@ -171,6 +171,20 @@ mod tests {
         assert!(text.contains("\"sync\": {\"interval\": 3600}"));
     }
 
+    /// Found by the `config` fuzz target: with the trakt block named twice, the editor wrote
+    /// into the first and the parser read the last, so a written-back credential was not where
+    /// the next read looked. Such a file is now refused, with the duplicate's position.
+    #[test]
+    fn a_block_named_twice_is_refused_rather_than_edited_where_the_daemon_does_not_read() {
+        let twice = "{\"trakt\": {\"client_id\": \"a\"},\n \"trakt\": {\"instances\": {\"TRAKT-P01\": {}}}}";
+        let written = write_keys(twice, "trakt", "TRAKT-P01", &[("access_token", Some("at-1".into()))]).unwrap();
+        let read: serde_json::Value = serde_json::from_str(&written).unwrap();
+        assert!(read["trakt"]["instances"]["TRAKT-P01"].get("access_token").is_none(), "the last block wins a read");
+        let refused = crate::config::Config::parse(twice).unwrap_err();
+        assert_eq!(refused.position().map(|p| p.0), Some(2), "{refused}");
+        assert!(refused.to_string().contains("\"trakt\" appears twice"), "{refused}");
+    }
+
     #[test]
     fn atomic_writes_keep_the_mode_and_refuse_readable_files_for_secrets() {
         let dir = tempfile::tempdir().unwrap();

@@ -19,6 +19,7 @@ pub mod clock;
 pub mod config;
 pub mod config_diff;
 pub mod config_edit;
+mod config_unique;
 pub mod cw_crypt;
 pub mod daemon;
 pub mod demo;

@@ -189,6 +189,17 @@ impl ApiError {
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }
+    /// An error axum answered by itself (a wrong method, a path or body it could not read).
+    pub fn of_status(status: StatusCode, message: impl Into<String>) -> Self {
+        let code = match status {
+            StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+            StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+            s if s.is_server_error() => "internal",
+            _ => "bad_request",
+        };
+        Self::new(status, code, message)
+    }
 }
 
 /// The one place where the daemon's errors become HTTP statuses.

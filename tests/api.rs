@@ -28,6 +28,13 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
     assert_eq!((status, body["error"].as_str()), (404, Some("unknown_profile")));
     let (status, body) = raw(&sock, Method::GET, "/v2/nothing", "").await;
     assert_eq!((status, body["error"].as_str()), (404, Some("not_found")));
+    // Found by the socket_request fuzz target: axum's own refusals came with an empty or
+    // plain-text body; they are the API's JSON errors too.
+    let (status, body) = raw(&sock, Method::PUT, "/v1/connections/trakt/default/connect", "").await;
+    assert_eq!((status, body["error"].as_str()), (405, Some("method_not_allowed")));
+    let (status, body) = raw(&sock, Method::GET, "/v1/connections/trakt/%FF%FE", "").await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("bad_request")));
+    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
 
     let (status, body) = raw(&sock, Method::POST, "/v1/connections/trakt/default/connect", "{\"flow\": ").await;
     assert_eq!((status, body["error"].as_str()), (400, Some("bad_request")));

@@ -75,3 +75,39 @@ async fn the_profiles_server_url_is_used_and_an_unreachable_server_changes_nothi
     assert!(!log.calls().is_empty());
     daemon.stop().await;
 }
+
+/// Found by the provider_answers fuzz target: a 401 (or a 5xx) whose body was a success
+/// envelope validated the key. A contradictory answer is no verdict: unknown, with the status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_success_envelope_under_an_error_status_is_no_verdict() {
+    use authkeeper::clock::SystemClock;
+    use authkeeper::limits::{Gate, Limits};
+    use authkeeper::providers::{Adapter, Profile, Verdict, find, http_client};
+    use std::sync::Arc;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let envelope = json!({"response": {"result": "success", "message": null, "data": {"version": "2.13"}}});
+    let app = axum::Router::new().fallback(move || {
+        let body = envelope.to_string();
+        async move { (axum::http::StatusCode::UNAUTHORIZED, [("content-type", "application/json")], body) }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let block = json!({"server_url": url, "api_key": "k-1"});
+    let limits = Limits { per_second: 1e6, burst: 1000, account_reads: None, account_writes: None };
+    let cx = Adapter {
+        profile: Arc::new(Profile::new(find("tautulli").unwrap(), block.as_object().unwrap().clone(), None).unwrap()),
+        state: Arc::default(),
+        http: http_client(std::time::Duration::from_secs(2)),
+        gate: Arc::new(Gate::new(Arc::new(SystemClock), limits)),
+        account: "tautulli/default".into(),
+        public_url: Arc::default(),
+        metrics: Arc::default(),
+    };
+    let grant = authkeeper_state::Grant::bearer("k-1", chrono::Utc::now());
+    match cx.validate(&grant).await {
+        Verdict::Unknown(e) => assert!(e.contains("401"), "{e}"),
+        Verdict::Valid(_) => panic!("a 401 validated the key"),
+        Verdict::Rejected(e) => panic!("rejected: {e}"),
+    }
+}

@@ -333,6 +333,13 @@ pub struct Running {
 }
 
 impl Running {
+    /// The state the socket's handlers share: what [`api::router`] and [`crate::web::app`] are
+    /// built on. For harnesses that drive the routers in-process (the fuzz targets).
+    #[doc(hidden)]
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
     /// Stop in order: the socket stops answering, the config owner and actors finish their
     /// current step, the commit thread drains, then the socket file is removed.
     pub async fn stop(self) -> anyhow::Result<()> {

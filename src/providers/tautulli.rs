@@ -97,6 +97,11 @@ async fn call(cx: &Adapter, server: &str, key: &str, cmd: &str) -> Answer {
         Err(e) => return Answer::Unknown(e.to_string()),
     };
     if envelope.result == "success" {
+        // A success envelope under an error status is no verdict: it says the key is good
+        // and the status says the answer is not.
+        if !status.is_success() {
+            return Answer::Unknown(status_error(LABEL, status));
+        }
         return Answer::Success(envelope.data);
     }
     let message = envelope.message.unwrap_or_default();

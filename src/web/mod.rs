@@ -172,7 +172,8 @@ pub async fn serve(
         .await
         .with_context(|| format!("cannot listen on {addr} for authkeeper.web"))?;
     tracing::info!(listen = %addr, public_url = %settings.public_url(), "web listener ready");
-    let app = router(shared.clone()).merge(crate::links::routes(shared, settings.trusted_proxies.clone()));
+    let app = app(shared, settings.trusted_proxies.clone());
+    // Refusals before any handler (too large, too slow) carry the pages' headers too.
     let app = crate::serve::limited(app, limits, page_refusal).layer(axum::middleware::map_response(hygiene));
     Ok(tokio::spawn(crate::serve::serve(listener, app, limits, shutdown)))
 }
@@ -180,6 +181,12 @@ pub async fn serve(
 /// A plain page for a request refused before any handler saw it.
 fn page_refusal(e: crate::serve::RequestError) -> Response {
     pages::page(e.status(), "Request refused", &e.to_string()).into_response()
+}
+
+/// Everything the listener serves: the OAuth callback and the login pages, each answer with the
+/// pages' headers. `trusted` are the proxies whose `X-Forwarded-For` is believed.
+pub fn app(shared: Arc<Shared>, trusted: Vec<std::net::IpAddr>) -> Router {
+    router(shared.clone()).merge(crate::links::routes(shared, trusted)).layer(axum::middleware::map_response(hygiene))
 }
 
 /// Every answer of the listener, redirects and rejections included, carries the pages' headers.

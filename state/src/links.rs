@@ -24,11 +24,13 @@ pub struct LinkRecord {
     pub outcome: Option<String>,
 }
 
-fn encode(record: &LinkRecord) -> Vec<u8> {
+/// A link's stored value (JSON).
+pub fn encode(record: &LinkRecord) -> Vec<u8> {
     serde_json::to_vec(record).expect("a link record serializes")
 }
 
-fn decode(id: &str, bytes: &[u8]) -> Result<LinkRecord, StoreError> {
+/// The inverse of [`encode`]; `id` names the row in the error.
+pub fn decode(id: &str, bytes: &[u8]) -> Result<LinkRecord, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt { key: format!("link {id}"), source: e.into() })
 }
 

@@ -84,12 +84,19 @@ struct ProfileStateRec {
     secrets: Pairs,
 }
 
+/// Nanoseconds since the epoch, saturating: a time before 1677 is stored as the earliest one
+/// this format holds, a time after 2262 as the latest.
 fn nanos(t: DateTime<Utc>) -> i64 {
-    t.timestamp_nanos_opt().unwrap_or(i64::MAX)
+    t.timestamp_nanos_opt().unwrap_or(if t.timestamp() < 0 { i64::MIN } else { i64::MAX })
 }
 
 fn time(n: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_nanos(n)
+}
+
+/// `t` as this format stores it: a legacy record read here is what it will be once rewritten.
+fn storable(t: DateTime<Utc>) -> DateTime<Utc> {
+    time(nanos(t))
 }
 
 fn secrets_out(m: &BTreeMap<String, Secret>) -> Pairs {
@@ -260,7 +267,10 @@ pub fn encode_transition(t: &Transition) -> Vec<u8> {
 }
 
 pub fn decode_transition(bytes: &[u8]) -> Result<Transition, RecordError> {
-    let Some(r) = decode::<TransitionRec>(bytes)? else { return Ok(serde_json::from_slice(bytes)?) };
+    let Some(r) = decode::<TransitionRec>(bytes)? else {
+        let t: Transition = serde_json::from_slice(bytes)?;
+        return Ok(Transition { at: storable(t.at), ..t });
+    };
     Ok(Transition {
         at: time(r.at),
         from: from_number(&STATES, r.from, "state")?,
@@ -344,19 +354,19 @@ mod legacy {
             refresh_token: g.refresh_token.map(Secret::new),
             token_type: g.token_type,
             scope: g.scope,
-            issued_at: g.issued_at,
-            expires_at: g.expires_at,
+            issued_at: storable(g.issued_at),
+            expires_at: g.expires_at.map(storable),
             extras: None,
         });
         let connection = Connection {
             key: c.key,
-            since: c.since,
+            since: storable(c.since),
             grant,
             account: c.account,
-            validated_at: c.validated_at,
+            validated_at: c.validated_at.map(storable),
             last_error: c.last_error,
             failures: c.failures,
-            next_attempt_at: c.next_attempt_at,
+            next_attempt_at: c.next_attempt_at.map(storable),
             flow: flow.map(Box::new),
             last_poll_at: None,
         };
@@ -370,10 +380,28 @@ mod legacy {
             user_code: Some(f.user_code),
             verification_url: Some(f.verification_url),
             authorize_url: None,
-            issued_at: f.issued_at,
-            expires_at: f.expires_at,
+            issued_at: storable(f.issued_at),
+            expires_at: storable(f.expires_at),
             interval_secs: Some(f.interval_secs),
             secrets: BTreeMap::from([("device_code".to_owned(), Secret::new(f.device_code))]),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the `store_records` fuzz target: a legacy flow issued in 4076 read as 4076 but
+    /// was rewritten as 2262, so what the daemon held was not what it stored; and a time before
+    /// 1677 was stored as the latest time there is, turning a long-past expiry into a far future.
+    #[test]
+    fn times_beyond_the_formats_range_are_read_as_they_will_be_stored() {
+        let legacy = br#"{"device_code":"d","user_code":"U","verification_url":"https://trakt.tv/activate",
+            "issued_at":"4076-11-28T12:00:00Z","expires_at":"1000-01-01T00:00:00Z","interval_secs":5}"#;
+        let flow = decode_flow(legacy).unwrap();
+        assert_eq!(decode_flow(&encode_flow(&flow)).unwrap(), flow, "rewriting changes nothing");
+        assert_eq!(flow.issued_at, time(i64::MAX), "the latest time the format holds");
+        assert_eq!(flow.expires_at, time(i64::MIN), "a time long past stays in the past");
     }
 }

@@ -56,6 +56,8 @@ pub enum StoreError {
     Db(#[from] redb::Error),
     #[error("the database was written by a newer authkeeper (schema {found}, this build knows {supported})")]
     TooNew { found: u64, supported: u64 },
+    #[error("every {0} profile number is taken: the highest one in use is the largest there is")]
+    NoProfileNumber(String),
     #[error("stored row for {key} is unreadable: {source}")]
     Corrupt { key: String, source: RecordError },
     #[error(
@@ -381,7 +383,8 @@ impl Store {
         let next = {
             let mut meta = txn.open_table(META).map_err(db)?;
             let highest = meta.get(name.as_str()).map_err(db)?.map_or(0, |v| v.value());
-            let next = highest.max(in_use) + 1;
+            let next =
+                highest.max(in_use).checked_add(1).ok_or_else(|| StoreError::NoProfileNumber(provider.to_owned()))?;
             meta.insert(name.as_str(), next).map_err(db)?;
             next
         };

@@ -172,6 +172,17 @@ fn profile_numbers_are_never_reused() {
     assert_eq!(store.allocate_profile("simkl", 0).unwrap(), 5);
 }
 
+/// Found while writing the config fuzz target: a config holding `TRAKT-P18446744073709551615`
+/// (u64::MAX) made the next allocation overflow (a panic in debug builds, `TRAKT-P00` and
+/// numbers reused from then on in release builds).
+#[test]
+fn the_largest_profile_number_allocates_no_more() {
+    let store = Store::in_memory().unwrap();
+    let refused = store.allocate_profile("trakt", u64::MAX).unwrap_err();
+    assert!(matches!(refused, StoreError::NoProfileNumber(ref p) if p == "trakt"), "{refused}");
+    assert_eq!(store.allocate_profile("trakt", 3).unwrap(), 4, "nothing was recorded by the refusal");
+}
+
 #[test]
 fn forgetting_a_connection_keeps_its_history() {
     let store = Store::in_memory().unwrap();

@@ -7,7 +7,7 @@ use crate::config_edit::{self, EditError};
 use crate::daemon::DaemonError;
 use crate::providers;
 use crate::wire::WireEvent;
-use authkeeper_state::ConnKey;
+use authkeeper_state::{ConnKey, StoreError};
 use tracing::{error, info, warn};
 
 impl ConfigOwner {
@@ -50,7 +50,10 @@ impl ConfigOwner {
         let number = tokio::task::spawn_blocking(move || store.allocate_profile(&name, in_use))
             .await
             .map_err(|e| DaemonError::Internal(e.to_string()))?
-            .map_err(|e| DaemonError::Store(e.to_string()))?;
+            .map_err(|e| match e {
+                StoreError::NoProfileNumber(_) => DaemonError::Conflict(e.to_string()),
+                e => DaemonError::Store(e.to_string()),
+            })?;
         let id = format!("{}-P{number:02}", provider.to_ascii_uppercase());
         let edited = config_edit::add_profile(&text, p.manifest().block, &id)?;
         config_edit::write_atomically(&self.path, &edited, false)?;
