@@ -3,7 +3,7 @@
 
 use crate::seal::{SealError, is_sealed};
 use crate::store::{
-    CONFIG_SEEN, CONNECTIONS, FLOWS, HISTORY, LINKS, META, PROFILE_STATE, SETTINGS, Store, StoreError, db,
+    CONFIG_SEEN, CONNECTIONS, FLOWS, HISTORY, LINKS, META, OUTBOX, PROFILE_STATE, SETTINGS, Store, StoreError, db,
 };
 use redb::{Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use std::borrow::Cow;
@@ -57,7 +57,7 @@ impl Store {
         let sealer = self.sealer.as_deref().expect("resealing needs a key");
         let known: BTreeSet<&str> = SEALED_TABLES
             .iter()
-            .chain([&CONFIG_SEEN, &LINKS])
+            .chain([&CONFIG_SEEN, &LINKS, &OUTBOX])
             .map(|d| d.name())
             .chain([HISTORY.name(), META.name()])
             .collect();
@@ -73,7 +73,7 @@ impl Store {
         let new = Store::open_file(&tmp, None)?;
         let mut txn = new.db.begin_write().map_err(db)?;
         txn.set_durability(Durability::Immediate).map_err(db)?;
-        for def in SEALED_TABLES.into_iter().chain([CONFIG_SEEN, LINKS]) {
+        for def in SEALED_TABLES.into_iter().chain([CONFIG_SEEN, LINKS, OUTBOX]) {
             let seal = SEALED_TABLES.iter().any(|d| d.name() == def.name());
             let mut to = txn.open_table(def).map_err(db)?;
             let Some(from) = existing(old.open_table(def))? else { continue };

@@ -40,6 +40,8 @@ pub(crate) const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("
 pub(crate) const PROFILE_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("profile_state");
 /// A one-time login link's public id → its [`crate::links::LinkRecord`].
 pub(crate) const LINKS: TableDefinition<&str, &[u8]> = TableDefinition::new("links");
+/// Webhook deliveries not yet acknowledged, by a time-ordered id (see `outbox.rs`).
+pub(crate) const OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("outbox");
 
 /// The schema this build writes. Older files are migrated on open; newer ones are refused.
 /// 1: tables; 2: `config_seen`; 3: versioned records, `settings`, `profile_state`.
