@@ -23,6 +23,7 @@ pub mod cw_crypt;
 pub mod daemon;
 pub mod demo;
 pub mod emulate;
+pub mod hooks;
 pub mod insecure;
 pub mod limits;
 pub mod links;
