@@ -171,14 +171,16 @@ async fn receive(
     StatusCode::NO_CONTENT
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failing_receiver_gets_every_transition_once_across_a_restart() {
-    let (tries_tx, mut tries) = mpsc::unbounded_channel();
-    let (accepted_tx, mut accepted) = mpsc::unbounded_channel();
+type Received = (mpsc::UnboundedReceiver<String>, mpsc::UnboundedReceiver<HookEvent>);
+
+/// A receiver on 127.0.0.1 (down or not at first); its URL, and its tries and acceptances.
+async fn start_receiver(down: bool) -> (Arc<Receiver>, String, Received) {
+    let (tries_tx, tries) = mpsc::unbounded_channel();
+    let (accepted_tx, accepted) = mpsc::unbounded_channel();
     let receiver = Arc::new(Receiver {
         secret: "whsec-test-secret",
         seen: Mutex::default(),
-        down: true.into(),
+        down: down.into(),
         tries: tries_tx,
         accepted: accepted_tx,
     });
@@ -186,6 +188,12 @@ async fn a_failing_receiver_gets_every_transition_once_across_a_restart() {
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     let app = axum::Router::new().route("/hook", axum::routing::post(receive)).with_state(receiver.clone());
     tokio::spawn(async move { axum::serve(listener, app).await });
+    (receiver, url, (tries, accepted))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_receiver_gets_every_transition_once_across_a_restart() {
+    let (receiver, url, (mut tries, mut accepted)) = start_receiver(true).await;
 
     let settings = json!({"hooks": {
         "webhooks": [{"url": url, "secret": receiver.secret, "events": ["transition"]}],
@@ -233,4 +241,42 @@ async fn a_failing_receiver_gets_every_transition_once_across_a_restart() {
     assert_eq!(seen.accepted.len(), history.len(), "no other event was accepted");
     assert!(seen.tries.values().all(|&n| n >= 3), "every event failed twice first: {:?}", seen.tries);
     assert!(!h.log().contains(receiver.secret), "the webhook secret is never logged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_needs_login_event_carries_a_fresh_login_link_when_the_web_listener_is_on() {
+    let (receiver, url, (_tries, mut accepted)) = start_receiver(false).await;
+    let (listen, public_url) = common::trackers::free_port();
+    let settings = json!({
+        "web": {"listen": listen, "public_url": public_url},
+        "hooks": {
+            "webhooks": [{"url": url, "secret": receiver.secret, "events": ["needs_login"]}],
+            "retry_base_ms": 50,
+        },
+    });
+    let h = Harness::new(fast_trakt(), settings).await;
+    let daemon = h.start_daemon().await;
+    connect_approved(&h).await;
+    h.emulator.revoke_all_grants();
+    let view: authkeeper::wire::ConnectionView = h.client().post(&format!("{PATH}/validate"), None).await.unwrap();
+    assert_eq!(view.state, StateName::Expired);
+
+    let event = tokio::time::timeout(PATIENCE, accepted.recv()).await.expect("delivered in time").unwrap();
+    assert_eq!(event.event, authkeeper::hooks::EventKind::NeedsLogin);
+    assert_eq!((event.to, event.cause), (Some(StateName::Expired), Some(Cause::RefreshRejected)));
+    let link = event.login_url.expect("a login link").expose().to_owned();
+    assert!(link.starts_with(&format!("{public_url}/login?token=")), "{link}");
+    assert!(event.login_url_expires_at.unwrap() > event.at);
+    // The link opens the login page, and its one use trades it for a session.
+    authkeeper::providers::install_crypto();
+    let browser = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let page = browser.get(&link).send().await.unwrap();
+    assert_eq!(page.status().as_u16(), 200);
+    assert!(page.text().await.unwrap().contains("It works once"));
+    let token = link.split_once("token=").unwrap().1;
+    let opened = browser.post(format!("{public_url}/login/open")).form(&[("token", token)]).send().await.unwrap();
+    assert_eq!(opened.status().as_u16(), 303);
+    daemon.stop().await;
+    assert!(!h.log().contains(&link), "the link is never logged");
+    assert_eq!(receiver.seen.lock().unwrap().accepted.len(), 1, "only needs_login was asked for");
 }

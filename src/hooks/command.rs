@@ -76,6 +76,7 @@ async fn execute(run: &Run) -> Result<(), CommandError> {
         .env("AUTHKEEPER_FROM", event.from.map(|s| s.as_str()).unwrap_or_default())
         .env("AUTHKEEPER_TO", event.to.map(|s| s.as_str()).unwrap_or_default())
         .env("AUTHKEEPER_CAUSE", event.cause.as_ref().map(name).unwrap_or_default())
+        .env("AUTHKEEPER_LOGIN_URL", event.login_url.as_ref().map(|u| u.expose()).unwrap_or_default())
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

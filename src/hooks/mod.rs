@@ -139,6 +139,11 @@ impl HookSettings {
         Ok(())
     }
 
+    /// Whether the command or a webhook is told of `kind`.
+    fn wants(&self, kind: EventKind) -> bool {
+        (!self.command.is_empty() && self.events.contains(&kind)) || self.webhooks.iter().any(|w| w.events.contains(&kind))
+    }
+
     fn timeout(&self) -> Duration {
         Duration::from_secs(self.command_timeout_secs.max(1))
     }
@@ -182,6 +187,12 @@ pub struct HookEvent {
     pub detail: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// On `needs_login` when the web listener is on: a fresh one-time login link (it opens a
+    /// login page, so it is a secret), and when it runs out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login_url: Option<Secret>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login_url_expires_at: Option<DateTime<Utc>>,
 }
 
 /// Whether a transition into `to` for `cause` leaves a connection that only a new login mends.
@@ -211,6 +222,8 @@ impl HookEvent {
             cause: None,
             detail: None,
             message: None,
+            login_url: None,
+            login_url_expires_at: None,
         }
     }
 
@@ -256,6 +269,22 @@ impl HookEvent {
     }
 }
 
+/// Give a `needs_login` event a fresh one-time link when the web listener is on and the
+/// provider has a login a browser page can do; otherwise it goes without.
+async fn add_login_link(shared: &Arc<Shared>, event: &mut HookEvent) {
+    let (Some(provider), Some(profile)) = (event.provider.clone(), event.profile.clone()) else { return };
+    if shared.public_url.get().is_none() || crate::links::page_flow(&provider).is_none() {
+        return;
+    }
+    match crate::links::create(shared, &provider, &profile).await {
+        Ok(issued) => {
+            event.login_url = Some(Secret::new(issued.url));
+            event.login_url_expires_at = Some(issued.expires_at);
+        }
+        Err(e) => warn!(provider, profile, error = %e, "no login link for a needs_login event"),
+    }
+}
+
 /// Start the hooks on `events` (subscribed before any connection moves), and run until
 /// `drain` turns true, after every event already published has been handed on. The webhook
 /// sender stops at `shutdown`; what it has not delivered stays in the outbox.
@@ -287,7 +316,12 @@ pub fn spawn(
                 batch.push(event);
             }
             let settings = shared.hooks.get();
-            let hook_events: Vec<HookEvent> = batch.iter().flat_map(HookEvent::from_wire).collect();
+            let mut hook_events: Vec<HookEvent> = batch.iter().flat_map(HookEvent::from_wire).collect();
+            for event in hook_events.iter_mut().filter(|e| e.event == EventKind::NeedsLogin) {
+                if settings.wants(EventKind::NeedsLogin) {
+                    add_login_link(&shared, event).await;
+                }
+            }
             for event in &hook_events {
                 if !settings.command.is_empty() && settings.events.contains(&event.event) {
                     commands.queue(&settings, event);
