@@ -104,7 +104,10 @@ async fn the_command_sees_each_transition_with_its_environment() {
     }
     let needs: Vec<_> = runs.iter().filter(|(_, e)| e.event == authkeeper::hooks::EventKind::NeedsLogin).collect();
     assert_eq!(needs.len(), 1, "{text}");
-    assert_eq!(needs[0].0, ["first-arg", "needs_login", "trakt", "default", "connected", "expired", "refresh_rejected"]);
+    assert_eq!(
+        needs[0].0,
+        ["first-arg", "needs_login", "trakt", "default", "connected", "expired", "refresh_rejected"]
+    );
     let ids: std::collections::BTreeSet<&str> = runs.iter().map(|(_, e)| e.id.as_str()).collect();
     assert_eq!(ids.len(), runs.len(), "every event has its own id");
 }
@@ -138,7 +141,8 @@ fn verify(secret: &str, headers: &HeaderMap, body: &[u8]) -> bool {
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(format!("{t}.").as_bytes());
     mac.update(body);
-    let Ok(v1) = (0..v1.len()).step_by(2).map(|i| u8::from_str_radix(&v1[i..i + 2], 16)).collect::<Result<Vec<u8>, _>>()
+    let Ok(v1) =
+        (0..v1.len()).step_by(2).map(|i| u8::from_str_radix(&v1[i..i + 2], 16)).collect::<Result<Vec<u8>, _>>()
     else {
         return false;
     };

@@ -141,7 +141,8 @@ impl HookSettings {
 
     /// Whether the command or a webhook is told of `kind`.
     fn wants(&self, kind: EventKind) -> bool {
-        (!self.command.is_empty() && self.events.contains(&kind)) || self.webhooks.iter().any(|w| w.events.contains(&kind))
+        (!self.command.is_empty() && self.events.contains(&kind))
+            || self.webhooks.iter().any(|w| w.events.contains(&kind))
     }
 
     fn timeout(&self) -> Duration {
@@ -240,8 +241,11 @@ impl HookEvent {
                     detail: detail.clone(),
                     ..Self::new(EventKind::Transition, *at)
                 };
-                let login = needs_login(*to, *cause)
-                    .then(|| Self { id: uuid::Uuid::now_v7().to_string(), event: EventKind::NeedsLogin, ..transition.clone() });
+                let login = needs_login(*to, *cause).then(|| Self {
+                    id: uuid::Uuid::now_v7().to_string(),
+                    event: EventKind::NeedsLogin,
+                    ..transition.clone()
+                });
                 std::iter::once(transition).chain(login).collect()
             }
             WireEvent::Linked { provider, owner, at } => vec![Self {
@@ -338,4 +342,71 @@ pub fn spawn(
         drop(to_send);
         let _ = sender.await;
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_read_with_defaults_and_debug_shows_neither_secret_nor_url_path() {
+        let settings: HookSettings = serde_json::from_value(serde_json::json!({
+            "command": ["/bin/notify", "x"],
+            "webhooks": [{"url": "https://hooks.example.com/api/webhooks/123/tok-in-path", "secret": "s3cr3t-value"}],
+        }))
+        .unwrap();
+        assert_eq!((settings.events.len(), settings.command_timeout_secs), (4, 30));
+        assert_eq!(settings.webhooks[0].events, EventKind::all());
+        let shown = format!("{settings:?}");
+        assert!(!shown.contains("s3cr3t-value") && !shown.contains("tok-in-path"), "{shown}");
+        assert!(shown.contains("https://hooks.example.com"), "{shown}");
+        assert_eq!(settings.check(false), Ok(()));
+        let unknown = serde_json::from_value::<HookSettings>(serde_json::json!({"events": ["reboot"]}));
+        assert!(unknown.is_err());
+    }
+
+    #[test]
+    fn bad_webhook_urls_are_refused_without_showing_them() {
+        let hook = |url: &str| HookSettings {
+            webhooks: vec![WebhookSettings { url: url.into(), secret: "k".into(), events: EventKind::all() }],
+            ..HookSettings::default()
+        };
+        let plain = hook("http://hooks.example.com/secret-path").check(false).unwrap_err();
+        assert!(plain.contains("webhooks[0].url") && !plain.contains("secret-path"), "{plain}");
+        assert_eq!(hook("http://hooks.example.com/x").check(true), Ok(()));
+        assert_eq!(hook("http://127.0.0.1:9/x").check(false), Ok(()));
+        assert!(hook("ftp://example.com/").check(true).unwrap_err().contains("not an http(s) URL"));
+    }
+
+    #[test]
+    fn needs_login_is_a_rejection_or_a_lapse_not_a_users_own_choice() {
+        use StateName::*;
+        for cause in [Cause::Rejected, Cause::RefreshRejected, Cause::RefreshAnswerLost, Cause::ExpiredUnrefreshed] {
+            assert!(needs_login(Expired, cause), "{cause:?}");
+        }
+        assert!(needs_login(Disconnected, Cause::Denied) && needs_login(Disconnected, Cause::FlowExpired));
+        for cause in [Cause::Disconnected, Cause::Cancelled, Cause::Removed] {
+            assert!(!needs_login(Disconnected, cause), "{cause:?}");
+        }
+        assert!(!needs_login(Connected, Cause::Validated) && !needs_login(Pending, Cause::ConnectRequested));
+    }
+
+    #[test]
+    fn a_transition_that_needs_a_login_makes_two_events_with_their_own_ids() {
+        let wire = WireEvent::Transition {
+            provider: "trakt".into(),
+            profile: "default".into(),
+            from: StateName::Connected,
+            to: StateName::Expired,
+            cause: Cause::RefreshRejected,
+            at: Utc::now(),
+            detail: None,
+        };
+        let events = HookEvent::from_wire(&wire);
+        let kinds: Vec<EventKind> = events.iter().map(|e| e.event).collect();
+        assert_eq!(kinds, [EventKind::Transition, EventKind::NeedsLogin]);
+        assert_ne!(events[0].id, events[1].id);
+        let config = WireEvent::ConfigReloaded { changed: vec![], at: Utc::now() };
+        assert!(HookEvent::from_wire(&config).is_empty());
+    }
 }

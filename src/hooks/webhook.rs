@@ -120,8 +120,12 @@ impl Sender {
         let mut open = true;
         loop {
             let now = Instant::now();
-            let due: Vec<String> =
-                self.pending.iter().filter(|(_, p)| p.due.is_some_and(|d| d <= now)).map(|(id, _)| id.clone()).collect();
+            let due: Vec<String> = self
+                .pending
+                .iter()
+                .filter(|(_, p)| p.due.is_some_and(|d| d <= now))
+                .map(|(id, _)| id.clone())
+                .collect();
             for id in due {
                 let pending = self.pending.get_mut(&id).expect("listed above");
                 pending.due = None;

@@ -1,6 +1,7 @@
 //! The webhook outbox: deliveries not yet acknowledged, kept so that a restart loses none.
 //! The store knows nothing of webhooks: a row is an opaque id (ordered: the daemon uses
-//! time-ordered ids) and the bytes the daemon wants back.
+//! time-ordered ids) and the bytes the daemon wants back, sealed when the store has a key (a
+//! delivery may carry a one-time login link).
 
 use crate::store::{OUTBOX, Store, StoreError, db};
 use redb::{Durability, ReadableDatabase, ReadableTable};
@@ -13,7 +14,8 @@ impl Store {
         {
             let mut table = txn.open_table(OUTBOX).map_err(db)?;
             for (id, bytes) in rows {
-                table.insert(id.as_str(), bytes.as_slice()).map_err(db)?;
+                let value = self.seal_row(OUTBOX, id, bytes.clone());
+                table.insert(id.as_str(), value.as_slice()).map_err(db)?;
             }
         }
         txn.commit().map_err(db)
@@ -30,7 +32,8 @@ impl Store {
         let mut out = Vec::new();
         for row in table.iter().map_err(db)? {
             let (key, value) = row.map_err(db)?;
-            out.push((key.value().to_owned(), value.value().to_vec()));
+            let plain = self.open_row(OUTBOX, key.value(), value.value())?.into_owned();
+            out.push((key.value().to_owned(), plain));
         }
         Ok(out)
     }
@@ -64,5 +67,19 @@ mod tests {
         store.remove_outbox("a").unwrap();
         store.remove_outbox("missing").unwrap();
         assert_eq!(store.outbox().unwrap(), vec![("b".into(), b"2".to_vec())]);
+    }
+
+    #[test]
+    fn with_a_key_rows_are_sealed_on_disk_and_read_back_clear() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let key = crate::SecretsKey::generate();
+        {
+            let store = Store::open_sealed(&path, Some(crate::Sealer::new(key.clone()))).unwrap();
+            store.put_outbox(&[("a".into(), b"login?token=abc.def".to_vec())]).unwrap();
+            assert_eq!(store.outbox().unwrap(), vec![("a".into(), b"login?token=abc.def".to_vec())]);
+        }
+        let raw = std::fs::read(&path).unwrap();
+        assert!(!raw.windows(9).any(|w| w == b"token=abc"), "the row is sealed on disk");
     }
 }

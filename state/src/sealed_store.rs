@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 /// The tables whose rows hold secrets: sealed when the store has a key.
-const SEALED_TABLES: [TableDefinition<&str, &[u8]>; 4] = [CONNECTIONS, FLOWS, SETTINGS, PROFILE_STATE];
+const SEALED_TABLES: [TableDefinition<&str, &[u8]>; 5] = [CONNECTIONS, FLOWS, SETTINGS, PROFILE_STATE, OUTBOX];
 const KEY_ID: &str = "secrets_key_id";
 
 /// What a sealed row is bound to: its table and key, so no row passes for another.
@@ -57,7 +57,7 @@ impl Store {
         let sealer = self.sealer.as_deref().expect("resealing needs a key");
         let known: BTreeSet<&str> = SEALED_TABLES
             .iter()
-            .chain([&CONFIG_SEEN, &LINKS, &OUTBOX])
+            .chain([&CONFIG_SEEN, &LINKS])
             .map(|d| d.name())
             .chain([HISTORY.name(), META.name()])
             .collect();
@@ -73,7 +73,7 @@ impl Store {
         let new = Store::open_file(&tmp, None)?;
         let mut txn = new.db.begin_write().map_err(db)?;
         txn.set_durability(Durability::Immediate).map_err(db)?;
-        for def in SEALED_TABLES.into_iter().chain([CONFIG_SEEN, LINKS, OUTBOX]) {
+        for def in SEALED_TABLES.into_iter().chain([CONFIG_SEEN, LINKS]) {
             let seal = SEALED_TABLES.iter().any(|d| d.name() == def.name());
             let mut to = txn.open_table(def).map_err(db)?;
             let Some(from) = existing(old.open_table(def))? else { continue };
