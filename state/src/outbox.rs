@@ -4,7 +4,7 @@
 //! delivery may carry a one-time login link).
 
 use crate::store::{OUTBOX, Store, StoreError, db};
-use redb::{Durability, ReadableDatabase, ReadableTable};
+use redb::Durability;
 
 impl Store {
     /// Add `rows` in one durable transaction; an id already there is replaced.
@@ -23,19 +23,8 @@ impl Store {
 
     /// Every row, in id order.
     pub fn outbox(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let table = match txn.open_table(OUTBOX) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(db(e)),
-        };
-        let mut out = Vec::new();
-        for row in table.iter().map_err(db)? {
-            let (key, value) = row.map_err(db)?;
-            let plain = self.open_row(OUTBOX, key.value(), value.value())?.into_owned();
-            out.push((key.value().to_owned(), plain));
-        }
-        Ok(out)
+        let rows = self.all_rows(OUTBOX)?;
+        rows.into_iter().map(|(id, value)| Ok((id.clone(), self.open_row(OUTBOX, &id, &value)?.into_owned()))).collect()
     }
 
     /// Drop a delivered (or abandoned) row; a missing one is no error.
