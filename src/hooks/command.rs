@@ -102,3 +102,27 @@ async fn execute(run: &Run) -> Result<(), CommandError> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(script: &str, timeout: Duration) -> Run {
+        let argv = vec!["/bin/sh".into(), "-c".into(), script.into()];
+        Run { argv, timeout, event: HookEvent::new(super::super::EventKind::Warning, chrono::Utc::now()) }
+    }
+
+    #[tokio::test]
+    async fn a_run_past_its_timeout_is_killed_and_a_failure_is_reported() {
+        let started = std::time::Instant::now();
+        let slow = execute(&run("exec sleep 30", Duration::from_millis(200))).await;
+        assert!(matches!(slow, Err(CommandError::Timeout(_))), "{slow:?}");
+        assert!(started.elapsed() < Duration::from_secs(10), "killed, not waited for");
+        let failed = execute(&run("cat >/dev/null; exit 3", Duration::from_secs(10))).await;
+        assert!(matches!(failed, Err(CommandError::Exit(s)) if s.code() == Some(3)), "{failed:?}");
+        let fine = execute(&run("test \"$AUTHKEEPER_EVENT\" = warning", Duration::from_secs(10))).await;
+        assert!(fine.is_ok(), "{fine:?}");
+        let missing = execute(&Run { argv: vec!["/nonexistent/hook".into()], ..run("", Duration::from_secs(1)) }).await;
+        assert!(matches!(missing, Err(CommandError::Spawn(_))), "{missing:?}");
+    }
+}
