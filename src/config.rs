@@ -56,6 +56,8 @@ pub struct Settings {
     pub request_timeout_secs: u64,
     /// Plain `http` to a public host for `base_url`, servers and OAuth endpoints (default false).
     pub allow_insecure_http: bool,
+    /// A command and webhooks told of events (see `hooks`).
+    pub hooks: crate::hooks::HookSettings,
 }
 
 /// The schedules a user can declare.
@@ -90,6 +92,7 @@ impl Default for Settings {
             previous_secrets_key_file: None,
             request_timeout_secs: crate::serve::REQUEST_TIMEOUT.as_secs(),
             allow_insecure_http: false,
+            hooks: crate::hooks::HookSettings::default(),
         }
     }
 }

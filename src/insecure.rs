@@ -50,6 +50,7 @@ pub fn check_config(
     for (name, url) in &settings.base_url {
         check(&format!("authkeeper.base_url.{name}"), url, settings.allow_insecure_http)?;
     }
+    settings.hooks.check(settings.allow_insecure_http)?;
     let mut last: Option<&Arc<crate::providers::Profile>> = None;
     for (key, profile) in profiles {
         // Profiles that inherit the same settings share them: each is checked once.

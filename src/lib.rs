@@ -25,6 +25,7 @@ pub mod daemon;
 pub mod demo;
 pub mod doctor;
 pub mod emulate;
+pub mod hooks;
 pub mod insecure;
 pub mod limits;
 pub mod links;

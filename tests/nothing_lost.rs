@@ -236,6 +236,15 @@ impl ConnectionStore for Flaky {
     ) -> Result<Option<authkeeper_state::LinkRecord>, StoreError> {
         self.inner.progress_link(id, started, outcome, only_unopened)
     }
+    fn put_outbox(&self, rows: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
+        self.inner.put_outbox(rows)
+    }
+    fn outbox(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.inner.outbox()
+    }
+    fn remove_outbox(&self, id: &str) -> Result<(), StoreError> {
+        self.inner.remove_outbox(id)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

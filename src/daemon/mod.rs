@@ -119,6 +119,8 @@ pub struct Shared {
     pub login_messages: RwLock<BTreeMap<String, String>>,
     /// This daemon's metrics, for `GET /metrics`.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The hook settings in force (`authkeeper.hooks`).
+    pub hooks: crate::hooks::Current,
     actors: TaskTracker,
 }
 
@@ -328,6 +330,9 @@ pub struct Running {
     web: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     owner: tokio::task::JoinHandle<()>,
     scheduler: tokio::task::JoinHandle<()>,
+    /// The hooks task, and what tells it to hand on the last events and end.
+    hooks: tokio::task::JoinHandle<()>,
+    drain_hooks: watch::Sender<bool>,
     commit_thread: std::thread::JoinHandle<()>,
     shared: Arc<Shared>,
 }
@@ -354,6 +359,9 @@ impl Running {
         let _ = self.scheduler.await;
         self.shared.actors.close();
         self.shared.actors.wait().await;
+        // Every transition is published by now: the hooks save their deliveries, then end.
+        let _ = self.drain_hooks.send(true);
+        let _ = self.hooks.await;
         self.shared.conns.write().unwrap().clear();
         let Running { commit_thread, shared, .. } = self;
         drop(shared);
@@ -430,6 +438,7 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
         public_url: Arc::default(),
         callbacks: Callbacks::default(),
         login_messages: RwLock::default(),
+        hooks: Default::default(),
         active_links: Default::default(),
         link_ttl: RwLock::new(crate::links::LINK_TTL),
         guesses: Default::default(),
@@ -444,12 +453,16 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
         Some(socket) => socket,
         None => ControlSocket::bind(&paths.socket).await?,
     };
+    // Subscribed before any connection can move, so the hooks see every transition.
+    let hook_events = shared.events.subscribe();
     let owner = ConfigOwner::start(paths.config.clone(), shared.clone(), stored, profile_states).await?;
     let limits = owner.request_limits();
     let web = match owner.web() {
         Some(settings) => Some(crate::web::serve(&settings, shared.clone(), limits, shutdown.clone()).await?),
         None => None,
     };
+    let (drain_hooks, drain) = watch::channel(false);
+    let hooks = crate::hooks::spawn(&shared, hook_events, shutdown.clone(), drain);
     let owner = tokio::spawn(owner.run(config_rx, shutdown.clone()));
     let socket_path = socket.path().to_owned();
     let router = crate::serve::limited(api::router(shared.clone()), limits, crate::serve::json_refusal);
@@ -460,7 +473,7 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
         connections = shared.conns.read().unwrap().len(),
         "authkeeper ready"
     );
-    Ok(Running { socket: socket_path, stop, server, web, owner, scheduler, commit_thread, shared })
+    Ok(Running { socket: socket_path, stop, server, web, owner, scheduler, hooks, drain_hooks, commit_thread, shared })
 }
 
 /// An id from a request, cut for a message (quote it with `{:?}`): at most 64 characters.

@@ -49,6 +49,12 @@ pub trait ConnectionStore: Send + Sync + 'static {
         only_unopened: bool,
     ) -> Result<Option<LinkRecord>, StoreError>;
     fn links(&self) -> Result<Vec<(String, LinkRecord)>, StoreError>;
+    /// Add webhook deliveries to the outbox, durably, in one transaction.
+    fn put_outbox(&self, rows: &[(String, Vec<u8>)]) -> Result<(), StoreError>;
+    /// Every delivery in the outbox, in id order.
+    fn outbox(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// Drop a delivered delivery.
+    fn remove_outbox(&self, id: &str) -> Result<(), StoreError>;
 }
 
 impl ConnectionStore for Store {
@@ -99,6 +105,15 @@ impl ConnectionStore for Store {
     }
     fn links(&self) -> Result<Vec<(String, LinkRecord)>, StoreError> {
         Store::links(self)
+    }
+    fn put_outbox(&self, rows: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
+        Store::put_outbox(self, rows)
+    }
+    fn outbox(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        Store::outbox(self)
+    }
+    fn remove_outbox(&self, id: &str) -> Result<(), StoreError> {
+        Store::remove_outbox(self, id)
     }
     fn claim_link(
         &self,

@@ -9,6 +9,7 @@
 //! - [`store`]: redb tables, migrations and the batched (group) commit, behind a narrow
 //!   interface.
 //! - [`records`]: the store's versioned on-disk records.
+//! - `outbox`: webhook deliveries not yet acknowledged.
 //! - [`seal`]: optional encryption of the store's secrets at rest.
 //!
 //! Nothing here does network I/O or reads the clock: time always comes in as an argument.
@@ -17,6 +18,7 @@ pub mod grant;
 pub mod interface;
 pub mod links;
 pub mod machine;
+mod outbox;
 pub mod records;
 pub mod schedule;
 pub mod seal;

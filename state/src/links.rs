@@ -137,17 +137,7 @@ impl Store {
 
     /// Every link, for the watcher that publishes their outcomes.
     pub fn links(&self) -> Result<Vec<(String, LinkRecord)>, StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let table = match txn.open_table(LINKS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(db(e)),
-        };
-        let mut out = Vec::new();
-        for row in table.iter().map_err(db)? {
-            let (key, value) = row.map_err(db)?;
-            out.push((key.value().to_owned(), decode(key.value(), value.value())?));
-        }
-        Ok(out)
+        let rows = self.all_rows(LINKS)?;
+        rows.into_iter().map(|(id, value)| Ok((id.clone(), decode(&id, &value)?))).collect()
     }
 }

@@ -3,7 +3,7 @@
 
 use crate::seal::{SealError, is_sealed};
 use crate::store::{
-    CONFIG_SEEN, CONNECTIONS, FLOWS, HISTORY, LINKS, META, PROFILE_STATE, SETTINGS, Store, StoreError, db,
+    CONFIG_SEEN, CONNECTIONS, FLOWS, HISTORY, LINKS, META, OUTBOX, PROFILE_STATE, SETTINGS, Store, StoreError, db,
 };
 use redb::{Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use std::borrow::Cow;
@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 /// The tables whose rows hold secrets: sealed when the store has a key.
-const SEALED_TABLES: [TableDefinition<&str, &[u8]>; 4] = [CONNECTIONS, FLOWS, SETTINGS, PROFILE_STATE];
+const SEALED_TABLES: [TableDefinition<&str, &[u8]>; 5] = [CONNECTIONS, FLOWS, SETTINGS, PROFILE_STATE, OUTBOX];
 const KEY_ID: &str = "secrets_key_id";
 
 /// What a sealed row is bound to: its table and key, so no row passes for another.

@@ -40,6 +40,8 @@ pub(crate) const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("
 pub(crate) const PROFILE_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("profile_state");
 /// A one-time login link's public id → its [`crate::links::LinkRecord`].
 pub(crate) const LINKS: TableDefinition<&str, &[u8]> = TableDefinition::new("links");
+/// Webhook deliveries not yet acknowledged, by a time-ordered id (see `outbox.rs`).
+pub(crate) const OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("outbox");
 
 /// The schema this build writes. Older files are migrated on open; newer ones are refused.
 /// 1: tables; 2: `config_seen`; 3: versioned records, `settings`, `profile_state`.
@@ -122,6 +124,22 @@ pub struct Store {
 const CACHE_BYTES: usize = 8 << 20;
 
 impl Store {
+    /// Every row of a `&str → bytes` table, in key order (none when it was never created).
+    pub(crate) fn all_rows(&self, def: TableDefinition<&str, &[u8]>) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let table = match txn.open_table(def) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(db(e)),
+        };
+        let mut out = Vec::new();
+        for row in table.iter().map_err(db)? {
+            let (key, value) = row.map_err(db)?;
+            out.push((key.value().to_owned(), value.value().to_vec()));
+        }
+        Ok(out)
+    }
+
     /// Open (or create, mode 0600) the database at `path` and migrate it.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         Self::open_sealed(path, None)

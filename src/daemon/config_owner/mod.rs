@@ -131,6 +131,7 @@ impl ConfigOwner {
         shared.set_policy(config.settings.policy());
         shared.public_url.set(config.settings.web.as_ref().map(|w| w.public_url()));
         *shared.login_messages.write().unwrap() = config.settings.login_messages.clone();
+        shared.hooks.set(&config.settings.hooks);
         if let Some(web) = &config.settings.web {
             *shared.link_ttl.write().unwrap() = web.link_ttl();
             shared.metrics.serve_on_web(web.metrics);
@@ -422,6 +423,7 @@ impl ConfigOwner {
         }
         crate::web::reconfigure(&self.shared, was.web.as_ref(), now.web.as_ref());
         *self.shared.login_messages.write().unwrap() = now.login_messages.clone();
+        self.shared.hooks.set(&now.hooks);
         for (provider, gate) in &self.shared.gates {
             gate.set_limits(now.limits(provider));
             self.shared.planners[provider].set_rate(now.limits(provider).per_second * super::REFRESH_SHARE);
