@@ -29,13 +29,12 @@ fn problem(what: impl Into<String>, fix: impl Into<String>) -> Finding {
 pub async fn run(paths: &Paths) -> Vec<Finding> {
     let mut out = Vec::new();
     let config = check_config(&paths.config, &mut out);
-    check_modes(paths, config.as_ref(), &mut out);
+    check_modes(paths, config.as_ref().map(|(c, _)| c), &mut out);
     let daemon_up = check_socket(&paths.socket, &mut out).await;
     check_store(&paths.state_dir, daemon_up, &mut out);
-    if let Some(config) = &config {
+    if let Some((config, text)) = &config {
         // Only the providers the file configures: a default profile alone reaches out nowhere.
-        let text = std::fs::read_to_string(&paths.config).unwrap_or_default();
-        let blocks: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text).unwrap_or_default();
+        let blocks: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text).unwrap_or_default();
         check_providers(config, &blocks, &mut out).await;
     }
     out
@@ -62,7 +61,8 @@ pub fn report(findings: &[Finding]) -> i32 {
     }
 }
 
-fn check_config(path: &Path, out: &mut Vec<Finding>) -> Option<Config> {
+/// The config and its text, when it loads.
+fn check_config(path: &Path, out: &mut Vec<Finding>) -> Option<(Config, String)> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -80,7 +80,7 @@ fn check_config(path: &Path, out: &mut Vec<Finding>) -> Option<Config> {
     match Config::parse_file(path, &text) {
         Ok(config) => {
             out.push(ok(format!("config: {} ({} profiles)", path.display(), config.profiles.len())));
-            Some(config)
+            Some((config, text))
         }
         Err(e) => {
             let at = match e.position() {

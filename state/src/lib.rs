@@ -16,6 +16,7 @@
 
 pub mod grant;
 pub mod interface;
+pub mod key;
 pub mod links;
 pub mod machine;
 mod outbox;

@@ -14,31 +14,7 @@ use statig::blocking::{InitializedStateMachine, IntoStateMachineExt};
 use statig::prelude::*;
 use std::fmt;
 
-/// One provider account under one profile: `trakt/default`, `trakt/TRAKT-P01`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct ConnKey {
-    pub provider: String,
-    pub profile: String,
-}
-
-impl ConnKey {
-    pub fn new(provider: impl Into<String>, profile: impl Into<String>) -> Self {
-        Self { provider: provider.into(), profile: profile.into() }
-    }
-}
-
-impl fmt::Display for ConnKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.provider, self.profile)
-    }
-}
-
-/// Who the credential belongs to, as the provider's whoami call reports it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Account {
-    pub name: String,
-    pub id: Option<String>,
-}
+pub use crate::key::{Account, ConnKey};
 
 /// The data every state shares (statig's shared storage).
 #[derive(Clone, Debug, PartialEq)]

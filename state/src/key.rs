@@ -1,0 +1,30 @@
+//! Who a connection is: its provider and profile, and the account behind its credential.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// One provider account under one profile: `trakt/default`, `trakt/TRAKT-P01`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ConnKey {
+    pub provider: String,
+    pub profile: String,
+}
+
+impl ConnKey {
+    pub fn new(provider: impl Into<String>, profile: impl Into<String>) -> Self {
+        Self { provider: provider.into(), profile: profile.into() }
+    }
+}
+
+impl fmt::Display for ConnKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.provider, self.profile)
+    }
+}
+
+/// Who the credential belongs to, as the provider's whoami call reports it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Account {
+    pub name: String,
+    pub id: Option<String>,
+}
