@@ -14,9 +14,7 @@ use serde_json::{Value, json};
 
 /// A free loopback address for the web listener, and its origin.
 pub fn free_port() -> anyhow::Result<(String, String)> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
-    let addr = listener.local_addr()?.to_string();
-    Ok((addr.clone(), format!("http://{addr}")))
+    authkeeper_fixtures::server::free_loopback_port().context("cannot find a free port")
 }
 
 pub struct More {

@@ -22,9 +22,7 @@ pub async fn harness(mut config: Value) -> Harness {
 
 /// A free loopback port for the web listener, and its `http://127.0.0.1:PORT` origin.
 pub fn free_port() -> (String, String) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    (addr.clone(), format!("http://{addr}"))
+    authkeeper_fixtures::server::free_loopback_port().expect("a free loopback port")
 }
 
 /// One connection, through the socket.
