@@ -89,8 +89,9 @@ enum Scenario {
         /// Transitions in the one-per-transaction baseline
         #[arg(long, default_value_t = 1000)]
         baseline: usize,
-        /// Alternating runs of each; the median is reported
-        #[arg(long, default_value_t = 3)]
+        /// Alternating runs of each, on one store whose history deepens every round (past the
+        /// per-connection limit of 256 rows from round 14, so that old rows are dropped too)
+        #[arg(long, default_value_t = 18)]
         rounds: usize,
     },
     /// Token lookups over the socket with 1, 8, 32 and 128 clients, against a bare hyper server
@@ -399,7 +400,11 @@ async fn commits(connections: usize, each: usize, baseline: usize, rounds: usize
     drop(committer);
     thread.join().ok();
     ratios.sort_by(f64::total_cmp);
-    println!("  ratio     {:.1} × baseline, median of {rounds} (target ≥ 20)", ratios[ratios.len() / 2]);
+    println!(
+        "  ratio     {:.1} × baseline in the slowest round, {:.1} × the median of {rounds} (target ≥ 20 in every round)",
+        ratios[0],
+        ratios[ratios.len() / 2]
+    );
     Ok(())
 }
 

@@ -9,12 +9,14 @@
 //! - [`store`]: redb tables, migrations and the batched (group) commit, behind a narrow
 //!   interface.
 //! - [`records`]: the store's versioned on-disk records.
+//! - `history`: connections' history as one append-ordered log.
 //! - `outbox`: webhook deliveries not yet acknowledged.
 //! - [`seal`]: optional encryption of the store's secrets at rest.
 //!
 //! Nothing here does network I/O or reads the clock: time always comes in as an argument.
 
 pub mod grant;
+mod history;
 pub mod interface;
 pub mod key;
 pub mod links;

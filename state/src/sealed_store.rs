@@ -1,9 +1,10 @@
 //! Sealing the store's secret-holding rows: which tables, the key id kept in `meta`, and
 //! resealing on open (a clear store sealed, a previous key's rows rotated to the current key).
 
+use crate::history::{HISTORY_LOG, HISTORY_ORPHANS, HistoryRef};
 use crate::seal::{SealError, is_sealed};
 use crate::store::{
-    CONFIG_SEEN, CONNECTIONS, FLOWS, HISTORY, LINKS, META, OUTBOX, PROFILE_STATE, SETTINGS, Store, StoreError, db,
+    CONFIG_SEEN, CONNECTIONS, FLOWS, LINKS, META, OUTBOX, PROFILE_STATE, SETTINGS, Store, StoreError, db,
 };
 use redb::{Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use std::borrow::Cow;
@@ -57,9 +58,9 @@ impl Store {
         let sealer = self.sealer.as_deref().expect("resealing needs a key");
         let known: BTreeSet<&str> = SEALED_TABLES
             .iter()
-            .chain([&CONFIG_SEEN, &LINKS])
+            .chain([&CONFIG_SEEN, &LINKS, &HISTORY_ORPHANS])
             .map(|d| d.name())
-            .chain([HISTORY.name(), META.name()])
+            .chain([HISTORY_LOG.name(), META.name()])
             .collect();
         let old = self.db.begin_read().map_err(db)?;
         for table in old.list_tables().map_err(db)? {
@@ -73,21 +74,31 @@ impl Store {
         let new = Store::open_file(&tmp, None)?;
         let mut txn = new.db.begin_write().map_err(db)?;
         txn.set_durability(Durability::Immediate).map_err(db)?;
-        for def in SEALED_TABLES.into_iter().chain([CONFIG_SEEN, LINKS]) {
+        for def in SEALED_TABLES.into_iter().chain([CONFIG_SEEN, LINKS, HISTORY_ORPHANS]) {
             let seal = SEALED_TABLES.iter().any(|d| d.name() == def.name());
             let mut to = txn.open_table(def).map_err(db)?;
             let Some(from) = existing(old.open_table(def))? else { continue };
             for row in from.iter().map_err(db)? {
                 let (k, v) = row.map_err(db)?;
-                let value = match seal {
-                    true => sealer.seal(&row_id(def, k.value()), &self.open_row(def, k.value(), v.value())?),
-                    false => v.value().to_vec(),
+                let key = k.value();
+                // A connection row starts with its clear history reference.
+                let (history, record) = match def.name() == CONNECTIONS.name() {
+                    true => {
+                        let (r, record) = HistoryRef::split(key, v.value())?;
+                        (Some(r), record)
+                    }
+                    false => (None, v.value()),
                 };
-                to.insert(k.value(), value.as_slice()).map_err(db)?;
+                let value = match seal {
+                    true => sealer.seal(&row_id(def, key), &self.open_row(def, key, record)?),
+                    false => record.to_vec(),
+                };
+                let value = history.map_or(value.clone(), |r| r.join(&value));
+                to.insert(key, value.as_slice()).map_err(db)?;
             }
         }
-        let mut to = txn.open_table(HISTORY).map_err(db)?;
-        if let Some(from) = existing(old.open_table(HISTORY))? {
+        let mut to = txn.open_table(HISTORY_LOG).map_err(db)?;
+        if let Some(from) = existing(old.open_table(HISTORY_LOG))? {
             for row in from.iter().map_err(db)? {
                 let (k, v) = row.map_err(db)?;
                 to.insert(k.value(), v.value()).map_err(db)?;

@@ -10,6 +10,7 @@
 //! that a second backend can implement.
 
 use crate::grant::ProfileState;
+use crate::history::{self, HISTORY_LOG, HISTORY_ORPHANS, HistoryRef, OLD_HISTORY};
 use crate::machine::StateName;
 use crate::machine::{ConnKey, Machine, Transition};
 use crate::records::{self, RecordError};
@@ -19,12 +20,11 @@ use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-/// `provider/profile` → the connection's record (state and data, flow excluded).
+/// `provider/profile` → the connection's [`HistoryRef`], then its record (state and data,
+/// flow excluded).
 pub(crate) const CONNECTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("connections");
-/// (`provider/profile`, sequence) → a [`Transition`] record; append-only, bounded per connection.
-pub(crate) const HISTORY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("history");
 /// `provider/profile` → the pending flow's record, present exactly while a flow is pending.
 pub(crate) const FLOWS: TableDefinition<&str, &[u8]> = TableDefinition::new("flows");
 /// `schema_version`; `profiles/<provider>`: the highest profile number ever allocated;
@@ -44,10 +44,10 @@ pub(crate) const LINKS: TableDefinition<&str, &[u8]> = TableDefinition::new("lin
 pub(crate) const OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("outbox");
 
 /// The schema this build writes. Older files are migrated on open; newer ones are refused.
-/// 1: tables; 2: `config_seen`; 3: versioned records, `settings`, `profile_state`.
-pub const SCHEMA_VERSION: u64 = 3;
-/// History rows kept per connection; the oldest are dropped beyond it.
-pub const HISTORY_LIMIT: u64 = 256;
+/// 1: tables; 2: `config_seen`; 3: versioned records, `settings`, `profile_state`;
+/// 4: the append-ordered history log.
+pub const SCHEMA_VERSION: u64 = 4;
+pub use crate::history::HISTORY_LIMIT;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -111,9 +111,6 @@ pub struct Commit {
 #[derive(Clone)]
 pub struct Store {
     pub(crate) db: Arc<Database>,
-    /// Each connection's history bounds (oldest sequence, next sequence) as committed, learned
-    /// on its first append, so that an append is an insert rather than a range scan.
-    bounds: Arc<Mutex<HashMap<String, (u64, u64)>>>,
     /// Seals the secret-holding rows, when the store is encrypted.
     pub(crate) sealer: Option<Arc<Sealer>>,
 }
@@ -184,7 +181,7 @@ impl Store {
     }
 
     fn init(db: Database, sealer: Option<Sealer>) -> Result<Self, StoreError> {
-        let store = Self { db: Arc::new(db), bounds: Arc::default(), sealer: sealer.map(Arc::new) };
+        let store = Self { db: Arc::new(db), sealer: sealer.map(Arc::new) };
         store.migrate()?;
         Ok(store)
     }
@@ -211,7 +208,7 @@ impl Store {
         let txn = self.db.begin_write().map_err(db)?;
         if found < 1 {
             txn.open_table(CONNECTIONS).map_err(db)?;
-            txn.open_table(HISTORY).map_err(db)?;
+            txn.open_table(OLD_HISTORY).map_err(db)?;
             txn.open_table(FLOWS).map_err(db)?;
         }
         if found < 2 {
@@ -222,6 +219,25 @@ impl Store {
             txn.open_table(PROFILE_STATE).map_err(db)?;
             rewrite_records(&txn)?;
         }
+        if found < 4 {
+            txn.open_table(HISTORY_ORPHANS).map_err(db)?;
+            let mut refs = history::migrate(&txn)?;
+            let mut conns = txn.open_table(CONNECTIONS).map_err(db)?;
+            let mut rows = Vec::new();
+            for row in conns.iter().map_err(db)? {
+                let (k, v) = row.map_err(db)?;
+                let r = refs.remove(k.value()).unwrap_or_default();
+                rows.push((k.value().to_owned(), r.join(v.value())));
+            }
+            for (key, row) in rows {
+                conns.insert(key.as_str(), row.as_slice()).map_err(db)?;
+            }
+            // History of connections that were forgotten.
+            let mut orphans = txn.open_table(HISTORY_ORPHANS).map_err(db)?;
+            for (key, r) in refs {
+                orphans.insert(key.as_str(), r.encode().as_slice()).map_err(db)?;
+            }
+        }
         txn.open_table(META).map_err(db)?.insert("schema_version", SCHEMA_VERSION).map_err(db)?;
         txn.commit().map_err(db)?;
         Ok(())
@@ -229,18 +245,33 @@ impl Store {
 
     /// Commit a batch of connections' changes in one durable write transaction.
     pub fn commit(&self, batch: &[Commit]) -> Result<(), StoreError> {
-        let mut bounds = self.bounds.lock().unwrap();
-        let mut appended: HashMap<String, (u64, u64)> = HashMap::new();
         let mut txn = self.db.begin_write().map_err(db)?;
         txn.set_durability(Durability::Immediate).map_err(db)?;
         {
             let mut conns = txn.open_table(CONNECTIONS).map_err(db)?;
             let mut flows = txn.open_table(FLOWS).map_err(db)?;
-            let mut history = txn.open_table(HISTORY).map_err(db)?;
+            let mut log = txn.open_table(HISTORY_LOG).map_err(db)?;
+            let mut orphans = txn.open_table(HISTORY_ORPHANS).map_err(db)?;
+            let mut seq = history::next_sequence(&log)?;
             for c in batch {
                 let key = c.machine.key().to_string();
-                let row = self.seal_row(CONNECTIONS, &key, records::encode_connection(&c.machine));
-                conns.insert(key.as_str(), row.as_slice()).map_err(db)?;
+                let was = match conns.get(key.as_str()).map_err(db)? {
+                    Some(row) => HistoryRef::split(&key, row.value())?.0,
+                    // A new connection, or one forgotten earlier whose history is kept.
+                    None => match orphans.remove(key.as_str()).map_err(db)? {
+                        Some(r) => HistoryRef::split(&key, r.value())?.0,
+                        None => HistoryRef::default(),
+                    },
+                };
+                let now = match &c.transition {
+                    Some(t) => {
+                        seq += 1;
+                        history::append(&mut log, seq - 1, &key, was, t)?
+                    }
+                    None => was,
+                };
+                let record = self.seal_row(CONNECTIONS, &key, records::encode_connection(&c.machine));
+                conns.insert(key.as_str(), now.join(&record).as_slice()).map_err(db)?;
                 match &c.machine.connection().flow {
                     Some(flow) => {
                         let row = self.seal_row(FLOWS, &key, records::encode_flow(flow));
@@ -252,15 +283,9 @@ impl Store {
                     }
                     None => {}
                 }
-                if let Some(t) = &c.transition {
-                    let known = appended.get(&key).or_else(|| bounds.get(&key)).copied();
-                    let after = append_history(&mut history, &key, t, known)?;
-                    appended.insert(key, after);
-                }
             }
         }
         txn.commit().map_err(db)?;
-        bounds.extend(appended);
         Ok(())
     }
 
@@ -296,7 +321,8 @@ impl Store {
                 Some(f) => Some(records::decode_flow(&self.open_row(FLOWS, key, f.value())?).map_err(corrupt)?),
                 None => None,
             };
-            let value = self.open_row(CONNECTIONS, key, value.value())?;
+            let (_, record) = HistoryRef::split(key, value.value())?;
+            let value = self.open_row(CONNECTIONS, key, record)?;
             let machine = records::decode_connection(key, &value, flow).map_err(corrupt)?;
             out.push(Stored { machine, settings: declared });
         }
@@ -307,7 +333,14 @@ impl Store {
     pub fn forget(&self, key: &ConnKey) -> Result<(), StoreError> {
         let key = key.to_string();
         let txn = self.db.begin_write().map_err(db)?;
-        txn.open_table(CONNECTIONS).map_err(db)?.remove(key.as_str()).map_err(db)?;
+        let row =
+            txn.open_table(CONNECTIONS).map_err(db)?.remove(key.as_str()).map_err(db)?.map(|r| r.value().to_vec());
+        if let Some(row) = row {
+            let (r, _) = HistoryRef::split(&key, &row)?;
+            if r.head != 0 {
+                txn.open_table(HISTORY_ORPHANS).map_err(db)?.insert(key.as_str(), r.encode().as_slice()).map_err(db)?;
+            }
+        }
         txn.open_table(FLOWS).map_err(db)?.remove(key.as_str()).map_err(db)?;
         txn.open_table(CONFIG_SEEN).map_err(db)?.remove(key.as_str()).map_err(db)?;
         txn.open_table(SETTINGS).map_err(db)?.remove(key.as_str()).map_err(db)?;
@@ -429,34 +462,9 @@ impl Store {
     /// Drop history rows older than `cutoff`, keeping each connection's newest row. Returns
     /// how many rows went.
     pub fn compact_history(&self, cutoff: chrono::DateTime<chrono::Utc>) -> Result<u64, StoreError> {
-        let mut bounds = self.bounds.lock().unwrap();
         let txn = self.db.begin_write().map_err(db)?;
-        let removed = {
-            let mut table = txn.open_table(HISTORY).map_err(db)?;
-            let mut doomed: Vec<(String, u64)> = Vec::new();
-            // Rows come in (connection, sequence) order; a row followed by one of the same
-            // connection is not that connection's newest, and may go if it is old.
-            let mut prev: Option<(String, u64, chrono::DateTime<chrono::Utc>)> = None;
-            for row in table.iter().map_err(db)? {
-                let (k, v) = row.map_err(db)?;
-                let (conn, seq) = k.value();
-                let t = records::decode_transition(v.value())
-                    .map_err(|source| StoreError::Corrupt { key: conn.to_owned(), source })?;
-                if let Some((p_conn, p_seq, p_at)) = prev.take()
-                    && p_conn == conn
-                    && p_at < cutoff
-                {
-                    doomed.push((p_conn, p_seq));
-                }
-                prev = Some((conn.to_owned(), seq, t.at));
-            }
-            for (conn, seq) in &doomed {
-                table.remove((conn.as_str(), *seq)).map_err(db)?;
-            }
-            doomed.len() as u64
-        };
+        let removed = history::compact(&mut txn.open_table(HISTORY_LOG).map_err(db)?, cutoff)?;
         txn.commit().map_err(db)?;
-        bounds.clear(); // oldest sequences moved; each is learned again on its next append
         Ok(removed)
     }
 
@@ -477,44 +485,15 @@ impl Store {
     pub fn history(&self, key: &ConnKey) -> Result<Vec<Transition>, StoreError> {
         let key = key.to_string();
         let txn = self.db.begin_read().map_err(db)?;
-        let table = txn.open_table(HISTORY).map_err(db)?;
-        let mut out = Vec::new();
-        for row in table.range((key.as_str(), 0)..=(key.as_str(), u64::MAX)).map_err(db)? {
-            let (_, value) = row.map_err(db)?;
-            out.push(
-                records::decode_transition(value.value())
-                    .map_err(|source| StoreError::Corrupt { key: key.clone(), source })?,
-            );
-        }
-        Ok(out)
+        let from = match txn.open_table(CONNECTIONS).map_err(db)?.get(key.as_str()).map_err(db)? {
+            Some(row) => HistoryRef::split(&key, row.value())?.0,
+            None => match txn.open_table(HISTORY_ORPHANS).map_err(db)?.get(key.as_str()).map_err(db)? {
+                Some(r) => HistoryRef::split(&key, r.value())?.0,
+                None => return Ok(Vec::new()),
+            },
+        };
+        history::read(&txn.open_table(HISTORY_LOG).map_err(db)?, &key, from)
     }
-}
-
-/// Append `t` to `key`'s history and drop rows beyond the limit. `known` are the bounds
-/// (oldest, next) if already known; they are read from the table otherwise. Returns the new
-/// bounds.
-fn append_history(
-    history: &mut redb::Table<(&str, u64), &[u8]>,
-    key: &str,
-    t: &Transition,
-    known: Option<(u64, u64)>,
-) -> Result<(u64, u64), StoreError> {
-    let (first, next) = match known {
-        Some(bounds) => bounds,
-        None => {
-            let mut range = history.range((key, 0)..=(key, u64::MAX)).map_err(db)?;
-            let first = range.next().transpose().map_err(db)?.map(|(k, _)| k.value().1);
-            let last = range.next_back().transpose().map_err(db)?.map(|(k, _)| k.value().1);
-            let next = last.or(first).map_or(0, |l| l + 1);
-            (first.unwrap_or(next), next)
-        }
-    };
-    history.insert((key, next), records::encode_transition(t).as_slice()).map_err(db)?;
-    let keep_from = (next + 1).saturating_sub(HISTORY_LIMIT);
-    for seq in first..keep_from {
-        history.remove((key, seq)).map_err(db)?;
-    }
-    Ok((first.max(keep_from), next + 1))
 }
 
 /// Schema 2 → 3: every connection, flow and history value becomes a format-3 record.
@@ -525,7 +504,7 @@ fn rewrite_records(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
     };
     let mut flows = txn.open_table(FLOWS).map_err(db)?;
     let mut conns = txn.open_table(CONNECTIONS).map_err(db)?;
-    let mut history = txn.open_table(HISTORY).map_err(db)?;
+    let mut history = txn.open_table(OLD_HISTORY).map_err(db)?;
     let mut new_flows = HashMap::new();
     for row in flows.iter().map_err(db)? {
         let (k, v) = row.map_err(db)?;

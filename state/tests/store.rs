@@ -84,6 +84,21 @@ fn history_is_bounded_and_keeps_the_newest() {
     assert_eq!(h.len() as u64, authkeeper_state::store::HISTORY_LIMIT);
     assert!(h.windows(2).all(|w| w[0].at <= w[1].at), "oldest first");
     assert!(h.iter().all(|t| t.to == StateName::Connected), "the oldest rows were dropped");
+
+    // Compaction drops what lies beyond the limit, and nothing else.
+    let long_ago = Utc::now() - TimeDelta::days(3650);
+    assert_eq!(store.compact_history(long_ago).unwrap(), 40);
+    assert_eq!(store.history(m.key()).unwrap(), h);
+    assert_eq!(store.compact_history(long_ago).unwrap(), 0);
+
+    // Left to commits alone, a connection never holds more than four times the limit.
+    let limit = authkeeper_state::store::HISTORY_LIMIT;
+    for _ in 0..4 * limit {
+        store.commit(&[step(&mut m, Event::Validated { account: account.clone(), grant: None })]).unwrap();
+    }
+    let removed = store.compact_history(long_ago).unwrap();
+    assert!(removed < 3 * limit, "some rows were dropped by the commits themselves: {removed}");
+    assert_eq!(store.history(m.key()).unwrap().len() as u64, limit);
 }
 
 #[test]
@@ -114,7 +129,7 @@ fn a_new_file_is_migrated_to_the_current_schema_and_a_newer_one_is_refused() {
         txn.commit().unwrap();
     }
     match Store::open(&path) {
-        Err(StoreError::TooNew { found: 99, supported: 3 }) => {}
+        Err(StoreError::TooNew { found: 99, supported: authkeeper_state::store::SCHEMA_VERSION }) => {}
         other => panic!("expected TooNew, got {:?}", other.err()),
     }
 }
@@ -251,4 +266,43 @@ fn history_sequences_carry_on_across_reopen_compaction_and_repeats_in_a_batch() 
         Some(&flow()),
         "the flow row is kept"
     );
+}
+
+#[test]
+fn connections_committing_together_keep_their_own_history_and_a_forgotten_one_continues_it() {
+    let store = Store::in_memory().unwrap();
+    let account = authkeeper_state::Account { name: "me".into(), id: None };
+    let mut all: Vec<Machine> =
+        (0..50).map(|i| Machine::new(ConnKey::new("trakt", format!("TRAKT-P{i:02}")), Utc::now())).collect();
+    let batch: Vec<Commit> =
+        all.iter_mut().map(|m| step(m, Event::CredentialsSupplied { grant: Grant::bearer("a", Utc::now()) })).collect();
+    store.commit(&batch).unwrap();
+    // Every connection validates a different number of times, all in shared batches.
+    for round in 0..10 {
+        let batch: Vec<Commit> = all
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| i % 10 >= round)
+            .map(|(_, m)| step(m, Event::Validated { account: account.clone(), grant: None }))
+            .collect();
+        store.commit(&batch).unwrap();
+    }
+    for (i, m) in all.iter().enumerate() {
+        let h = store.history(m.key()).unwrap();
+        assert_eq!(h.len(), 2 + i % 10, "{}", m.key());
+        assert_eq!(h[0].from, StateName::Disconnected);
+        assert_eq!(h.last().unwrap().to, StateName::Connected);
+    }
+
+    // Forgotten, then connected again: its earlier rows are still there, and the new follow.
+    let m = &mut all[3];
+    store.commit(&[step(m, Event::Remove)]).unwrap();
+    store.forget(m.key()).unwrap();
+    assert_eq!(store.history(m.key()).unwrap().len(), 6);
+    let mut again = Machine::new(m.key().clone(), Utc::now());
+    store.commit(&[step(&mut again, Event::CredentialsSupplied { grant: Grant::bearer("b", Utc::now()) })]).unwrap();
+    let h = store.history(again.key()).unwrap();
+    assert_eq!(h.len(), 7);
+    assert_eq!((h[5].to, h[6].from), (StateName::Disconnected, StateName::Disconnected));
+    assert_eq!(store.history(all[4].key()).unwrap().len(), 6, "its neighbour is untouched");
 }
