@@ -176,6 +176,20 @@ impl Config {
         }
     }
 
+    /// Only the `"authkeeper"` block of the file at `path`, for what is needed before the
+    /// config is loaded (the socket's path, the secrets key files): every other block is
+    /// skipped, not parsed, so this stays cheap with a hundred thousand profiles. `None` when
+    /// the file is missing or that block does not read; the full load reports why.
+    pub fn settings_only(path: &Path) -> Option<Settings> {
+        #[derive(Deserialize)]
+        struct Top {
+            #[serde(default)]
+            authkeeper: Settings,
+        }
+        let text = std::fs::read_to_string(path).ok()?;
+        serde_json::from_str::<Top>(&text).ok().map(|t| t.authkeeper)
+    }
+
     /// `text`, read from `path`: CrossWatch's encrypted values (`enc:v1:`) are decrypted first,
     /// with the key for that file.
     pub fn parse_file(path: &Path, text: &str) -> Result<Self, ConfigError> {
@@ -414,7 +428,7 @@ impl Paths {
                 .join("authkeeper")
         });
         let socket = socket
-            .or_else(|| Config::load(&config).ok().and_then(|c| c.settings.socket))
+            .or_else(|| Config::settings_only(&config).and_then(|s| s.socket))
             .or_else(|| dirs::runtime_dir().map(|d| d.join("authkeeper").join("authkeeper.sock")))
             .unwrap_or_else(|| state_dir.join("authkeeper.sock"));
         Self { config, state_dir, socket }

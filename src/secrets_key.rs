@@ -46,7 +46,7 @@ impl KeyArgs {
     /// `previous_secrets_key_file` in the config at `config` (paths relative to its directory),
     /// then `AUTHKEEPER_SECRETS_KEY`, then the systemd credential.
     pub fn sealer(&self, config: &Path) -> Result<Option<Sealer>, KeyFileError> {
-        let settings = crate::config::Config::load(config).map(|c| c.settings).unwrap_or_default();
+        let settings = crate::config::Config::settings_only(config).unwrap_or_default();
         let dir = config.parent().unwrap_or(Path::new("."));
         let file = |given: &Option<PathBuf>, configured: Option<PathBuf>| {
             given.clone().or_else(|| configured.map(|p| dir.join(p)))

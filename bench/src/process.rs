@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use tokio::net::{UnixListener, UnixStream};
 
 /// Fill `db` with `n` connected Trakt connections (`TRAKT-P01`…) whose week-long tokens were
-/// issued over the past day, in batches of 10,000 per transaction.
+/// issued and validated over the past hour, in batches of 10,000 per transaction. (Validation
+/// is at least daily, never sooner than half a day after the last, so none is due for hours.)
 pub fn populate(db: &Path, n: usize, now: DateTime<Utc>) -> anyhow::Result<Store> {
     populate_as(db, n, now, profile)
 }
@@ -24,7 +25,7 @@ pub fn populate(db: &Path, n: usize, now: DateTime<Utc>) -> anyhow::Result<Store
 /// [`populate`] with profiles named by `name` (`discord:7` for owners' connections).
 pub fn populate_as(db: &Path, n: usize, now: DateTime<Utc>, name: fn(usize) -> String) -> anyhow::Result<Store> {
     populate_with(db, n, name, |i| {
-        let issued = now - TimeDelta::seconds((i % 86_400) as i64);
+        let issued = now - TimeDelta::seconds((i % 3_600) as i64);
         let access = format!("access-{i:08}-0123456789abcdef0123456789abcdef");
         let refresh = format!("refresh-{i:08}-0123456789abcdef0123456789abcdef");
         (access, refresh, issued)

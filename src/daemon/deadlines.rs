@@ -60,6 +60,33 @@ impl Deadlines {
         }
     }
 
+    /// Set the deadlines of connections that have none yet (start-up): filled in one go.
+    pub fn set_many(&self, deadlines: Vec<(ConnKey, DateTime<Utc>)>) {
+        let mut inner = self.inner.lock().unwrap();
+        let first = inner.queue.first().map(|(at, _)| *at);
+        let earliest = deadlines.iter().map(|(_, at)| *at).min();
+        if inner.queue.is_empty() {
+            inner.at.reserve(deadlines.len());
+            let mut queue = Vec::with_capacity(deadlines.len());
+            for (key, at) in deadlines {
+                inner.at.insert(key.clone(), at);
+                queue.push((at, key));
+            }
+            inner.queue = queue.into_iter().collect();
+        } else {
+            for (key, at) in deadlines {
+                if let Some(old) = inner.at.insert(key.clone(), at) {
+                    inner.queue.remove(&(old, key.clone()));
+                }
+                inner.queue.insert((at, key));
+            }
+        }
+        drop(inner);
+        if earliest.is_some_and(|e| first.is_none_or(|f| e < f)) {
+            self.earlier.notify_one();
+        }
+    }
+
     pub fn stats(&self) -> Stats {
         let inner = self.inner.lock().unwrap();
         Stats {

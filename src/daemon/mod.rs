@@ -205,19 +205,45 @@ impl Shared {
     /// Give `machine` a slot in the read view and its first deadline. It starts asleep: a
     /// task runs only when a command or a deadline comes.
     pub(crate) fn add_connection(self: &Arc<Self>, machine: Machine, adapter: Adapter, warning: Option<Arc<str>>) {
-        let key = machine.key().clone();
-        let resume = machine.pending_flow().is_some();
-        if let Some(state) = machine.pending_flow().and_then(|f| f.secret("state")) {
-            self.callbacks.insert(state.expose(), &key);
+        self.add_connections(vec![(machine, adapter, warning)]);
+    }
+
+    /// [`Shared::add_connection`] for many at once (start-up): one lock of the read view, and
+    /// the deadline queue filled in one go.
+    pub(crate) fn add_connections(self: &Arc<Self>, added: Vec<(Machine, Adapter, Option<Arc<str>>)>) {
+        let mut deadlines = Vec::with_capacity(added.len());
+        let (mut resumed, mut none) = (Vec::new(), Vec::new());
+        let mut slots = Vec::with_capacity(added.len());
+        for (machine, adapter, warning) in added {
+            let key = machine.key().clone();
+            if let Some(state) = machine.pending_flow().and_then(|f| f.secret("state")) {
+                self.callbacks.insert(state.expose(), &key);
+            }
+            // A resumed flow is scheduled by its `Resume`, which waits one interval first: a
+            // deadline set here could poll before that, too soon after the last daemon's poll.
+            if machine.pending_flow().is_some() {
+                resumed.push(key.clone());
+            } else {
+                match actor::next_for(&machine, None, self) {
+                    Some((at, _)) => deadlines.push((key.clone(), at)),
+                    None => none.push(key.clone()),
+                }
+            }
+            let owner = Owner::Asleep(Box::new(Dormant { sweep_at: None }));
+            slots.push((key, Slot { committed: Arc::new(machine), adapter, warning, owner }));
         }
-        let next = actor::next_for(&machine, None, self).map(|(at, _)| at);
-        let owner = Owner::Asleep(Box::new(Dormant { sweep_at: None }));
-        let slot = Slot { committed: Arc::new(machine), adapter, warning, owner };
-        self.conns.write().unwrap().insert(key.clone(), slot);
-        // A resumed flow is scheduled by its `Resume`, which waits one interval first: a
-        // deadline set here could poll before that, too soon after the last daemon's poll.
-        self.deadlines.set(&key, if resume { None } else { next });
-        if resume {
+        {
+            let mut conns = self.conns.write().unwrap();
+            match conns.is_empty() {
+                true => *conns = slots.into_iter().collect(),
+                false => conns.extend(slots),
+            }
+        }
+        for key in none.iter().chain(&resumed) {
+            self.deadlines.set(key, None);
+        }
+        self.deadlines.set_many(deadlines);
+        for key in resumed {
             let _ = self.try_send(&key, Command::Resume);
         }
     }

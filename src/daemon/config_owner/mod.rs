@@ -105,8 +105,10 @@ impl ConfigOwner {
     ) -> anyhow::Result<Self> {
         // Each stored machine, with the digest of the settings a config declared it with.
         let stored_declared = stored.iter().any(|s| s.settings.is_some());
-        let mut machines: BTreeMap<ConnKey, (Machine, Option<u64>)> =
-            stored.into_iter().map(|s| (s.machine.key().clone(), (s.machine, s.settings))).collect();
+        // The machines stay where they are; only their keys are sorted and looked up.
+        let mut machines: Vec<(Machine, Option<u64>)> = stored.into_iter().map(|s| (s.machine, s.settings)).collect();
+        let mut index: BTreeMap<ConnKey, usize> =
+            machines.iter().enumerate().map(|(i, (m, _))| (m.key().clone(), i)).collect();
         let (config, text, rejected, warning) = match read(&path) {
             Read::Good(config, text) => (*config, Some(text), None, None),
             other => {
@@ -162,13 +164,18 @@ impl ConfigOwner {
 
         let now = owner.shared.clock.now();
         for key in owner.config.profiles.keys() {
-            machines.entry(key.clone()).or_insert_with(|| (Machine::new(key.clone(), now), None));
+            if !index.contains_key(key) {
+                index.insert(key.clone(), machines.len());
+                machines.push((Machine::new(key.clone(), now), None));
+            }
         }
+        drop(index);
         let mut gone = Vec::new();
         let mut slots = Vec::new();
         let mut rows = Vec::new();
         let mut bytes = SharedBytes::default();
-        for (key, (machine, declared)) in machines {
+        for (machine, declared) in machines {
+            let key = machine.key().clone();
             let (profile, warning) = match owner.config.profile(&key) {
                 Some(p) if good => {
                     // Keep its settings in the store if they are not what the store holds.
@@ -214,9 +221,7 @@ impl ConfigOwner {
             slots.push((machine, adapter, warning));
         }
         owner.save_states().await;
-        for (machine, adapter, warning) in slots {
-            owner.shared.add_connection(machine, adapter, warning);
-        }
+        owner.shared.add_connections(slots);
         for key in gone {
             owner.remove(&key).await;
         }
