@@ -131,7 +131,7 @@ async fn list_connections(State(shared): App, Query(q): Query<ListQuery>) -> Res
     let machines: Arc<Vec<Snapshot>> = {
         let now = shared.clock.now();
         let conns = shared.conns.read().unwrap();
-        let chosen = conns.iter().filter(|(k, _)| q.owner.as_ref().is_none_or(|o| &k.profile == o));
+        let chosen = conns.iter().filter(|(k, _)| q.owner.as_ref().is_none_or(|o| k.profile == o));
         Arc::new(chosen.map(|(_, s)| (s.committed.clone(), s.warnings(now))).collect())
     };
     let policy = shared.policy();

@@ -306,7 +306,8 @@ struct Plan {
     slot_ms: i64,
     /// Taken slots as merged runs: first slot → one past the last.
     runs: std::collections::BTreeMap<i64, i64>,
-    held: HashMap<String, (i64, DateTime<Utc>)>,
+    /// Each account's slot and the time it wanted; its name kept inline (no allocation each).
+    held: HashMap<compact_str::CompactString, (i64, DateTime<Utc>)>,
 }
 
 impl Plan {
@@ -398,7 +399,7 @@ impl RefreshPlanner {
         let (want_slot, now_slot) = (want.timestamp_millis() / plan.slot_ms, now.timestamp_millis() / plan.slot_ms);
         let slot = plan.latest_free(want_slot, now_slot).unwrap_or_else(|| plan.earliest_free(want_slot.max(now_slot)));
         plan.take(slot);
-        plan.held.insert(account.to_owned(), (slot, want));
+        plan.held.insert(account.into(), (slot, want));
         DateTime::from_timestamp_millis(slot * plan.slot_ms).unwrap_or(want)
     }
 

@@ -243,7 +243,7 @@ impl Metrics {
         }
         for (key, slot) in conns.iter() {
             let state = slot.committed.state_name().as_str();
-            self.connections.get_or_create(&StateLabels { provider: key.provider.clone(), state }).inc();
+            self.connections.get_or_create(&StateLabels { provider: key.provider.to_string(), state }).inc();
         }
         drop(conns);
         self.queue_depth.set(shared.deadlines.stats().deadlines as i64);

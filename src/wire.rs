@@ -70,8 +70,8 @@ impl ConnectionView {
     pub fn of(machine: &Machine, policy: &Policy) -> Self {
         let c = machine.connection();
         Self {
-            provider: c.key.provider.clone(),
-            profile: c.key.profile.clone(),
+            provider: c.key.provider.to_string(),
+            profile: c.key.profile.to_string(),
             state: machine.state_name(),
             since: c.since,
             expires_at: c.grant.as_ref().and_then(|c| c.expires_at),

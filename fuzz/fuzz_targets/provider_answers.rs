@@ -138,6 +138,7 @@ fn adapter(provider: &'static dyn authkeeper::providers::Provider, renew_gate: b
         gate: gate(renew_gate),
         account: format!("{name}/default").into(),
         public_url,
+        metrics: Arc::default(),
     }
 }
 

@@ -80,7 +80,7 @@ pub fn next_for(
     }
     let (mut at, action) = next?;
     let key = machine.key();
-    let planner = &shared.planners[&key.provider];
+    let planner = &shared.planners[key.provider.as_str()];
     if action == Action::Refresh
         && machine.state_name() == StateName::Connected
         && machine.connection().next_attempt_at.is_none()
@@ -91,7 +91,7 @@ pub fn next_for(
         planner.release(&key.to_string());
     }
     let calls_provider = !matches!(action, Action::ExpireFlow | Action::ExpireToken);
-    let paused = shared.gates.get(&key.provider).and_then(|g| g.paused_until());
+    let paused = shared.gates.get(key.provider.as_str()).and_then(|g| g.paused_until());
     Some(match paused {
         Some(until) if calls_provider && until > at => (until, action),
         _ => (at, action),
@@ -168,7 +168,7 @@ impl Actor {
             let key = self.machine.key();
             self.shared.conns.write().unwrap().remove(key);
             self.shared.deadlines.set(key, None);
-            self.shared.planners[&key.provider].release(&key.to_string());
+            self.shared.planners[key.provider.as_str()].release(&key.to_string());
         }
         more
     }
@@ -214,7 +214,7 @@ impl Actor {
         if at <= now {
             return self.on_action(action).await;
         }
-        let paused = self.shared.gates.get(&key.provider).and_then(|g| g.paused_until());
+        let paused = self.shared.gates.get(key.provider.as_str()).and_then(|g| g.paused_until());
         if paused == Some(at) {
             self.reschedule();
             let message = format!("{} asked for no calls until {at}; waiting", key.provider);

@@ -156,8 +156,8 @@ impl Shared {
     pub fn publish_transition(&self, key: &ConnKey, t: &Transition) {
         self.metrics.transition(&key.provider, t.cause);
         let _ = self.events.send(WireEvent::Transition {
-            provider: key.provider.clone(),
-            profile: key.profile.clone(),
+            provider: key.provider.to_string(),
+            profile: key.profile.to_string(),
             from: t.from,
             to: t.to,
             cause: t.cause,
@@ -170,8 +170,8 @@ impl Shared {
         let _ = self.events.send(WireEvent::Warning {
             message,
             at: self.clock.now(),
-            provider: key.map(|k| k.provider.clone()),
-            profile: key.map(|k| k.profile.clone()),
+            provider: key.map(|k| k.provider.to_string()),
+            profile: key.map(|k| k.profile.to_string()),
             next_attempt_at,
         });
     }

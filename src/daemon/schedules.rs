@@ -100,7 +100,7 @@ async fn run(shared: &Arc<Shared>, name: &'static str, retention_days: u64) {
                 .collect();
             let n = targets.len().max(1) as f64;
             for (i, key) in targets.iter().enumerate() {
-                let per_second = shared.gates.get(&key.provider).map_or(10.0, |g| g.limits().per_second);
+                let per_second = shared.gates.get(key.provider.as_str()).map_or(10.0, |g| g.limits().per_second);
                 let window_ms = n / (per_second * 0.5) * 1000.0;
                 let at = now + TimeDelta::milliseconds((window_ms * i as f64 / n) as i64);
                 let _ = shared.send(key, Command::SweepAt(at)).await;

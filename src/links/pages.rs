@@ -244,7 +244,7 @@ async fn show(shared: &Arc<Shared>, id: &str, record: LinkRecord) -> Response {
                 && record.outcome.is_none()
                 && after.outcome.as_deref() == Some("linked")
             {
-                let (provider, owner, at) = (key.provider.clone(), key.profile.clone(), shared.clock.now());
+                let (provider, owner, at) = (key.provider.to_string(), key.profile.to_string(), shared.clock.now());
                 let _ = shared.events.send(WireEvent::Linked { provider, owner, at });
             }
             return page(StatusCode::OK, &format!("Linked to {label}"), "You are logged in.");

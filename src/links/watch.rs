@@ -100,7 +100,7 @@ async fn outcome(
     if !record.started || record.outcome.is_some() {
         return;
     }
-    let (provider, owner, at) = (key.provider.clone(), key.profile.clone(), shared.clock.now());
+    let (provider, owner, at) = (key.provider.to_string(), key.profile.to_string(), shared.clock.now());
     let (outcome, event) = match (from, to, cause) {
         (_, StateName::Connected, _) => ("linked", WireEvent::Linked { provider, owner, at }),
         // The page cancels a pending code itself when the user switches to the password form.

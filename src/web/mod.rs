@@ -241,7 +241,7 @@ async fn callback(
         return pages::refused(&CallbackError::UnknownState);
     };
     if key.provider != provider {
-        return pages::refused(&CallbackError::WrongProvider { expected: key.provider, got: provider });
+        return pages::refused(&CallbackError::WrongProvider { expected: key.provider.to_string(), got: provider });
     }
     let (reply, answer) = tokio::sync::oneshot::channel();
     if let Err(e) = shared.send(&key, Command::Callback(query, reply)).await {

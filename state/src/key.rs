@@ -1,17 +1,21 @@
 //! Who a connection is: its provider and profile, and the account behind its credential.
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// One provider account under one profile: `trakt/default`, `trakt/TRAKT-P01`.
+///
+/// Its names are kept inline up to 24 bytes (nearly all are), so that the many copies a daemon
+/// holds of each key (its slot, its machine, its deadline) cost no allocation.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ConnKey {
-    pub provider: String,
-    pub profile: String,
+    pub provider: CompactString,
+    pub profile: CompactString,
 }
 
 impl ConnKey {
-    pub fn new(provider: impl Into<String>, profile: impl Into<String>) -> Self {
+    pub fn new(provider: impl Into<CompactString>, profile: impl Into<CompactString>) -> Self {
         Self { provider: provider.into(), profile: profile.into() }
     }
 }

@@ -67,7 +67,7 @@ impl ConfigOwner {
         if self.shared.lookup(&key.provider, &key.profile, |_| ()).is_ok() {
             return Ok(());
         }
-        let profile = self.owner_profile(&key).ok_or_else(|| DaemonError::UnknownProvider(key.provider.clone()))?;
+        let profile = self.owner_profile(&key).ok_or_else(|| DaemonError::UnknownProvider(key.provider.to_string()))?;
         let adapter = self.adapter(&key, &profile);
         self.save_states().await;
         let machine = authkeeper_state::Machine::new(key.clone(), self.shared.clock.now());

@@ -268,7 +268,7 @@ impl ConfigOwner {
     /// The settings of a connection no config declares: its provider's base block.
     pub(super) fn owner_profile(&self, key: &ConnKey) -> Option<Arc<Profile>> {
         providers::find(&key.provider)?;
-        self.config.profile(&ConnKey::new(&key.provider, "default")).cloned()
+        self.config.profile(&ConnKey::new(key.provider.as_str(), "default")).cloned()
     }
 
     pub async fn run(mut self, mut commands: mpsc::Receiver<ConfigCommand>, mut shutdown: watch::Receiver<bool>) {
@@ -524,7 +524,7 @@ impl ConfigOwner {
             profile: profile.clone(),
             state,
             http: self.http.clone(),
-            gate: self.shared.gates[&key.provider].clone(),
+            gate: self.shared.gates[key.provider.as_str()].clone(),
             account: key.to_string().into(),
             public_url: self.shared.public_url.clone(),
             metrics: self.shared.metrics.clone(),
