@@ -4,12 +4,13 @@
 //! connection. When its inbox is empty it hands the machine back to the slot and ends, so an
 //! idle connection costs neither a task nor an inbox; the next command starts a new task.
 
+pub use super::next::next_for;
 use super::{CallbackError, DaemonError, Owner, Shared};
 use crate::providers::{Adapter, Begun, Identity, Input, Poll, Verdict};
 use crate::web::{CallbackQuery, flow_key};
 use crate::wire::{ConnectReply, ConnectionView, PendingView};
 use authkeeper_state::records::encode_connection;
-use authkeeper_state::schedule::{Action, next_action};
+use authkeeper_state::schedule::Action;
 use authkeeper_state::{
     Cause, Commit, Effect, Event, Grant, Machine, PendingFlow, REFRESH_ANSWER_LOST, Refusal, StateName, Step,
 };
@@ -62,40 +63,6 @@ pub const INBOX: usize = 64;
 pub struct Dormant {
     /// A validation asked for by a sweep, until it is done.
     pub sweep_at: Option<DateTime<Utc>>,
-}
-
-/// What `machine` needs next and when: the machine's schedule, a pending sweep, and no provider
-/// call while the provider asked for a pause. A refresh takes its slot in the provider's plan.
-pub fn next_for(
-    machine: &Machine,
-    sweep_at: Option<DateTime<Utc>>,
-    shared: &Shared,
-) -> Option<(DateTime<Utc>, Action)> {
-    let mut next = next_action(machine, &shared.policy());
-    if let Some(sweep) = sweep_at
-        && machine.state_name() == StateName::Connected
-        && next.is_none_or(|(at, _)| sweep < at)
-    {
-        next = Some((sweep, Action::Validate));
-    }
-    let (mut at, action) = next?;
-    let key = machine.key();
-    let planner = &shared.planners[key.provider.as_str()];
-    if action == Action::Refresh
-        && machine.state_name() == StateName::Connected
-        && machine.connection().next_attempt_at.is_none()
-    {
-        // Take a slot under the provider's rate, at or before the time it wants.
-        at = planner.plan(&key.to_string(), at, shared.clock.now());
-    } else {
-        planner.release(&key.to_string());
-    }
-    let calls_provider = !matches!(action, Action::ExpireFlow | Action::ExpireToken);
-    let paused = shared.gates.get(key.provider.as_str()).and_then(|g| g.paused_until());
-    Some(match paused {
-        Some(until) if calls_provider && until > at => (until, action),
-        _ => (at, action),
-    })
 }
 
 /// Added to the poll interval on each "slow down" (RFC 8628 §3.5).

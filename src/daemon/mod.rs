@@ -7,6 +7,7 @@ mod committer;
 mod config_owner;
 mod deadlines;
 mod error;
+mod next;
 mod schedules;
 mod systemd;
 mod write_back;
@@ -16,6 +17,7 @@ pub use committer::Committer;
 pub use config_owner::ConfigCommand;
 pub use deadlines::{Deadlines, Stats as SchedulerStats};
 pub use error::{CallbackError, DaemonError};
+pub use next::with_refresh_slot;
 pub use write_back::{StoreHealth, WriteBacks};
 
 use crate::api;
