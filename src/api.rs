@@ -4,7 +4,7 @@
 use crate::daemon::{Command, ConfigCommand, DaemonError, Shared};
 use crate::providers::{self, Input};
 use crate::wire::{ApiError, ConnectionView, WireEvent};
-use authkeeper_state::{Machine, Secret, StateName};
+use authkeeper_state::{ConnKey, Secret, StateName};
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
@@ -113,14 +113,13 @@ async fn list_providers() -> Response {
     Json(providers::manifests()).into_response()
 }
 
-/// A connection's view, with its warning, from a snapshot of the read side.
-type Snapshot = (Arc<Machine>, Vec<String>);
-
 /// Views written per chunk of the `GET /v1/connections` stream.
 const LIST_CHUNK: usize = 256;
 
-/// Streamed: the list is written a chunk at a time as the client reads it, from a snapshot of
-/// pointers to the committed machines, so a list of 100,000 never sits whole in memory.
+/// Streamed: the list is written a chunk at a time as the client reads it, each chunk the next
+/// connections in key order after the last one written, so the daemon holds one chunk at a
+/// time whatever the number of connections. A connection added or removed while a list is
+/// being read appears in it or not by where its key falls.
 /// `GET /v1/connections?owner=discord:123456`: one owner's connections.
 #[derive(Deserialize)]
 struct ListQuery {
@@ -128,28 +127,43 @@ struct ListQuery {
 }
 
 async fn list_connections(State(shared): App, Query(q): Query<ListQuery>) -> Response {
-    let machines: Arc<Vec<Snapshot>> = {
-        let now = shared.clock.now();
-        let conns = shared.conns.read().unwrap();
-        let chosen = conns.iter().filter(|(k, _)| q.owner.as_ref().is_none_or(|o| k.profile == o));
-        Arc::new(chosen.map(|(_, s)| (s.committed.clone(), s.warnings(now))).collect())
-    };
+    use std::ops::Bound::{Excluded, Unbounded};
     let policy = shared.policy();
-    let n = machines.len();
-    let chunks = futures_util::stream::iter((0..n.max(1)).step_by(LIST_CHUNK)).map(move |start| {
-        let end = (start + LIST_CHUNK).min(n);
-        let mut out = Vec::with_capacity((end - start) * 320 + 2);
-        out.push(if start == 0 { b'[' } else { b',' });
-        for (i, (machine, warnings)) in machines[start..end].iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
+    // (the last key written, whether anything was written yet), or `None` once closed.
+    let start: Option<(Option<ConnKey>, bool)> = Some((None, false));
+    let chunks = futures_util::stream::unfold(start, move |state| {
+        let (shared, owner) = (shared.clone(), q.owner.clone());
+        async move {
+            let (after, started) = state?;
+            let (chunk, last) = {
+                let now = shared.clock.now();
+                let conns = shared.conns.read().unwrap();
+                let from = after.as_ref().map_or(Unbounded, Excluded);
+                let chosen =
+                    conns.range((from, Unbounded)).filter(|(k, _)| owner.as_ref().is_none_or(|o| k.profile == o));
+                let chunk: Vec<_> =
+                    chosen.take(LIST_CHUNK).map(|(k, s)| (k.clone(), s.committed.clone(), s.warnings(now))).collect();
+                let last = chunk.last().map(|(k, _, _)| k.clone());
+                (chunk, last)
+            };
+            let mut out = Vec::with_capacity(chunk.len() * 320 + 2);
+            for (i, (_, machine, warnings)) in chunk.into_iter().enumerate() {
+                out.push(match (started, i) {
+                    (false, 0) => b'[',
+                    _ => b',',
+                });
+                if let Err(e) =
+                    serde_json::to_writer(&mut out, &ConnectionView::with_warnings(&machine, &policy, warnings))
+                {
+                    return Some((Err(e), None));
+                }
             }
-            serde_json::to_writer(&mut out, &ConnectionView::with_warnings(machine, &policy, warnings.clone()))?;
+            match last {
+                Some(last) => Some((Ok(Bytes::from(out)), Some((Some(last), true)))),
+                // The end: close the array (or open and close it, when nothing was listed).
+                None => Some((Ok(Bytes::from_static(if started { b"]" } else { b"[]" })), None)),
+            }
         }
-        if end == n {
-            out.push(b']');
-        }
-        Ok::<_, serde_json::Error>(Bytes::from(out))
     });
     ([(header::CONTENT_TYPE, "application/json")], Body::from_stream(chunks)).into_response()
 }
@@ -262,7 +276,7 @@ async fn token(State(shared): App, Path((provider, profile)): Key) -> Result<Res
     }) {
         // An owner never linked is as not connected as one whose link lapsed.
         Err(DaemonError::UnknownProfile { .. }) if owner => {
-            let machine = authkeeper_state::Machine::new(authkeeper_state::ConnKey::new(&provider, &profile), now);
+            let machine = authkeeper_state::Machine::new(ConnKey::new(&provider, &profile), now);
             Err(Box::new(ConnectionView::of(&machine, &shared.policy())))
         }
         other => other?,

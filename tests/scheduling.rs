@@ -153,3 +153,27 @@ async fn retry_after_holds_every_call_to_the_provider_until_it_passes() {
     assert_eq!(after.iter().min(), Some(&(t0() + TimeDelta::seconds(30))), "calls resumed when the pause ended");
     running.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_list_of_many_connections_streams_each_once_in_key_order() {
+    // More than two of the list's 256-view chunks.
+    const N: usize = 600;
+    let clock = Arc::new(ManualClock::new(t0()));
+    let emulator = emulator_on(&clock).await;
+    let store = connected_store(&emulator, N, 86_400, |_| t0() + TimeDelta::days(1));
+    let dir = tempfile::tempdir().unwrap();
+    let settings = json!({"validate_every_secs": 86_400});
+    let running = start_in_process(dir.path(), &emulator, clock.clone(), store, N, settings).await;
+    let client = Client::new(&running.socket);
+    let all: Vec<ConnectionView> = client.get("/v1/connections").await.unwrap();
+    let keys: Vec<(String, String)> = all.iter().map(|c| (c.provider.clone(), c.profile.clone())).collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(keys, sorted, "each once, in key order");
+    assert_eq!(all.iter().filter(|c| c.profile.starts_with("TRAKT-P")).count(), N);
+    assert!(all.iter().filter(|c| c.profile.starts_with("TRAKT-P")).all(|c| c.state == StateName::Connected));
+    let none: Vec<ConnectionView> = client.get("/v1/connections?owner=discord:404").await.unwrap();
+    assert!(none.is_empty());
+    running.stop().await.unwrap();
+}
