@@ -41,25 +41,10 @@ pub fn populate_with(
     mut grant: impl FnMut(usize) -> (String, String, DateTime<Utc>),
 ) -> anyhow::Result<Store> {
     let store = Store::open(db)?;
-    let policy = Policy { validate_every: TimeDelta::days(7), ..Policy::default() };
     let mut batch = Vec::new();
     for i in 0..n {
         let (access, refresh, issued) = grant(i);
-        let grant = Grant {
-            refresh_token: Some(Secret::new(refresh)),
-            scope: Some("public".into()),
-            expires_at: Some(issued + TimeDelta::days(7)),
-            ..Grant::bearer(access, issued)
-        };
-        let mut m = Machine::new(ConnKey::new("trakt", name(i)), issued);
-        m.handle(&Event::CredentialsSupplied { grant }, issued, policy, 0.0);
-        let step = m.handle(
-            &Event::Validated { account: Account { name: format!("user{i}"), id: None }, grant: None },
-            issued,
-            policy,
-            0.0,
-        );
-        batch.push(Commit { machine: m, transition: step.transition });
+        batch.push(connected(name(i), i, access, refresh, issued));
         if batch.len() == 10_000 {
             store.commit(&batch)?;
             batch.clear();
@@ -67,6 +52,23 @@ pub fn populate_with(
     }
     store.commit(&batch)?;
     Ok(store)
+}
+
+/// Connected Trakt connection `profile` (account `user{i}`) on a week-long grant issued and
+/// validated at `issued`, with the history row of its validation.
+pub fn connected(profile: String, i: usize, access: String, refresh: String, issued: DateTime<Utc>) -> Commit {
+    let policy = Policy { validate_every: TimeDelta::days(7), ..Policy::default() };
+    let grant = Grant {
+        refresh_token: Some(Secret::new(refresh)),
+        scope: Some("public".into()),
+        expires_at: Some(issued + TimeDelta::days(7)),
+        ..Grant::bearer(access, issued)
+    };
+    let mut m = Machine::new(ConnKey::new("trakt", profile), issued);
+    m.handle(&Event::CredentialsSupplied { grant }, issued, policy, 0.0);
+    let account = Account { name: format!("user{i}"), id: None };
+    let step = m.handle(&Event::Validated { account, grant: None }, issued, policy, 0.0);
+    Commit { machine: m, transition: step.transition }
 }
 
 /// The profile id of the `i`-th populated connection.
