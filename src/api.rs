@@ -41,13 +41,13 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/links", post(create_link))
         .route("/metrics", get(crate::metrics::scrape))
         .fallback(|| async { ApiError::not_found() })
-        .layer(axum::middleware::map_response(json_errors))
         .with_state(shared)
 }
 
 /// Every error answer has the contract's shape, axum's own refusals too (a path that does
-/// not decode, a method a route does not take): `{"error": "<code>", "message": "…"}`.
-async fn json_errors(response: Response) -> Response {
+/// not decode, a method a route does not take): `{"error": "<code>", "message": "…"}`. The
+/// socket's server applies it to every answer ([`crate::serve::Answers`]).
+pub async fn json_errors(response: Response) -> Response {
     let status = response.status();
     let json =
         response.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
@@ -262,35 +262,90 @@ async fn disconnect(State(shared): App, Path((provider, profile)): Key) -> Resul
     Ok(Json(ask(&shared, &provider, &profile, Command::Disconnect).await?).into_response())
 }
 
-/// The hot path of every consumer: the committed machine is read under the read lock.
-async fn token(State(shared): App, Path((provider, profile)): Key) -> Result<Response, ApiError> {
+async fn token(State(shared): App, Path((provider, profile)): Key) -> Response {
+    token_answer(&shared, &provider, &profile)
+}
+
+/// The hot path of every consumer: the committed machine is read under the read lock and its
+/// grant written straight into the answer.
+fn token_answer(shared: &Shared, provider: &str, profile: &str) -> Response {
     let now = shared.clock.now();
-    let owner = authkeeper_state::is_owner_id(&profile);
-    let answer = match shared.lookup(&provider, &profile, |s| {
+    let owner = authkeeper_state::is_owner_id(profile);
+    let answer = match shared.lookup(provider, profile, |s| {
         let c = s.committed.connection();
         let live = s.committed.state_name() == StateName::Connected;
         match c.grant.as_ref().filter(|g| live && g.expires_at.is_none_or(|at| at > now)) {
-            Some(grant) => Ok(serde_json::to_vec(&s.adapter.token(grant, c.account.as_ref().map(|a| a.name.as_str())))),
+            Some(grant) => {
+                let mut body = Vec::with_capacity(512);
+                let answer = s.adapter.token(grant, c.account.as_ref().map(|a| a.name.as_str()));
+                Ok(serde_json::to_writer(&mut body, &answer).map(|()| body))
+            }
             None => Err(Box::new(s.view(&shared.policy(), now))),
         }
     }) {
         // An owner never linked is as not connected as one whose link lapsed.
         Err(DaemonError::UnknownProfile { .. }) if owner => {
-            let machine = authkeeper_state::Machine::new(ConnKey::new(&provider, &profile), now);
+            let machine = authkeeper_state::Machine::new(ConnKey::new(provider, profile), now);
             Err(Box::new(ConnectionView::of(&machine, &shared.policy())))
         }
-        other => other?,
+        Err(e) => return ApiError::from(e).into_response(),
+        Ok(answer) => answer,
     };
-    if let (Err(view), true) = (&answer, owner) {
-        let message = shared.login_message(&provider);
-        return Err(DaemonError::LoginFirst { view: view.clone(), message }.into());
-    }
     match answer {
-        Ok(body) => {
-            Ok(([(header::CONTENT_TYPE, "application/json")], body.map_err(|e| ApiError::internal(e.to_string()))?)
-                .into_response())
+        Ok(Ok(body)) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Ok(Err(e)) => ApiError::internal(e.to_string()).into_response(),
+        Err(view) if owner => {
+            let message = shared.login_message(provider);
+            ApiError::from(DaemonError::LoginFirst { view, message }).into_response()
         }
-        Err(view) => Err(DaemonError::NotConnected(view).into()),
+        Err(view) => ApiError::from(DaemonError::NotConnected(view)).into_response(),
+    }
+}
+
+/// The socket's service: the router, with token lookups by plain ids (no percent-escapes,
+/// which is every id a profile or owner can have unescaped) answered without it. Routing,
+/// path extraction and the router's per-request extensions were two thirds of a lookup's
+/// allocations.
+#[derive(Clone)]
+pub struct Socket {
+    router: Router,
+    shared: Arc<Shared>,
+}
+
+impl Socket {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { router: router(shared.clone()), shared }
+    }
+}
+
+/// `/v1/connections/{provider}/{profile}/token`, when both ids are plain.
+fn token_path(path: &str) -> Option<(&str, &str)> {
+    let ids = path.strip_prefix("/v1/connections/")?.strip_suffix("/token")?;
+    let (provider, profile) = ids.split_once('/')?;
+    let plain = |id: &str| !id.is_empty() && !id.contains(['/', '%']);
+    (plain(provider) && plain(profile)).then_some((provider, profile))
+}
+
+impl tower::Service<axum::extract::Request> for Socket {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = futures_util::future::Either<
+        std::future::Ready<Result<Response, Self::Error>>,
+        <Router as tower::Service<axum::extract::Request>>::Future,
+    >;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: axum::extract::Request) -> Self::Future {
+        use futures_util::future::Either;
+        match token_path(req.uri().path()).filter(|_| req.method() == axum::http::Method::GET) {
+            Some((provider, profile)) => {
+                Either::Left(std::future::ready(Ok(token_answer(&self.shared, provider, profile))))
+            }
+            None => Either::Right(tower::Service::call(&mut self.router, req)),
+        }
     }
 }
 

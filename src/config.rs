@@ -397,12 +397,18 @@ fn check_profile_id(m: &Manifest, id: &str) -> Result<(), ConfigError> {
             ))),
         };
     }
-    let (provider, prefix) = (m.block, format!("{}-P", m.name.to_ascii_uppercase()));
-    let ok = id.strip_prefix(&prefix).is_some_and(|n| n.len() >= 2 && n.bytes().all(|b| b.is_ascii_digit()));
-    if ok {
-        Ok(())
-    } else {
-        Err(ConfigError::Invalid(format!("{provider}.instances: profile id {id:?} must look like {prefix}01")))
+    // `TRAKT-P01`: the provider's name in capitals, `-P`, then two or more digits.
+    let number = id.split_at_checked(m.name.len()).and_then(|(name, rest)| {
+        let named = name.bytes().zip(m.name.bytes()).all(|(a, b)| a == b.to_ascii_uppercase());
+        rest.strip_prefix("-P").filter(|_| named)
+    });
+    match number.is_some_and(|n| n.len() >= 2 && n.bytes().all(|b| b.is_ascii_digit())) {
+        true => Ok(()),
+        false => Err(ConfigError::Invalid(format!(
+            "{}.instances: profile id {id:?} must look like {}-P01",
+            m.block,
+            m.name.to_ascii_uppercase()
+        ))),
     }
 }
 

@@ -4,13 +4,12 @@
 //! limit and the same time limit, before any handler sees it. A request that breaks a limit is
 //! answered 413 or 408 and nothing of it is kept.
 
-use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request};
 use axum::http::{StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use std::convert::Infallible;
 use std::time::Duration;
 use tower::ServiceExt;
 
@@ -55,53 +54,61 @@ impl RequestError {
     }
 }
 
-/// Read the whole body within `limits`, then hand the request on; `refuse` makes the answer
-/// to a request that broke a limit (JSON on the socket, a page on the web listener).
-pub async fn buffer_body(limits: Limits, refuse: fn(RequestError) -> Response, req: Request, next: Next) -> Response {
-    let (parts, body) = req.into_parts();
-    let read = tokio::time::timeout(limits.timeout, axum::body::to_bytes(body, limits.max_body)).await;
-    let bytes = match read {
-        Ok(Ok(bytes)) => bytes,
-        Err(_) => return refuse(RequestError::TooSlow(limits.timeout.as_secs())),
-        Ok(Err(e)) if is_length_limit(&e) => return refuse(RequestError::TooLarge(limits.max_body)),
-        Ok(Err(_)) => return refuse(RequestError::Unreadable),
-    };
-    let mut response = next.run(Request::from_parts(parts, Body::from(bytes))).await;
-    // A refused request's connection is not reused: what is left of its body is never read.
-    if matches!(response.status(), StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT) {
-        response.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+/// The request with its whole body, read within `limits`. A request that declares no body
+/// (a `GET`, say) is handed on at once: there is nothing to wait for.
+async fn receive(req: hyper::Request<hyper::body::Incoming>, limits: Limits) -> Result<Request, RequestError> {
+    use hyper::body::Body as _;
+    if req.body().is_end_stream() {
+        return Ok(req.map(Body::new));
     }
+    let (parts, body) = req.into_parts();
+    let limited = http_body_util::Limited::new(body, limits.max_body);
+    match tokio::time::timeout(limits.timeout, http_body_util::BodyExt::collect(limited)).await {
+        Ok(Ok(collected)) => Ok(Request::from_parts(parts, Body::from(collected.to_bytes()))),
+        Err(_) => Err(RequestError::TooSlow(limits.timeout.as_secs())),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(RequestError::TooLarge(limits.max_body)),
+        Ok(Err(_)) => Err(RequestError::Unreadable),
+    }
+}
+
+/// The answer to a request that broke a limit: its connection is not reused, since what is
+/// left of its body is never read.
+fn refused(refuse: fn(RequestError) -> Response, e: RequestError) -> Response {
+    let mut response = refuse(e);
+    response.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
     response
 }
 
-fn is_length_limit(e: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
-        if err.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        source = err.source();
-    }
-    false
+/// How a listener answers, around its service: `refuse` makes the answer to a request that
+/// broke a limit, and `finish` shapes every answer, refusals included (the socket's errors are
+/// JSON, the web listener's answers carry the pages' headers). With `peer`, each request carries
+/// its peer's address as `ConnectInfo`.
+#[derive(Clone, Copy)]
+pub struct Answers<F> {
+    pub limits: Limits,
+    pub refuse: fn(RequestError) -> Response,
+    pub finish: F,
+    pub peer: bool,
 }
 
-/// Add the limits to `router`, refusing with `refuse`.
-pub fn limited(router: Router, limits: Limits, refuse: fn(RequestError) -> Response) -> Router {
-    router.layer(axum::middleware::from_fn(move |req: Request, next: Next| buffer_body(limits, refuse, req, next)))
-}
-
-/// Serve `router` on `listener` until `shutdown` turns true, then let the requests in flight
-/// finish (for at most the time limit). Each request carries its peer's address as `ConnectInfo`.
-pub async fn serve<L>(
+/// Serve `app` on `listener` until `shutdown` turns true, then let the requests in flight
+/// finish (for at most the time limit). A request reaches `app` only once its whole body has
+/// arrived within the limits.
+pub async fn serve<L, S, F, Fut>(
     mut listener: L,
-    router: Router,
-    limits: Limits,
+    app: S,
+    answers: Answers<F>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()>
 where
     L: axum::serve::Listener,
     L::Addr: Clone + Send + Sync + 'static,
+    S: tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + Sync + 'static,
+    S::Future: Send,
+    F: Fn(Response) -> Fut + Copy + Send + Sync + 'static,
+    Fut: Future<Output = Response> + Send,
 {
+    let limits = answers.limits;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut connections = tokio::task::JoinSet::new();
     loop {
@@ -110,11 +117,21 @@ where
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             _ = shutdown.wait_for(|s| *s) => break,
         };
-        let router = router.clone();
+        let app = app.clone();
         let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-            let mut req = req.map(Body::new);
-            req.extensions_mut().insert(ConnectInfo(addr.clone()));
-            router.clone().oneshot(req)
+            let (app, addr) = (app.clone(), addr.clone());
+            async move {
+                let response = match receive(req, answers.limits).await {
+                    Ok(mut req) => {
+                        if answers.peer {
+                            req.extensions_mut().insert(ConnectInfo(addr));
+                        }
+                        app.oneshot(req).await.unwrap_or_else(|never| match never {})
+                    }
+                    Err(e) => refused(answers.refuse, e),
+                };
+                Ok::<_, Infallible>((answers.finish)(response).await)
+            }
         });
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder.timer(TokioTimer::new()).header_read_timeout(limits.timeout);

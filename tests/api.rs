@@ -204,3 +204,38 @@ async fn every_command_in_a_burst_is_answered_while_tasks_come_and_go() {
     assert_eq!(causes, ["connect_requested", "approved", "validated"], "refused commands leave no trace");
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_lookup_answers_the_same_however_its_path_is_written() {
+    let h = Harness::new(fast_trakt(), json!({})).await;
+    let daemon = h.start_daemon().await;
+    let sock = h.socket();
+    connect_approved(&h).await;
+
+    let (status, plain) = raw(&sock, Method::GET, "/v1/connections/trakt/default/token", "").await;
+    assert_eq!(status, 200, "{plain}");
+    assert!(plain["access_token"].as_str().is_some_and(|t| !t.is_empty()), "{plain}");
+    assert_eq!(plain["token_type"], "bearer");
+    assert!(plain["expires_at"].is_string() && plain.get("scope").is_some(), "{plain}");
+    assert!(plain["account"].is_string(), "{plain}");
+    // Plain ids are answered beside the router; escaped ones go through it, to the same answer.
+    let (status, escaped) = raw(&sock, Method::GET, "/v1/connections/trakt/%64efault/token", "").await;
+    assert_eq!((status, &escaped), (200, &plain));
+    let (status, plain) = raw(&sock, Method::GET, "/v1/connections/trakt/discord:42/token", "").await;
+    let (status2, escaped) = raw(&sock, Method::GET, "/v1/connections/trakt/discord%3A42/token", "").await;
+    assert_eq!((status, plain["error"].as_str()), (409, Some("not_connected")), "{plain}");
+    assert!(plain["message"].as_str().is_some_and(|m| m.contains("log in")), "an owner is told how: {plain}");
+    assert_eq!((status2, escaped), (status, plain));
+
+    let (status, body) = raw(&sock, Method::POST, "/v1/connections/trakt/default/token", "").await;
+    assert_eq!((status, body["error"].as_str()), (405, Some("method_not_allowed")));
+    let (status, body) = raw(&sock, Method::GET, "/v1/connections/trakt/default/token/", "").await;
+    assert_eq!((status, body["error"].as_str()), (404, Some("not_found")));
+    for path in ["/v1/connections/netflix/default/token", "/v1/connections//default/token"] {
+        let (status, body) = raw(&sock, Method::GET, path, "").await;
+        assert_eq!((status, body["error"].as_str()), (404, Some("unknown_provider")), "{path}");
+    }
+    let (status, body) = raw(&sock, Method::GET, "/v1/connections/trakt/TRAKT-P1/token", "").await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("bad_request")));
+    daemon.stop().await;
+}

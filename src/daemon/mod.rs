@@ -493,8 +493,9 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
     let hooks = crate::hooks::spawn(&shared, hook_events, shutdown.clone(), drain);
     let owner = tokio::spawn(owner.run(config_rx, shutdown.clone()));
     let socket_path = socket.path().to_owned();
-    let router = crate::serve::limited(api::router(shared.clone()), limits, crate::serve::json_refusal);
-    let server = tokio::spawn(crate::serve::serve(socket, router, limits, shutdown.clone()));
+    let answers =
+        crate::serve::Answers { limits, refuse: crate::serve::json_refusal, finish: api::json_errors, peer: false };
+    let server = tokio::spawn(crate::serve::serve(socket, api::Socket::new(shared.clone()), answers, shutdown.clone()));
     info!(
         socket = %socket_path.display(),
         config = %paths.config.display(),

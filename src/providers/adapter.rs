@@ -301,14 +301,39 @@ impl Adapter {
     }
 
     /// A consumer's token answer: the grant's token and expiry, and what the provider adds.
-    pub fn token(&self, grant: &Grant, account: Option<&str>) -> Map<String, Value> {
-        let mut out = Map::new();
-        self.provider().token(self, grant, &mut out);
-        out.entry("access_token").or_insert_with(|| grant.access_token.expose().into());
-        out.entry("token_type").or_insert_with(|| grant.token_type.clone().into());
-        out.insert("expires_at".into(), json!(grant.expires_at));
-        out.insert("scope".into(), json!(grant.scope));
-        out.insert("account".into(), json!(account));
-        out
+    pub fn token<'a>(&self, grant: &'a Grant, account: Option<&'a str>) -> TokenAnswer<'a> {
+        let mut extras = Map::new();
+        self.provider().token(self, grant, &mut extras);
+        TokenAnswer { grant, account, extras }
+    }
+}
+
+/// What `GET …/token` answers: `access_token`, `token_type`, `expires_at`, `scope` and `account`
+/// from the grant, then what the provider adds (which cannot replace those five). Written
+/// straight from the grant: the token lookup is every consumer's hot path.
+pub struct TokenAnswer<'a> {
+    grant: &'a Grant,
+    account: Option<&'a str>,
+    extras: Map<String, Value>,
+}
+
+impl TokenAnswer<'_> {
+    const FIELDS: [&'static str; 5] = ["access_token", "token_type", "expires_at", "scope", "account"];
+}
+
+impl serde::Serialize for TokenAnswer<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let extras = self.extras.iter().filter(|(k, _)| !Self::FIELDS.contains(&k.as_str()));
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("access_token", self.grant.access_token.expose())?;
+        map.serialize_entry("token_type", &self.grant.token_type)?;
+        map.serialize_entry("expires_at", &self.grant.expires_at)?;
+        map.serialize_entry("scope", &self.grant.scope)?;
+        map.serialize_entry("account", &self.account)?;
+        for (k, v) in extras {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
     }
 }

@@ -223,7 +223,8 @@ pub trait Provider: Send + Sync + 'static {
         Ok(())
     }
 
-    /// What a consumer needs besides `access_token`, `token_type` and `expires_at`.
+    /// What a consumer needs besides `access_token`, `token_type`, `expires_at`, `scope` and
+    /// `account` (which `out` cannot replace).
     fn token(&self, cx: &Adapter, grant: &Grant, out: &mut Map<String, Value>);
 }
 

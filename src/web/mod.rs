@@ -174,8 +174,8 @@ pub async fn serve(
     tracing::info!(listen = %addr, public_url = %settings.public_url(), "web listener ready");
     let app = app(shared, settings.trusted_proxies.clone());
     // Refusals before any handler (too large, too slow) carry the pages' headers too.
-    let app = crate::serve::limited(app, limits, page_refusal).layer(axum::middleware::map_response(hygiene));
-    Ok(tokio::spawn(crate::serve::serve(listener, app, limits, shutdown)))
+    let answers = crate::serve::Answers { limits, refuse: page_refusal, finish: hygiene, peer: true };
+    Ok(tokio::spawn(crate::serve::serve(listener, app, answers, shutdown)))
 }
 
 /// A plain page for a request refused before any handler saw it.
