@@ -278,7 +278,7 @@ async fn scheduler(n: usize, idle_secs: u64) -> anyhow::Result<()> {
         let planner = RefreshPlanner::new(8.0);
         for m in store.load_all()?.into_iter().map(|s| s.machine) {
             let next = next_action(&m, &policy).map(|(at, action)| match action {
-                authkeeper_state::Action::Refresh => planner.plan(&m.key().to_string(), at, now),
+                authkeeper_state::Action::Refresh => planner.plan(m.key().profile.as_str(), at, now),
                 _ => at,
             });
             deadlines.set(m.key(), next);
@@ -300,12 +300,9 @@ async fn scheduler(n: usize, idle_secs: u64) -> anyhow::Result<()> {
     let deadlines = Deadlines::default();
     let planner = RefreshPlanner::new(8.0);
     for (key, next) in &plans {
-        let at =
-            next.map(
-                |(at, a)| {
-                    if a == authkeeper_state::Action::Refresh { planner.plan(&key.to_string(), at, now) } else { at }
-                },
-            );
+        let at = next.map(|(at, a)| {
+            if a == authkeeper_state::Action::Refresh { planner.plan(key.profile.as_str(), at, now) } else { at }
+        });
         deadlines.set(key, at);
     }
     let grown = live_bytes().saturating_sub(before);

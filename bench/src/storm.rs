@@ -36,7 +36,7 @@ pub fn storm(n: usize) -> anyhow::Result<()> {
         with_refresh_slot(m, next, &planner, &policy, now);
         // The refresh's slot, whatever comes first: asked again, the planner answers the same.
         let want = authkeeper_state::schedule::refresh_at(m, &policy).expect("refreshable");
-        let slot = planner.plan(&m.key().to_string(), want, now);
+        let slot = planner.plan(m.key().profile.as_str(), want, now);
         let expires = m.connection().grant.as_ref().and_then(|g| g.expires_at).expect("expires");
         soonest = soonest.min(Some(expires)).or(Some(expires));
         latest = latest.max(Some(expires));

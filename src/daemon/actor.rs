@@ -135,7 +135,7 @@ impl Actor {
             let key = self.machine.key();
             self.shared.conns.write().unwrap().remove(key);
             self.shared.deadlines.set(key, None);
-            self.shared.planners[key.provider.as_str()].release(&key.to_string());
+            self.shared.planners[key.provider.as_str()].release(key.profile.as_str());
         }
         more
     }

@@ -44,21 +44,22 @@ pub fn with_refresh_slot(
     policy: &Policy,
     now: DateTime<Utc>,
 ) -> (DateTime<Utc>, Action) {
-    let account = machine.key().to_string();
+    // Each provider has its own planner: the profile id names the account in it.
+    let account = machine.key().profile.as_str();
     if machine.state_name() != StateName::Connected || machine.connection().next_attempt_at.is_some() {
-        planner.release(&account);
+        planner.release(account);
         return (at, action);
     }
     if action == Action::Refresh {
-        return (planner.plan(&account, at, now), action);
+        return (planner.plan(account, at, now), action);
     }
     match refresh_at(machine, policy) {
-        Some(want) => match planner.plan(&account, want, now) {
+        Some(want) => match planner.plan(account, want, now) {
             slot if slot < at => (slot, Action::Refresh),
             _ => (at, action),
         },
         None => {
-            planner.release(&account);
+            planner.release(account);
             (at, action)
         }
     }

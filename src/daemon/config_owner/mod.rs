@@ -8,8 +8,10 @@
 //! no config declared (an owner's) is never touched by config changes.
 
 mod edits;
+mod first_read;
 mod persist;
 
+pub use first_read::{Read, Watch, read, watch};
 use persist::SharedBytes;
 
 use super::schedules::Schedules;
@@ -18,9 +20,7 @@ use crate::config::{self, Change, Config, ConfigError, credential_digest};
 use crate::providers::{self, Adapter, Profile};
 use crate::wire::WireEvent;
 use authkeeper_state::{ConnKey, Machine, ProfileState, Stored};
-use notify_debouncer_mini::{DebounceEventResult, new_debouncer, notify::RecursiveMode};
 use std::collections::{BTreeMap, HashMap};
-use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,29 +76,12 @@ pub struct ConfigOwner {
     schedules: Schedules,
 }
 
-/// What reading the file gave.
-enum Read {
-    Good(Box<Config>, String),
-    Missing,
-    Bad(ConfigError, Option<String>),
-}
-
-fn read(path: &std::path::Path) -> Read {
-    match std::fs::read_to_string(path) {
-        Ok(text) => match Config::parse_file(path, &text) {
-            Ok(config) => Read::Good(Box::new(config), text),
-            Err(e) => Read::Bad(e, Some(text)),
-        },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Read::Missing,
-        Err(source) => Read::Bad(ConfigError::Io { path: path.to_owned(), source }, None),
-    }
-}
-
 impl ConfigOwner {
     /// Load the config, give every stored or declared connection its slot, and import
     /// credentials the user put in the file.
     pub async fn start(
         path: PathBuf,
+        first: Read,
         shared: Arc<Shared>,
         stored: Vec<Stored>,
         states: Vec<(ConnKey, ProfileState)>,
@@ -109,7 +92,7 @@ impl ConfigOwner {
         let mut machines: Vec<(Machine, Option<u64>)> = stored.into_iter().map(|s| (s.machine, s.settings)).collect();
         let mut index: BTreeMap<ConnKey, usize> =
             machines.iter().enumerate().map(|(i, (m, _))| (m.key().clone(), i)).collect();
-        let (config, text, rejected, warning) = match read(&path) {
+        let (config, text, rejected, warning) = match first {
             Read::Good(config, text) => (*config, Some(text), None, None),
             other => {
                 let (why, rejected) = match other {
@@ -271,38 +254,19 @@ impl ConfigOwner {
         self.config.profile(&ConnKey::new(key.provider.as_str(), "default")).cloned()
     }
 
-    pub async fn run(mut self, mut commands: mpsc::Receiver<ConfigCommand>, mut shutdown: watch::Receiver<bool>) {
-        let (tx, mut changes) = mpsc::unbounded_channel();
-        let name = self.path.file_name().map(|n| n.to_owned());
-        let watcher = new_debouncer(DEBOUNCE, move |res: DebounceEventResult| {
-            if let Ok(events) = res
-                && events.iter().any(|e| e.path.file_name() == name.as_deref())
-            {
-                let _ = tx.send(());
-            }
-        });
-        let dir = self.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-        let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir);
-        let _watcher = match watcher {
-            Ok(mut w) => match w.watcher().watch(dir, RecursiveMode::NonRecursive) {
-                Ok(()) => Some(w),
-                Err(e) => {
-                    error!(dir = %dir.display(), error = %e, "cannot watch the config directory; edits need a restart");
-                    None
-                }
-            },
-            Err(e) => {
-                error!(error = %e, "cannot start the config watcher; edits need a restart");
-                None
-            }
-        };
+    pub async fn run(
+        mut self,
+        mut file: Watch,
+        mut commands: mpsc::Receiver<ConfigCommand>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let shared = self.shared.clone();
         loop {
             tokio::select! {
                 biased;
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
                 Some(command) = commands.recv() => self.on_command(command).await,
-                Some(()) = changes.recv() => self.reload().await,
+                Some(()) = file.changes.recv() => self.reload().await,
                 () = shared.write_backs.ready() => self.write_back().await,
             }
         }
