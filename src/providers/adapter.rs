@@ -328,12 +328,34 @@ impl serde::Serialize for TokenAnswer<'_> {
         let mut map = s.serialize_map(None)?;
         map.serialize_entry("access_token", self.grant.access_token.expose())?;
         map.serialize_entry("token_type", &self.grant.token_type)?;
-        map.serialize_entry("expires_at", &self.grant.expires_at)?;
+        // The text chrono's `Serialize` writes, made in one go: through serde it is written a
+        // character at a time.
+        map.serialize_entry("expires_at", &self.grant.expires_at.map(rfc3339))?;
         map.serialize_entry("scope", &self.grant.scope)?;
         map.serialize_entry("account", &self.account)?;
         for (k, v) in extras {
             map.serialize_entry(k, v)?;
         }
         map.end()
+    }
+}
+
+/// A time as chrono's `Serialize` writes it (RFC 3339, UTC as `Z`, as many fraction digits as
+/// it needs in threes).
+fn rfc3339(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_times_read_as_chrono_writes_them() {
+        let whole = DateTime::from_timestamp(1_796_000_000, 0).unwrap();
+        for nanos in [0, 120_000_000, 123_456_000, 123_456_789, 1] {
+            let at = whole + TimeDelta::nanoseconds(nanos);
+            assert_eq!(json!(rfc3339(at)), json!(at), "{nanos} ns");
+        }
     }
 }
