@@ -1,5 +1,6 @@
-//! The config file as the daemon first meets it: watched before it is read, so that an edit
-//! made while the daemon starts is not missed, and read on another thread while the store loads.
+//! The config file as the daemon first meets it: read once its connections are loaded, then
+//! watched (the owner looks at the file again once the watch is on, so that an edit made in
+//! between is not missed).
 
 use super::DEBOUNCE;
 use crate::config::{Config, ConfigError};

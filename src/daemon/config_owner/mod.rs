@@ -260,6 +260,9 @@ impl ConfigOwner {
         mut commands: mpsc::Receiver<ConfigCommand>,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        // The file was read before the watch began: an edit made in between is seen now
+        // (unchanged text is no change).
+        self.reload().await;
         let shared = self.shared.clone();
         loop {
             tokio::select! {
