@@ -1,6 +1,6 @@
 //! The config file as the daemon first meets it: read once its connections are loaded, then
-//! watched (the owner looks at the file again once the watch is on, so that an edit made in
-//! between is not missed).
+//! watched. Its size and modification time from just before the read are compared once the
+//! watch is on, so that an edit made in between is not missed.
 
 use super::DEBOUNCE;
 use crate::config::{Config, ConfigError};
@@ -27,6 +27,13 @@ pub fn read(path: &Path) -> Read {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Read::Missing,
         Err(source) => Read::Bad(ConfigError::Io { path: path.to_owned(), source }, None),
     }
+}
+
+/// The file's modification time and size, to tell whether it changed (`None`: unreadable).
+pub type Stamp = Option<(std::time::SystemTime, u64)>;
+
+pub fn stamp(path: &Path) -> Stamp {
+    std::fs::metadata(path).ok().and_then(|m| Some((m.modified().ok()?, m.len())))
 }
 
 /// The watch on the config's directory: `changes` gets a `()` after each burst of events that

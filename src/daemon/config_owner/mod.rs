@@ -11,7 +11,7 @@ mod edits;
 mod first_read;
 mod persist;
 
-pub use first_read::{Read, Watch, read, watch};
+pub use first_read::{Read, Stamp, Watch, read, stamp, watch};
 use persist::SharedBytes;
 
 use super::schedules::Schedules;
@@ -257,12 +257,14 @@ impl ConfigOwner {
     pub async fn run(
         mut self,
         mut file: Watch,
+        read_as: Stamp,
         mut commands: mpsc::Receiver<ConfigCommand>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        // The file was read before the watch began: an edit made in between is seen now
-        // (unchanged text is no change).
-        self.reload().await;
+        // The file was read before the watch began: an edit made in between is seen now.
+        if stamp(&self.path) != read_as {
+            self.reload().await;
+        }
         let shared = self.shared.clone();
         loop {
             tokio::select! {
