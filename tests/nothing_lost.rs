@@ -245,6 +245,12 @@ impl ConnectionStore for Flaky {
     fn remove_outbox(&self, id: &str) -> Result<(), StoreError> {
         self.inner.remove_outbox(id)
     }
+    fn export(&self) -> Result<authkeeper_state::dump::Dump, StoreError> {
+        self.inner.export()
+    }
+    fn import(&self, dump: &authkeeper_state::dump::Dump) -> Result<(), StoreError> {
+        self.inner.import(dump)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -28,7 +28,7 @@ pub const HISTORY_LIMIT: u64 = 256;
 /// along the connection's rows, scattered over the log, so a commit does it rarely: once in
 /// 512 to 768 appends, and not for every connection of a refresh storm in the same commit.
 /// Between those, `compact_history` trims each connection to the limit in the background.
-fn trim_at(conn: &str) -> u64 {
+pub fn trim_at(conn: &str) -> u64 {
     3 * HISTORY_LIMIT + crate::store::settings_digest(conn.as_bytes()) % (HISTORY_LIMIT + 1)
 }
 
@@ -79,13 +79,22 @@ struct LogRow<'a> {
 }
 
 fn encode_row(prev: u64, conn: &str, t: &Transition) -> Vec<u8> {
-    let record = records::encode_transition(t);
+    join_row(prev, conn, &records::encode_transition(t))
+}
+
+/// A log row: the connection's previous row, its key, the transition's record.
+pub(crate) fn join_row(prev: u64, conn: &str, record: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(10 + conn.len() + record.len());
     out.extend_from_slice(&prev.to_le_bytes());
     out.extend_from_slice(&(conn.len() as u16).to_le_bytes());
     out.extend_from_slice(conn.as_bytes());
-    out.extend_from_slice(&record);
+    out.extend_from_slice(record);
     out
+}
+
+/// A log row's connection key and transition record.
+pub(crate) fn split_row(seq: u64, bytes: &[u8]) -> Result<(&str, &[u8]), StoreError> {
+    decode_row(seq, bytes).map(|r| (r.conn, r.transition))
 }
 
 fn decode_row(seq: u64, bytes: &[u8]) -> Result<LogRow<'_>, StoreError> {

@@ -1,6 +1,7 @@
-//! The narrow interface the daemon has to its store: what any backend must do. [`Store`] (redb)
-//! is the one this build has.
+//! The narrow interface the daemon has to its store: what any backend must do. [`Store`] is
+//! redb's; `authkeeper-pgstore` has PostgreSQL's.
 
+use crate::dump::Dump;
 use crate::grant::ProfileState;
 use crate::links::LinkRecord;
 use crate::machine::{ConnKey, Transition};
@@ -55,6 +56,10 @@ pub trait ConnectionStore: Send + Sync + 'static {
     fn outbox(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
     /// Drop a delivered delivery.
     fn remove_outbox(&self, id: &str) -> Result<(), StoreError>;
+    /// Everything in the store, as stored (for `store copy`).
+    fn export(&self) -> Result<Dump, StoreError>;
+    /// Write a dump into this store, which must be empty, in one transaction.
+    fn import(&self, dump: &Dump) -> Result<(), StoreError>;
 }
 
 impl ConnectionStore for Store {
@@ -114,6 +119,12 @@ impl ConnectionStore for Store {
     }
     fn remove_outbox(&self, id: &str) -> Result<(), StoreError> {
         Store::remove_outbox(self, id)
+    }
+    fn export(&self) -> Result<Dump, StoreError> {
+        Store::export(self)
+    }
+    fn import(&self, dump: &Dump) -> Result<(), StoreError> {
+        Store::import(self, dump)
     }
     fn claim_link(
         &self,

@@ -9,14 +9,16 @@
 //! - [`store`]: redb tables, migrations and the batched (group) commit, behind a narrow
 //!   interface.
 //! - [`records`]: the store's versioned on-disk records.
-//! - `history`: connections' history as one append-ordered log.
+//! - [`dump`]: a store's whole content, backend-neutral, for `store copy`.
+//! - [`history`]: connections' history as one append-ordered log.
 //! - `outbox`: webhook deliveries not yet acknowledged.
 //! - [`seal`]: optional encryption of the store's secrets at rest.
 //!
 //! Nothing here does network I/O or reads the clock: time always comes in as an argument.
 
+pub mod dump;
 pub mod grant;
-mod history;
+pub mod history;
 pub mod interface;
 pub mod key;
 pub mod links;
@@ -25,7 +27,7 @@ mod outbox;
 pub mod records;
 pub mod schedule;
 pub mod seal;
-mod sealed_store;
+pub mod sealed_store;
 pub mod secret;
 pub mod store;
 

@@ -24,6 +24,38 @@ pub struct LinkRecord {
     pub outcome: Option<String>,
 }
 
+impl LinkRecord {
+    /// Whether saving `new` (another link) ends this one: it is the same profile's and was
+    /// never opened (one pending link per owner and provider), or it ended more than a day
+    /// before `new` would.
+    pub fn ended_by(&self, new: &LinkRecord) -> bool {
+        let old = new.expires_at - chrono::TimeDelta::days(1) - chrono::TimeDelta::hours(1);
+        let same = self.provider == new.provider && self.profile == new.profile;
+        (same && self.session_hash.is_none()) || self.expires_at < old
+    }
+
+    /// This link as claimed by `session_hash` at `now`: `None` when it was already used, has
+    /// ended, or expired.
+    pub fn claimed(self, session_hash: [u8; 32], now: DateTime<Utc>) -> Option<LinkRecord> {
+        if self.session_hash.is_some() || self.outcome.is_some() || now >= self.expires_at {
+            return None;
+        }
+        Some(LinkRecord { session_hash: Some(session_hash), ..self })
+    }
+
+    /// Progress: `started` only ever turns on, and an outcome is set once (with
+    /// `only_unopened`, only on a link never opened).
+    pub fn progress(&mut self, started: bool, outcome: Option<&str>, only_unopened: bool) {
+        self.started |= started;
+        if let Some(outcome) = outcome
+            && self.outcome.is_none()
+            && !(only_unopened && self.session_hash.is_some())
+        {
+            self.outcome = Some(outcome.to_owned());
+        }
+    }
+}
+
 /// A link's stored value (JSON).
 pub fn encode(record: &LinkRecord) -> Vec<u8> {
     serde_json::to_vec(record).expect("a link record serializes")
@@ -43,7 +75,6 @@ impl Store {
         {
             let mut table = txn.open_table(LINKS).map_err(db)?;
             let mut stale = Vec::new();
-            let old = record.expires_at - chrono::TimeDelta::days(1) - chrono::TimeDelta::hours(1);
             for row in table.iter().map_err(db)? {
                 let (key, value) = row.map_err(db)?;
                 if key.value() == id {
@@ -51,8 +82,7 @@ impl Store {
                 }
                 // A record that does not read is left for a human, not a reason to refuse links.
                 let Ok(other) = decode(key.value(), value.value()) else { continue };
-                let same = other.provider == record.provider && other.profile == record.profile;
-                if (same && other.session_hash.is_none()) || other.expires_at < old {
+                if other.ended_by(record) {
                     stale.push(key.value().to_owned());
                 }
             }
@@ -80,10 +110,7 @@ impl Store {
                 Some(v) => decode(id, v.value())?,
                 None => return Ok(None),
             };
-            if current.session_hash.is_some() || current.outcome.is_some() || now >= current.expires_at {
-                return Ok(None);
-            }
-            let claimed = LinkRecord { session_hash: Some(session_hash), ..current };
+            let Some(claimed) = current.claimed(session_hash, now) else { return Ok(None) };
             table.insert(id, encode(&claimed).as_slice()).map_err(db)?;
             claimed
         };
@@ -108,13 +135,7 @@ impl Store {
                 Some(v) => decode(id, v.value())?,
                 None => return Ok(None),
             };
-            record.started |= started;
-            if let Some(outcome) = outcome
-                && record.outcome.is_none()
-                && !(only_unopened && record.session_hash.is_some())
-            {
-                record.outcome = Some(outcome.to_owned());
-            }
+            record.progress(started, outcome, only_unopened);
             table.insert(id, encode(&record).as_slice()).map_err(db)?;
             record
         };

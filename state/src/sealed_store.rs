@@ -1,8 +1,10 @@
 //! Sealing the store's secret-holding rows: which tables, the key id kept in `meta`, and
 //! resealing on open (a clear store sealed, a previous key's rows rotated to the current key).
+//! The free functions are the rules every backend follows, so that a sealed row reads the same
+//! whichever store holds it (`store copy` moves sealed rows as they are).
 
 use crate::history::{HISTORY_LOG, HISTORY_ORPHANS, HistoryRef};
-use crate::seal::{SealError, is_sealed};
+use crate::seal::{SealError, Sealer, is_sealed};
 use crate::store::{
     CONFIG_SEEN, CONNECTIONS, FLOWS, LINKS, META, OUTBOX, PROFILE_STATE, SETTINGS, Store, StoreError, db,
 };
@@ -13,15 +15,57 @@ use std::path::Path;
 
 /// The tables whose rows hold secrets: sealed when the store has a key.
 const SEALED_TABLES: [TableDefinition<&str, &[u8]>; 5] = [CONNECTIONS, FLOWS, SETTINGS, PROFILE_STATE, OUTBOX];
-const KEY_ID: &str = "secrets_key_id";
+/// Their names, which every backend uses for the same rows.
+pub const SEALED_TABLE_NAMES: [&str; 5] = ["connections", "flows", "settings", "profile_state", "outbox"];
+/// The `meta` row that holds the id of the key that sealed the store.
+pub const KEY_ID: &str = "secrets_key_id";
 
 /// What a sealed row is bound to: its table and key, so no row passes for another.
-fn row_id(def: TableDefinition<&str, &[u8]>, key: &str) -> String {
-    format!("{}/{key}", def.name())
+fn row_id(table: &str, key: &str) -> String {
+    format!("{table}/{key}")
+}
+
+/// Whether a store whose secrets were sealed with key `found` (`None`: clear) must be resealed
+/// before use with `sealer`. Errors when it cannot be used at all with the keys given.
+pub fn reseal_needed(found: Option<u64>, sealer: Option<&Sealer>) -> Result<bool, StoreError> {
+    match (found, sealer) {
+        (None, None) => Ok(false),
+        (Some(id), None) => Err(StoreError::KeyNeeded { id: format!("{id:016x}") }),
+        (Some(id), Some(s)) if id == s.current.id() => Ok(false),
+        (Some(id), Some(s)) if s.key(id).is_none() => {
+            Err(StoreError::WrongKey { found: format!("{id:016x}"), given: s.current.id_hex() })
+        }
+        (_, Some(_)) => Ok(true),
+    }
+}
+
+/// Row `key` of `table` as written: sealed when there is a sealer.
+pub fn seal_value(sealer: Option<&Sealer>, table: &str, key: &str, plain: Vec<u8>) -> Vec<u8> {
+    match sealer {
+        Some(s) => s.seal(&row_id(table, key), &plain),
+        None => plain,
+    }
+}
+
+/// Row `key` of `table` as read: opened when sealed.
+pub fn open_value<'a>(
+    sealer: Option<&Sealer>,
+    table: &str,
+    key: &str,
+    value: &'a [u8],
+) -> Result<Cow<'a, [u8]>, StoreError> {
+    if !is_sealed(value) {
+        return Ok(Cow::Borrowed(value));
+    }
+    let sealed = |source| StoreError::Sealed { key: key.to_owned(), source };
+    match sealer {
+        Some(s) => s.open(&row_id(table, key), value).map(Cow::Owned).map_err(sealed),
+        None => Err(sealed(SealError::UnknownKey { found: "(none given)".into() })),
+    }
 }
 
 /// A table of the old file, or `None` when it was never created.
-fn existing<T>(opened: Result<T, redb::TableError>) -> Result<Option<T>, StoreError> {
+pub(crate) fn existing<T>(opened: Result<T, redb::TableError>) -> Result<Option<T>, StoreError> {
     match opened {
         Ok(table) => Ok(Some(table)),
         Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
@@ -39,16 +83,7 @@ impl Store {
     /// Whether the store must be resealed before use: it is clear, or sealed with a previous
     /// key. Errors when it cannot be used at all with the keys given.
     pub(crate) fn needs_reseal(&self) -> Result<bool, StoreError> {
-        let found = self.sealed_with()?;
-        match (found, self.sealer.as_deref()) {
-            (None, None) => Ok(false),
-            (Some(id), None) => Err(StoreError::KeyNeeded { id: format!("{id:016x}") }),
-            (Some(id), Some(s)) if id == s.current.id() => Ok(false),
-            (Some(id), Some(s)) if s.key(id).is_none() => {
-                Err(StoreError::WrongKey { found: format!("{id:016x}"), given: s.current.id_hex() })
-            }
-            (_, Some(_)) => Ok(true),
-        }
+        reseal_needed(self.sealed_with()?, self.sealer.as_deref())
     }
 
     /// Copy every table into a new file beside `path`, the secret-holding rows sealed with the
@@ -90,7 +125,7 @@ impl Store {
                     false => (None, v.value()),
                 };
                 let value = match seal {
-                    true => sealer.seal(&row_id(def, key), &self.open_row(def, key, record)?),
+                    true => sealer.seal(&row_id(def.name(), key), &self.open_row(def, key, record)?),
                     false => record.to_vec(),
                 };
                 let value = history.map_or(value.clone(), |r| r.join(&value));
@@ -126,10 +161,7 @@ impl Store {
 
     /// A secret-holding row's value as written: sealed when the store has a key.
     pub(crate) fn seal_row(&self, def: TableDefinition<&str, &[u8]>, key: &str, plain: Vec<u8>) -> Vec<u8> {
-        match &self.sealer {
-            Some(s) => s.seal(&row_id(def, key), &plain),
-            None => plain,
-        }
+        seal_value(self.sealer.as_deref(), def.name(), key, plain)
     }
 
     /// A secret-holding row's value as read: opened when sealed.
@@ -139,13 +171,6 @@ impl Store {
         key: &str,
         value: &'a [u8],
     ) -> Result<Cow<'a, [u8]>, StoreError> {
-        if !is_sealed(value) {
-            return Ok(Cow::Borrowed(value));
-        }
-        let sealed = |source| StoreError::Sealed { key: key.to_owned(), source };
-        match &self.sealer {
-            Some(s) => s.open(&row_id(def, key), value).map(Cow::Owned).map_err(sealed),
-            None => Err(sealed(SealError::UnknownKey { found: "(none given)".into() })),
-        }
+        open_value(self.sealer.as_deref(), def.name(), key, value)
     }
 }

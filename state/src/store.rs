@@ -76,6 +76,11 @@ pub enum StoreError {
     Sealed { key: String, source: SealError },
     #[error("the store has a table this build does not know ({0}): it cannot be resealed; nothing was changed")]
     UnknownTable(String),
+    #[error("the store to copy into is not empty: nothing was changed")]
+    NotEmpty,
+    /// Another backend's own error (PostgreSQL's).
+    #[error("{0}")]
+    Backend(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// A stored connection: its machine and a digest of the settings a config last declared it
@@ -92,7 +97,8 @@ pub fn settings_digest(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }
 
-fn parse_key(key: &str) -> ConnKey {
+/// A `provider/profile` row key as a connection key.
+pub fn parse_key(key: &str) -> ConnKey {
     let (provider, profile) = key.split_once('/').unwrap_or((key, ""));
     ConnKey::new(provider, profile)
 }
@@ -157,6 +163,12 @@ impl Store {
         let store = Self::open_file(path, sealer)?;
         debug_assert!(!store.needs_reseal()?);
         Ok(store)
+    }
+
+    /// Open (or create) the file and migrate it, leaving sealed rows as they are and checking no
+    /// key: for `store copy`, which moves rows as stored.
+    pub fn open_as_is(path: &Path) -> Result<Self, StoreError> {
+        Self::open_file(path, None)
     }
 
     /// Open (or create) the file and migrate it; sealing is left to the caller.

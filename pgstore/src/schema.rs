@@ -1,0 +1,97 @@
+//! The tables, in the `authkeeper` schema, and their migrations.
+//!
+//! Keys are `provider/profile` (or a link's or a delivery's id) in the "C" collation, so they
+//! sort by bytes as redb's do. Values are the records `authkeeper-state` writes, sealed where
+//! the redb store seals them. `meta` holds the schema version, profile numbers and the sealing
+//! key's id, as bigints (a u64 is kept by its bits).
+//!
+//! Every daemon migrates on start, under a transaction-scoped advisory lock, so that daemons
+//! starting together take turns and only the first one does the work.
+
+use crate::{Answer, Inner, pool, sql};
+use authkeeper_state::StoreError;
+
+/// The schema this build writes. Newer ones are refused.
+pub const SCHEMA_VERSION: u64 = 1;
+
+/// The advisory lock key that serialises migrations ("authkeep" in ASCII).
+const MIGRATION_LOCK: i64 = 0x6175_7468_6b65_6570;
+
+/// Each step, from the version before it. Step `i` makes version `i + 1`.
+pub const STEPS: [&str; SCHEMA_VERSION as usize] = [r#"
+CREATE SCHEMA IF NOT EXISTS authkeeper;
+CREATE TABLE authkeeper.meta (name text COLLATE "C" PRIMARY KEY, value bigint NOT NULL);
+CREATE TABLE authkeeper.connections (
+    key text COLLATE "C" PRIMARY KEY,
+    record bytea NOT NULL,
+    -- history rows appended since the connection's history was last trimmed
+    history_count integer NOT NULL DEFAULT 0
+);
+CREATE TABLE authkeeper.flows (key text COLLATE "C" PRIMARY KEY, value bytea NOT NULL);
+CREATE TABLE authkeeper.history (
+    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    key text COLLATE "C" NOT NULL,
+    -- the transition's time (ns since the epoch), for compaction by age
+    at_ns bigint NOT NULL,
+    record bytea NOT NULL
+);
+CREATE INDEX history_by_key ON authkeeper.history (key, seq);
+CREATE TABLE authkeeper.settings (key text COLLATE "C" PRIMARY KEY, value bytea NOT NULL);
+CREATE TABLE authkeeper.profile_state (key text COLLATE "C" PRIMARY KEY, value bytea NOT NULL);
+CREATE TABLE authkeeper.config_seen (key text COLLATE "C" PRIMARY KEY, value bytea NOT NULL);
+CREATE TABLE authkeeper.links (key text COLLATE "C" PRIMARY KEY, value bytea NOT NULL);
+CREATE TABLE authkeeper.outbox (key text COLLATE "C" PRIMARY KEY, value bytea NOT NULL);
+"#];
+
+/// Bring the database to [`SCHEMA_VERSION`], all steps in one transaction.
+pub(crate) async fn migrate(inner: &Inner) -> Answer<()> {
+    migrate_to(inner, SCHEMA_VERSION).await
+}
+
+/// Bring the database to `target` (tests migrate from each earlier version).
+pub(crate) async fn migrate_to(inner: &Inner, target: u64) -> Answer<()> {
+    let mut client = inner.pool.get().await.map_err(pool)?;
+    let tx = client.transaction().await.map_err(sql)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(sql)?;
+    let found = version(&tx).await?;
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::TooNew { found, supported: SCHEMA_VERSION });
+    }
+    if found >= target {
+        return Ok(());
+    }
+    for step in &STEPS[found as usize..target as usize] {
+        tx.batch_execute(step).await.map_err(sql)?;
+    }
+    let target = target as i64;
+    tx.execute(
+        "INSERT INTO authkeeper.meta (name, value) VALUES ('schema_version', $1)
+         ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+        &[&target],
+    )
+    .await
+    .map_err(sql)?;
+    tx.commit().await.map_err(sql)
+}
+
+/// The version the database is at: 0 before the first step.
+pub(crate) async fn version(tx: &impl deadpool_postgres::GenericClient) -> Answer<u64> {
+    let exists =
+        tx.query_one("SELECT to_regclass('authkeeper.meta') IS NOT NULL", &[]).await.map_err(sql)?.get::<_, bool>(0);
+    if !exists {
+        return Ok(0);
+    }
+    let row =
+        tx.query_opt("SELECT value FROM authkeeper.meta WHERE name = 'schema_version'", &[]).await.map_err(sql)?;
+    Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
+}
+
+impl crate::PgStore {
+    /// Migrate to `target` only (tests of the migrations).
+    #[doc(hidden)]
+    pub fn migrate_to(url: &str, target: u64) -> Result<Self, StoreError> {
+        let store = Self::connect(url, None)?;
+        store.block(move |inner| async move { migrate_to(&inner, target).await })?;
+        Ok(store)
+    }
+}
