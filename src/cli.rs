@@ -76,6 +76,23 @@ pub enum LogFormat {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum StoreCmd {
+    /// Copy every connection, credential, pending flow, history row, link and queued webhook
+    /// from one store into a new or empty one, then read it back to check it. Secrets move as
+    /// stored (encrypted ones stay encrypted with their key). Stop the daemon first: a store in
+    /// use is refused. Example: `authkeeper store copy --from redb:/var/lib/authkeeper/authkeeper.redb
+    /// --to postgresql://authkeeper@db.example.org/authkeeper`
+    Copy {
+        /// redb:PATH (an existing file) or a postgresql:// URL
+        #[arg(long, value_name = "STORE", value_parser = crate::stores::StoreSpec::parse)]
+        from: crate::stores::StoreSpec,
+        /// redb:PATH (a file that does not exist yet) or a postgresql:// URL of an empty database
+        #[arg(long, value_name = "STORE", value_parser = crate::stores::StoreSpec::parse)]
+        to: crate::stores::StoreSpec,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum Cmd {
     /// Run the daemon in the foreground (logs to stderr; stop with Ctrl-C or SIGTERM)
     Daemon {
@@ -83,7 +100,15 @@ pub enum Cmd {
         log_format: LogFormat,
         #[command(flatten)]
         keys: crate::secrets_key::KeyArgs,
+        /// Keep connections in this PostgreSQL database (postgresql://USER@HOST/DB;
+        /// ?sslmode=require for TLS) instead of redb in the state directory. Also the config's
+        /// authkeeper.store.postgres
+        #[arg(long, env = "AUTHKEEPER_STORE", value_name = "URL", value_parser = crate::stores::PgUrl::parse)]
+        store: Option<crate::stores::PgUrl>,
     },
+    /// Work on a store while no daemon uses it
+    #[command(subcommand)]
+    Store(StoreCmd),
     /// Print a shell completion script: `authkeeper completions bash > /etc/bash_completion.d/authkeeper`
     Completions {
         /// bash, zsh, fish, elvish or powershell
@@ -230,6 +255,7 @@ async fn client_command(client: &Client, json: bool, command: Cmd) -> Result<i32
         | Cmd::Keygen { .. }
         | Cmd::Completions { .. }
         | Cmd::Doctor
+        | Cmd::Store(_)
         | Cmd::Man { .. } => unreachable!("not client commands"),
         Cmd::Status { provider, profile } => {
             let all: Vec<ConnectionView> = client.get("/v1/connections").await?;

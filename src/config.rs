@@ -58,6 +58,9 @@ pub struct Settings {
     pub allow_insecure_http: bool,
     /// A command and webhooks told of events (see `hooks`).
     pub hooks: crate::hooks::HookSettings,
+    /// Where connections are stored (read at start-up): redb in the state directory unless
+    /// `{"postgres": "postgresql://…"}` names a database.
+    pub store: crate::stores::StoreSettings,
 }
 
 /// The schedules a user can declare.
@@ -93,6 +96,7 @@ impl Default for Settings {
             request_timeout_secs: crate::serve::REQUEST_TIMEOUT.as_secs(),
             allow_insecure_http: false,
             hooks: crate::hooks::HookSettings::default(),
+            store: crate::stores::StoreSettings::default(),
         }
     }
 }
@@ -232,6 +236,7 @@ impl Config {
         if let Some(web) = &settings.web {
             web.check().map_err(ConfigError::Invalid)?;
         }
+        settings.store.check().map_err(ConfigError::Invalid)?;
         let mut profiles = BTreeMap::new();
         for &provider in providers::REGISTRY {
             let raw = top.get(provider.manifest().block).filter(|r| r.get() != "null");

@@ -6,6 +6,7 @@
 //! - [`providers`]: one protocol adapter per provider, behind one trait and a registry.
 //! - [`web`]: the optional web listener (browser logins come back to its callback).
 //! - [`config`]: `config.json` in the CrossWatch layout, and path resolution.
+//! - [`stores`]: which store a daemon uses (redb, or PostgreSQL), and `store copy`.
 //! - [`clock`]: the injected clock; [`metrics`]: the Prometheus metrics behind `GET /metrics`.
 //! - [`client`]: the CLI's socket client; [`cli`]: the command line; [`demo`]: the offline demo.
 //!
@@ -34,6 +35,7 @@ pub mod providers;
 pub mod secrets_key;
 pub mod serve;
 pub mod socket;
+pub mod stores;
 pub mod terminal;
 pub mod web;
 pub mod wire;

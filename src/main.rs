@@ -1,6 +1,6 @@
-use authkeeper::cli::{Cli, Cmd, LogFormat};
+use authkeeper::cli::{Cli, Cmd, LogFormat, StoreCmd};
 use authkeeper::clock::SystemClock;
-use authkeeper::{daemon, demo};
+use authkeeper::{daemon, demo, stores};
 use clap::Parser;
 use std::sync::Arc;
 use tracing_subscriber::EnvFilter;
@@ -24,6 +24,26 @@ async fn shutdown_signal() {
     }
 }
 
+/// The daemon's store and its key: PostgreSQL when a URL is given (`--store`, else the config),
+/// else redb in the state directory.
+async fn choose_store(
+    opts: &mut daemon::Options,
+    keys: &authkeeper::secrets_key::KeyArgs,
+    given: Option<stores::PgUrl>,
+) -> anyhow::Result<()> {
+    let sealer = keys.sealer(&opts.paths.config)?;
+    let given = given.as_ref().map(|u| u.expose().to_owned());
+    match stores::configured(given.as_deref(), &opts.paths.config)? {
+        Some(url) => {
+            tracing::info!(store = %url, "using the PostgreSQL store");
+            let store = tokio::task::spawn_blocking(move || stores::open_postgres(&url, sealer)).await??;
+            opts.store = Some(store);
+        }
+        None => opts.secrets = sealer,
+    }
+    Ok(())
+}
+
 /// The exit status of a local command; its error on stderr.
 fn report(what: &str, outcome: std::io::Result<()>) -> i32 {
     match outcome {
@@ -39,15 +59,12 @@ fn report(what: &str, outcome: std::io::Result<()>) -> i32 {
 async fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
-        Cmd::Daemon { log_format, keys } => {
+        Cmd::Daemon { log_format, keys, store } => {
             init_logging(log_format, "info");
             let mut opts = daemon::Options::new(cli.global.paths(), Arc::new(SystemClock));
-            let outcome = match keys.sealer(&opts.paths.config) {
-                Ok(sealer) => {
-                    opts.secrets = sealer;
-                    daemon::run(opts, shutdown_signal()).await
-                }
-                Err(e) => Err(e.into()),
+            let outcome = match choose_store(&mut opts, &keys, store).await {
+                Ok(()) => daemon::run(opts, shutdown_signal()).await,
+                Err(e) => Err(e),
             };
             match outcome {
                 Ok(()) => 0,
@@ -70,6 +87,22 @@ async fn main() {
                 1
             }
         },
+        Cmd::Store(StoreCmd::Copy { from, to }) => {
+            let copied =
+                tokio::task::spawn_blocking(move || stores::copy(&from, &to, |stage| eprintln!("store copy: {stage}")))
+                    .await
+                    .expect("the copy does not panic");
+            match copied {
+                Ok(c) => {
+                    println!("copied {} rows from {} to {}, and read them back the same", c.dump.rows(), c.from, c.to);
+                    0
+                }
+                Err(e) => {
+                    eprintln!("authkeeper store copy: {e}");
+                    1
+                }
+            }
+        }
         Cmd::Doctor => authkeeper::doctor::report(&authkeeper::doctor::run(&cli.global.paths()).await),
         Cmd::Completions { shell } => report("completions", authkeeper::cli::print_completions(shell)),
         Cmd::Man { dir } => report("man", authkeeper::cli::print_man(dir.as_deref())),

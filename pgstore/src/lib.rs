@@ -105,7 +105,15 @@ impl Drop for Runtime {
 pub(crate) struct Inner {
     pub(crate) pool: Pool,
     pub(crate) sealer: Option<Arc<Sealer>>,
+    /// What a dedicated connection is made with (the pool's are interchangeable).
+    config: tokio_postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
+    /// The connection that holds this process's claim on the store, once claimed.
+    claim: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
 }
+
+/// The session advisory lock a daemon (or `store copy`) holds on a store while it uses it.
+const CLAIM_LOCK: i64 = 0x6175_7468_6b65_6570 + 1;
 
 /// The PostgreSQL store. Cheap to clone.
 #[derive(Clone)]
@@ -154,7 +162,11 @@ impl PgStore {
             .enable_all()
             .build()
             .map_err(PgError::Runtime)?;
-        let manager = Manager::from_config(config, tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager = Manager::from_config(
+            config.clone(),
+            tls.clone(),
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
         let pool = {
             let _entered = runtime.enter();
             Pool::builder(manager)
@@ -164,7 +176,13 @@ impl PgStore {
                 .expect("a pool with a runtime builds")
         };
         Ok(Self {
-            inner: Arc::new(Inner { pool, sealer: sealer.map(Arc::new) }),
+            inner: Arc::new(Inner {
+                pool,
+                sealer: sealer.map(Arc::new),
+                config,
+                tls,
+                claim: tokio::sync::Mutex::new(None),
+            }),
             runtime: Arc::new(Runtime(Some(runtime))),
             url: url.into(),
         })
@@ -183,6 +201,28 @@ impl PgStore {
             let _ = tx.send(future.await);
         });
         rx.recv().map_err(|_| PgError::Stopped)?
+    }
+
+    /// Claim the store for this process alone, as redb's file lock does, until the store is
+    /// dropped: [`StoreError::InUse`] when another process holds it. Several daemons may share a
+    /// store only once each connection's refreshes are guarded by a lease of its own; until then
+    /// a second daemon (or a `store copy` while a daemon runs) is refused.
+    pub fn claim(&self) -> Result<(), StoreError> {
+        self.block(|inner| async move {
+            let mut claim = inner.claim.lock().await;
+            if claim.is_some() {
+                return Ok(());
+            }
+            let (client, connection) = inner.config.connect(inner.tls.clone()).await.map_err(sql)?;
+            tokio::spawn(connection);
+            let held: bool =
+                client.query_one("SELECT pg_try_advisory_lock($1)", &[&CLAIM_LOCK]).await.map_err(sql)?.get(0);
+            if !held {
+                return Err(StoreError::InUse);
+            }
+            *claim = Some(client);
+            Ok(())
+        })
     }
 
     /// The id of the key that sealed the store's secrets, if they are sealed.

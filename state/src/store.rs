@@ -78,6 +78,8 @@ pub enum StoreError {
     UnknownTable(String),
     #[error("the store to copy into is not empty: nothing was changed")]
     NotEmpty,
+    #[error("another authkeeper is using the store: stop it first")]
+    InUse,
     /// Another backend's own error (PostgreSQL's).
     #[error("{0}")]
     Backend(Box<dyn std::error::Error + Send + Sync>),
