@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 mod load;
 mod oha;
 mod owners;
+mod pg;
 mod process;
 mod startup;
 mod storm;
@@ -94,6 +95,15 @@ enum Scenario {
         /// per-connection limit of 256 rows from round 14, so that old rows are dropped too)
         #[arg(long, default_value_t = 18)]
         rounds: usize,
+        /// On the PostgreSQL store, in a throwaway cluster (initdb and pg_ctl must be installed)
+        #[arg(long)]
+        postgres: bool,
+    },
+    /// The daemon on PostgreSQL against the same daemon on redb: `store copy` of N connections,
+    /// then cold start and idle memory of each (a throwaway cluster on a unix socket)
+    PgScale {
+        #[arg(long, value_delimiter = ',', default_value = "100000")]
+        sizes: Vec<usize>,
     },
     /// Token lookups over the socket with 1, 8, 32 and 128 clients, against a bare hyper server
     /// answering the same bytes (and through `oha`, when it is installed)
@@ -350,13 +360,23 @@ async fn scheduler(n: usize, idle_secs: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn commits(connections: usize, each: usize, baseline: usize, rounds: usize) -> anyhow::Result<()> {
+async fn commits(
+    connections: usize,
+    each: usize,
+    baseline: usize,
+    rounds: usize,
+    postgres: bool,
+) -> anyhow::Result<()> {
     use authkeeper::daemon::Committer;
-    use authkeeper_state::{Account, Commit, ConnKey, Event, Machine, Policy, Store};
+    use authkeeper_state::{Account, Commit, ConnKey, ConnectionStore, Event, Machine, Policy, Store};
     use chrono::Utc;
 
     let dir = tempfile::tempdir()?;
-    let store = Store::open(&dir.path().join("bench.redb"))?;
+    let cluster = postgres.then(authkeeper_pgstore::cluster::Cluster::start).transpose()?;
+    let store: Arc<dyn ConnectionStore> = match &cluster {
+        Some(cluster) => Arc::new(authkeeper_pgstore::PgStore::open(&cluster.database("bench")?, None)?),
+        None => Arc::new(Store::open(&dir.path().join("bench.redb"))?),
+    };
     // A validated transition (connected → connected, one history row) for connection `i`.
     let step = |m: &mut Machine| {
         let s = m.handle(
@@ -374,10 +394,11 @@ async fn commits(connections: usize, each: usize, baseline: usize, rounds: usize
         m
     };
 
-    println!("commits: durable (Immediate) transitions, each acknowledged only after its commit");
+    let on = if postgres { "PostgreSQL (synchronous_commit on)" } else { "redb (Durability::Immediate)" };
+    println!("commits: durable transitions on {on}, each acknowledged only after its commit");
     println!("  baseline: one transaction per transition ({baseline}); group: {connections} connections at once");
     println!("  through the daemon's commit thread, {each} transitions each; {rounds} alternating rounds");
-    let (committer, thread) = Committer::spawn(Arc::new(store.clone()), Arc::default());
+    let (committer, thread) = Committer::spawn(store.clone(), Arc::default());
     let mut ratios = Vec::new();
     for round in 1..=rounds {
         // Baseline: one durable transaction per transition, on the same disk.
@@ -573,7 +594,10 @@ async fn main() -> anyhow::Result<()> {
     match Args::parse().scenario {
         Scenario::ConfigReload { profiles, rounds } => config_reload(profiles, rounds).await,
         Scenario::Scheduler { connections, idle_secs } => scheduler(connections, idle_secs).await,
-        Scenario::Commits { connections, each, baseline, rounds } => commits(connections, each, baseline, rounds).await,
+        Scenario::Commits { connections, each, baseline, rounds, postgres } => {
+            commits(connections, each, baseline, rounds, postgres).await
+        }
+        Scenario::PgScale { sizes } => pg::scale(&sizes).await,
         Scenario::Tokens { secs, rounds, clients } => tokens(Duration::from_secs_f64(secs), rounds, &clients).await,
         Scenario::Scale { sizes } => scale(&sizes).await,
         Scenario::Startup => startup::startup().await,

@@ -119,6 +119,11 @@ impl Server {
     /// `authkeeper daemon` on `dir/config.json`, `dir/state` and `dir/s.sock`, logging warnings
     /// to `dir/daemon.log`.
     pub fn daemon(binary: &Path, dir: &Path) -> anyhow::Result<Self> {
+        Self::daemon_with(binary, dir, &[])
+    }
+
+    /// [`Server::daemon`] with more options for `authkeeper daemon`.
+    pub fn daemon_with(binary: &Path, dir: &Path, options: &[&str]) -> anyhow::Result<Self> {
         let socket = dir.join("s.sock");
         let log = std::fs::File::create(dir.join("daemon.log"))?;
         let child = Command::new(binary)
@@ -129,6 +134,7 @@ impl Server {
             .arg("--socket")
             .arg(&socket)
             .arg("daemon")
+            .args(options)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

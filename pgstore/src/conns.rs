@@ -81,6 +81,7 @@ pub(crate) async fn commit(inner: &Inner, b: Batch) -> Answer<()> {
     }
     let mut client = inner.pool.get().await.map_err(pool)?;
     let tx = client.transaction().await.map_err(sql)?;
+    inner.fence(&tx).await?;
     let upsert = tx
         .prepare_cached(
             "INSERT INTO authkeeper.connections AS c (key, record, history_count)
@@ -202,6 +203,7 @@ pub(crate) async fn history(inner: &Inner, key: String) -> Answer<Vec<Transition
 pub(crate) async fn forget(inner: &Inner, key: String) -> Answer<()> {
     let mut client = inner.pool.get().await.map_err(pool)?;
     let tx = client.transaction().await.map_err(sql)?;
+    inner.fence(&tx).await?;
     for table in ["connections", "flows", "config_seen", "settings"] {
         tx.execute(&format!("DELETE FROM authkeeper.{table} WHERE key = $1"), &[&key]).await.map_err(sql)?;
     }

@@ -29,7 +29,10 @@ pub(crate) async fn export(inner: &Inner) -> Answer<Dump> {
     let history = client.query("SELECT key, record FROM authkeeper.history ORDER BY seq", &[]).await.map_err(sql)?;
     dump.history = history.into_iter().map(|r| (r.get(0), r.get(1))).collect();
     let meta = client
-        .query("SELECT name, value FROM authkeeper.meta WHERE name <> 'schema_version' ORDER BY name", &[])
+        .query(
+            "SELECT name, value FROM authkeeper.meta WHERE name NOT IN ('schema_version', 'claim_epoch') ORDER BY name",
+            &[],
+        )
         .await
         .map_err(sql)?;
     dump.meta = meta.into_iter().map(|r| (r.get(0), r.get::<_, i64>(1) as u64)).collect();
@@ -48,7 +51,7 @@ pub(crate) async fn import(inner: &Inner, dump: Dump) -> Answer<()> {
         }
     }
     let others: i64 = tx
-        .query_one("SELECT count(*) FROM authkeeper.meta WHERE name <> 'schema_version'", &[])
+        .query_one("SELECT count(*) FROM authkeeper.meta WHERE name NOT IN ('schema_version', 'claim_epoch')", &[])
         .await
         .map_err(sql)?
         .get(0);

@@ -110,6 +110,34 @@ pub(crate) struct Inner {
     tls: tokio_postgres_rustls::MakeRustlsConnect,
     /// The connection that holds this process's claim on the store, once claimed.
     claim: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+    /// The claim's fencing token (0: not claimed, no fencing) and whether its connection was
+    /// lost: see [`PgStore::claim`].
+    pub(crate) epoch: std::sync::atomic::AtomicI64,
+    pub(crate) claim_lost: std::sync::Mutex<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl Inner {
+    /// Inside a writing transaction: refuse when this process's claim is gone. The `FOR SHARE`
+    /// lock holds off a new claimant's epoch update until this transaction ends.
+    pub(crate) async fn fence(&self, tx: &deadpool_postgres::Transaction<'_>) -> Answer<()> {
+        use std::sync::atomic::Ordering;
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        if epoch == 0 {
+            return Ok(());
+        }
+        if self.claim_lost.lock().expect("not poisoned").load(Ordering::SeqCst) {
+            return Err(StoreError::NotOwner);
+        }
+        let current = tx
+            .query_opt("SELECT value FROM authkeeper.meta WHERE name = 'claim_epoch' FOR SHARE", &[])
+            .await
+            .map_err(sql)?
+            .map(|r| r.get::<_, i64>(0));
+        match current == Some(epoch) {
+            true => Ok(()),
+            false => Err(StoreError::NotOwner),
+        }
+    }
 }
 
 /// The session advisory lock a daemon (or `store copy`) holds on a store while it uses it.
@@ -182,6 +210,8 @@ impl PgStore {
                 config,
                 tls,
                 claim: tokio::sync::Mutex::new(None),
+                epoch: std::sync::atomic::AtomicI64::new(0),
+                claim_lost: std::sync::Mutex::default(),
             }),
             runtime: Arc::new(Runtime(Some(runtime))),
             url: url.into(),
@@ -207,19 +237,47 @@ impl PgStore {
     /// dropped: [`StoreError::InUse`] when another process holds it. Several daemons may share a
     /// store only once each connection's refreshes are guarded by a lease of its own; until then
     /// a second daemon (or a `store copy` while a daemon runs) is refused.
+    ///
+    /// The claim is a session lock on a connection of its own, and a fencing token: each claim
+    /// advances `claim_epoch` in `meta`, and every commit of connections or provider state
+    /// checks it in its transaction. Should the claim's connection be lost (the server
+    /// restarted, or ended the session) and another process claim the store, this one's writes
+    /// are refused with [`StoreError::NotOwner`] and can never overwrite the newer owner's.
     pub fn claim(&self) -> Result<(), StoreError> {
         self.block(|inner| async move {
+            use std::sync::atomic::Ordering;
             let mut claim = inner.claim.lock().await;
             if claim.is_some() {
                 return Ok(());
             }
             let (client, connection) = inner.config.connect(inner.tls.clone()).await.map_err(sql)?;
-            tokio::spawn(connection);
+            // This attempt's own flag: a refused attempt's connection ends too.
+            let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flag = lost.clone();
+            tokio::spawn(async move {
+                let _ = connection.await;
+                flag.store(true, Ordering::SeqCst);
+            });
             let held: bool =
                 client.query_one("SELECT pg_try_advisory_lock($1)", &[&CLAIM_LOCK]).await.map_err(sql)?.get(0);
             if !held {
                 return Err(StoreError::InUse);
             }
+            let epoch: i64 = inner
+                .pool
+                .get()
+                .await
+                .map_err(pool)?
+                .query_one(
+                    "INSERT INTO authkeeper.meta AS m (name, value) VALUES ('claim_epoch', 1)
+                     ON CONFLICT (name) DO UPDATE SET value = m.value + 1 RETURNING value",
+                    &[],
+                )
+                .await
+                .map_err(sql)?
+                .get(0);
+            *inner.claim_lost.lock().expect("not poisoned") = lost;
+            inner.epoch.store(epoch, Ordering::SeqCst);
             *claim = Some(client);
             Ok(())
         })

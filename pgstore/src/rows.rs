@@ -48,16 +48,18 @@ pub(crate) async fn upsert(inner: &Inner, table: &str, rows: Vec<(String, Vec<u8
         return Ok(());
     }
     let (keys, values): (Vec<String>, Vec<Vec<u8>>) = rows.into_iter().unzip();
-    let client = inner.pool.get().await.map_err(pool)?;
-    let statement = client
+    let mut client = inner.pool.get().await.map_err(pool)?;
+    let tx = client.transaction().await.map_err(sql)?;
+    inner.fence(&tx).await?;
+    let statement = tx
         .prepare_cached(&format!(
             "INSERT INTO authkeeper.{table} (key, value) SELECT * FROM UNNEST($1::text[], $2::bytea[])
              ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
         ))
         .await
         .map_err(sql)?;
-    client.execute(&statement, &[&keys, &values]).await.map_err(sql)?;
-    Ok(())
+    tx.execute(&statement, &[&keys, &values]).await.map_err(sql)?;
+    tx.commit().await.map_err(sql)
 }
 
 pub(crate) async fn set_settings(inner: &Inner, rows: Vec<(String, Option<Vec<u8>>)>) -> Answer<()> {
@@ -66,6 +68,7 @@ pub(crate) async fn set_settings(inner: &Inner, rows: Vec<(String, Option<Vec<u8
     }
     let mut client = inner.pool.get().await.map_err(pool)?;
     let tx = client.transaction().await.map_err(sql)?;
+    inner.fence(&tx).await?;
     let (mut keys, mut values, mut cleared) = (Vec::new(), Vec::new(), Vec::new());
     for (key, value) in rows {
         match value {

@@ -328,3 +328,39 @@ fn a_bad_url_or_an_unreachable_server_is_a_clear_error_that_shows_no_password() 
         "postgresql://h/db?user=a&password=***"
     );
 }
+
+#[test]
+fn a_store_is_claimed_by_one_process_and_a_lost_claim_writes_nothing_over_the_next_owner() {
+    let Some(cluster) = Cluster::for_tests() else { return };
+    let url = cluster.database("claims").unwrap();
+    let first = PgStore::open(&url, None).unwrap();
+    first.claim().unwrap();
+    let mut m = Machine::new(ConnKey::new("trakt", "default"), t0());
+    first.commit(&[step(&mut m, Event::CredentialsSupplied { grant: grant(1, t0()) }, t0())]).unwrap();
+    let second = PgStore::open(&url, None).unwrap();
+    assert!(matches!(second.claim(), Err(StoreError::InUse)), "one process at a time");
+
+    // The first one's claim is lost (as when the server ends its session); the second claims.
+    cluster
+        .psql(
+            "claims",
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE '%pg_try_advisory_lock%' \
+             AND pid <> pg_backend_pid()",
+        )
+        .unwrap();
+    let claimed = (0..200).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        second.claim().is_ok()
+    });
+    assert!(claimed, "the lock went with the session");
+    let mut newer = m.clone();
+    second.commit(&[step(&mut newer, Event::Refreshed { grant: grant(2, t0()) }, t0())]).unwrap();
+
+    // The first one wakes up with a rotated credential of its own: refused, nothing written.
+    let stale = step(&mut m, Event::Refreshed { grant: grant(3, t0()) }, t0());
+    assert!(matches!(first.commit(&[stale]), Err(StoreError::NotOwner)));
+    let settings = [(ConnKey::new("trakt", "default"), Some(b"x".as_slice().into()))];
+    assert!(matches!(first.set_settings(&settings), Err(StoreError::NotOwner)));
+    let all = second.load_all().unwrap();
+    assert_eq!(all[0].machine.connection().refresh_token().unwrap().expose(), "refresh-2", "the newer one stays");
+}

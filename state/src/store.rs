@@ -80,6 +80,11 @@ pub enum StoreError {
     NotEmpty,
     #[error("another authkeeper is using the store: stop it first")]
     InUse,
+    #[error(
+        "this authkeeper no longer holds the store (its claim's connection was lost, or another \
+         daemon took it over): it writes nothing more; restart it"
+    )]
+    NotOwner,
     /// Another backend's own error (PostgreSQL's).
     #[error("{0}")]
     Backend(Box<dyn std::error::Error + Send + Sync>),
