@@ -74,7 +74,41 @@ impl Batch {
     }
 }
 
+impl Batch {
+    /// The connections it writes.
+    pub(crate) fn keys(&self) -> Vec<String> {
+        self.keys.clone()
+    }
+
+    /// The batch without the connections in `gone`.
+    pub(crate) fn without(self, gone: &std::collections::HashSet<String>) -> Self {
+        let split = |keys: &[String]| -> Vec<bool> { keys.iter().map(|k| !gone.contains(k)).collect() };
+        fn pick<T>(values: Vec<T>, kept: &[bool]) -> Vec<T> {
+            values.into_iter().zip(kept).filter_map(|(v, k)| k.then_some(v)).collect()
+        }
+        let kept = split(&self.keys);
+        let flows_kept = split(&self.flow_keys);
+        let ended_kept = split(&self.ended);
+        let history_kept = split(&self.history_keys);
+        Batch {
+            keys: pick(self.keys, &kept),
+            records: pick(self.records, &kept),
+            appended: pick(self.appended, &kept),
+            flow_keys: pick(self.flow_keys, &flows_kept),
+            flows: pick(self.flows, &flows_kept),
+            ended: pick(self.ended, &ended_kept),
+            history_keys: pick(self.history_keys, &history_kept),
+            history_at: pick(self.history_at, &history_kept),
+            history: pick(self.history, &history_kept),
+        }
+    }
+}
+
 /// Commit a batch in one transaction: every connection's new state, its flow, its history.
+/// A daemon sharing the store writes only the connections whose lease it holds (a new
+/// connection's lease goes to the daemon that made it); the others are refused with
+/// [`StoreError::NotOwnerOf`], and the rest is committed. The leases read are locked until the
+/// commit, so no lease passes to another daemon while its connection is being written.
 pub(crate) async fn commit(inner: &Inner, b: Batch) -> Answer<()> {
     if b.keys.is_empty() {
         return Ok(());
@@ -82,12 +116,18 @@ pub(crate) async fn commit(inner: &Inner, b: Batch) -> Answer<()> {
     let mut client = inner.pool.get().await.map_err(pool)?;
     let tx = client.transaction().await.map_err(sql)?;
     inner.fence(&tx).await?;
+    let member = inner.member();
+    let (b, refused) = match &member {
+        Some(me) => crate::leases::held_in(&tx, me, b).await?,
+        None => (b, Vec::new()),
+    };
     let upsert = tx
         .prepare_cached(
-            "INSERT INTO authkeeper.connections AS c (key, record, history_count)
-             SELECT * FROM UNNEST($1::text[], $2::bytea[], $3::int4[])
+            "INSERT INTO authkeeper.connections AS c (key, record, history_count, version)
+             SELECT k, r, n, nextval('authkeeper.versions') FROM UNNEST($1::text[], $2::bytea[], $3::int4[]) AS u(k, r, n)
              ON CONFLICT (key) DO UPDATE
-             SET record = EXCLUDED.record, history_count = c.history_count + EXCLUDED.history_count
+             SET record = EXCLUDED.record, history_count = c.history_count + EXCLUDED.history_count,
+                 version = EXCLUDED.version
              RETURNING key, history_count",
         )
         .await
@@ -96,13 +136,13 @@ pub(crate) async fn commit(inner: &Inner, b: Batch) -> Answer<()> {
     if !b.history.is_empty() {
         let append = tx
             .prepare_cached(
-                "INSERT INTO authkeeper.history (key, at_ns, record)
-                 SELECT k, a, r FROM UNNEST($1::text[], $2::int8[], $3::bytea[]) WITH ORDINALITY AS h(k, a, r, n)
+                "INSERT INTO authkeeper.history (key, at_ns, record, origin)
+                 SELECT k, a, r, $4 FROM UNNEST($1::text[], $2::int8[], $3::bytea[]) WITH ORDINALITY AS h(k, a, r, n)
                  ORDER BY n",
             )
             .await
             .map_err(sql)?;
-        tx.execute(&append, &[&b.history_keys, &b.history_at, &b.history]).await.map_err(sql)?;
+        tx.execute(&append, &[&b.history_keys, &b.history_at, &b.history, &member]).await.map_err(sql)?;
     }
     if !b.flow_keys.is_empty() {
         let flows = tx
@@ -125,7 +165,14 @@ pub(crate) async fn commit(inner: &Inner, b: Batch) -> Answer<()> {
             trim(&tx, &key).await?;
         }
     }
-    tx.commit().await.map_err(sql)
+    if member.is_some() {
+        tx.execute("SELECT pg_notify('authkeeper_commits', '')", &[]).await.map_err(sql)?;
+    }
+    tx.commit().await.map_err(sql)?;
+    match refused.is_empty() {
+        true => Ok(()),
+        false => Err(StoreError::NotOwnerOf(refused)),
+    }
 }
 
 /// Drop all but `key`'s newest [`HISTORY_LIMIT`] history rows.

@@ -7,6 +7,7 @@
 //! - `conns`: connections, flows and history; the group commit.
 //! - `rows`: settings, provider state, links, the webhook outbox, profile numbers.
 //! - `copy`: the whole store as a [`Dump`], both ways, and resealing.
+//! - [`leases`]: several daemons on one store: members, per-connection leases, changes.
 //! - [`cluster`]: a throwaway PostgreSQL cluster on a unix socket, for tests and benchmarks.
 //!
 //! The interface is blocking, like redb's; the client is async (tokio-postgres, pooled by
@@ -17,6 +18,7 @@
 pub mod cluster;
 mod conns;
 mod copy;
+pub mod leases;
 mod rows;
 pub mod schema;
 
@@ -114,9 +116,17 @@ pub(crate) struct Inner {
     /// lost: see [`PgStore::claim`].
     pub(crate) epoch: std::sync::atomic::AtomicI64,
     pub(crate) claim_lost: std::sync::Mutex<Arc<std::sync::atomic::AtomicBool>>,
+    /// This daemon's member id, once it joined (see `leases`).
+    pub(crate) member: std::sync::Mutex<Option<String>>,
+    /// Connections that listen for notifications, kept open while the store lives.
+    pub(crate) listeners: std::sync::Mutex<Vec<tokio_postgres::Client>>,
 }
 
 impl Inner {
+    pub(crate) fn member(&self) -> Option<String> {
+        self.member.lock().expect("not poisoned").clone()
+    }
+
     /// Inside a writing transaction: refuse when this process's claim is gone. The `FOR SHARE`
     /// lock holds off a new claimant's epoch update until this transaction ends.
     pub(crate) async fn fence(&self, tx: &deadpool_postgres::Transaction<'_>) -> Answer<()> {
@@ -212,6 +222,8 @@ impl PgStore {
                 claim: tokio::sync::Mutex::new(None),
                 epoch: std::sync::atomic::AtomicI64::new(0),
                 claim_lost: std::sync::Mutex::default(),
+                member: std::sync::Mutex::default(),
+                listeners: std::sync::Mutex::default(),
             }),
             runtime: Arc::new(Runtime(Some(runtime))),
             url: url.into(),

@@ -12,13 +12,16 @@ use crate::{Answer, Inner, pool, sql};
 use authkeeper_state::StoreError;
 
 /// The schema this build writes. Newer ones are refused.
-pub const SCHEMA_VERSION: u64 = 1;
+/// 1: the tables; 2: members, leases, connection versions and history origins (several
+/// daemons on one store).
+pub const SCHEMA_VERSION: u64 = 2;
 
 /// The advisory lock key that serialises migrations ("authkeep" in ASCII).
 const MIGRATION_LOCK: i64 = 0x6175_7468_6b65_6570;
 
 /// Each step, from the version before it. Step `i` makes version `i + 1`.
-pub const STEPS: [&str; SCHEMA_VERSION as usize] = [r#"
+pub const STEPS: [&str; SCHEMA_VERSION as usize] = [
+    r#"
 CREATE SCHEMA IF NOT EXISTS authkeeper;
 CREATE TABLE authkeeper.meta (name text COLLATE "C" PRIMARY KEY, value bigint NOT NULL);
 CREATE TABLE authkeeper.connections (
@@ -41,7 +44,26 @@ CREATE TABLE authkeeper.profile_state (key text COLLATE "C" PRIMARY KEY, value b
 CREATE TABLE authkeeper.config_seen (key text COLLATE "C" PRIMARY KEY, value bytea NOT NULL);
 CREATE TABLE authkeeper.links (key text COLLATE "C" PRIMARY KEY, value bytea NOT NULL);
 CREATE TABLE authkeeper.outbox (key text COLLATE "C" PRIMARY KEY, value bytea NOT NULL);
-"#];
+"#,
+    r#"
+-- daemons sharing the store, each alive until its lease lapses
+CREATE TABLE authkeeper.members (id text COLLATE "C" PRIMARY KEY, expires_at timestamptz NOT NULL);
+-- which daemon may call the provider for a connection and write its changes
+CREATE TABLE authkeeper.leases (
+    key text COLLATE "C" PRIMARY KEY,
+    holder text COLLATE "C",
+    -- a daemon that was asked to act on the connection and waits for it
+    wanted_by text COLLATE "C"
+);
+CREATE INDEX leases_by_holder ON authkeeper.leases (holder);
+-- every write of a connection takes the next version, so that others read what changed
+CREATE SEQUENCE authkeeper.versions;
+ALTER TABLE authkeeper.connections ADD COLUMN version bigint NOT NULL DEFAULT 0;
+CREATE INDEX connections_by_version ON authkeeper.connections (version);
+-- the daemon that made a history row (none for rows written before)
+ALTER TABLE authkeeper.history ADD COLUMN origin text;
+"#,
+];
 
 /// Bring the database to [`SCHEMA_VERSION`], all steps in one transaction.
 pub(crate) async fn migrate(inner: &Inner) -> Answer<()> {

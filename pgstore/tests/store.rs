@@ -226,7 +226,11 @@ fn a_new_database_is_migrated_and_a_newer_schema_is_refused_with_nothing_changed
         }
         other => panic!("expected TooNew, got {:?}", other.map(|_| ())),
     }
-    cluster.psql("schema", "UPDATE authkeeper.meta SET value = 1 WHERE name = 'schema_version'").unwrap();
+    let back = format!(
+        "UPDATE authkeeper.meta SET value = {} WHERE name = 'schema_version'",
+        authkeeper_pgstore::schema::SCHEMA_VERSION
+    );
+    cluster.psql("schema", &back).unwrap();
     assert_eq!(PgStore::open(&url, None).unwrap().load_all().unwrap().len(), 1, "nothing was changed");
 }
 

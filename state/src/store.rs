@@ -85,6 +85,10 @@ pub enum StoreError {
          daemon took it over): it writes nothing more; restart it"
     )]
     NotOwner,
+    /// Connections whose lease another daemon holds: their changes were not written (the rest
+    /// of the batch was).
+    #[error("another daemon holds the lease of {}: its changes were not written", .0.join(", "))]
+    NotOwnerOf(Vec<String>),
     /// Another backend's own error (PostgreSQL's).
     #[error("{0}")]
     Backend(Box<dyn std::error::Error + Send + Sync>),

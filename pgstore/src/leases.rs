@@ -1,0 +1,332 @@
+//! Several daemons on one store: membership, per-connection leases, and what changed.
+//!
+//! A daemon joins as a member with a lease of `lease` seconds on the database's clock, and
+//! renews it well before it lapses. A connection's lease row names the member that may call
+//! its provider and write its changes (the holder). A lease whose holder is no longer a live
+//! member is free: any member may take it. Member ids are new for every join and never reused,
+//! so a holder's id is a fencing token: a daemon that was paused past its lease finds, when it
+//! wakes, that its writes are refused (see `conns::commit`), and that it is no member any more.
+//!
+//! Every write of a connection takes the next value of `authkeeper.versions`, and a member's
+//! commits `NOTIFY authkeeper_commits`: the others read the connections written since the
+//! version they last saw, and the history rows since the sequence they last saw.
+
+use crate::conns::Batch;
+use crate::{Answer, Inner, PgStore, pool, sql};
+use authkeeper_state::sealed_store::open_value;
+use authkeeper_state::store::parse_key;
+use authkeeper_state::{ConnKey, Machine, StoreError, Transition, records};
+use std::collections::HashSet;
+use std::time::Duration;
+
+/// What other members changed since a point.
+pub struct Changes {
+    /// Connections written since, with their current machine (flow included).
+    pub connections: Vec<Machine>,
+    /// The highest connection version seen (the next call's `since`).
+    pub version: i64,
+    /// History rows other members appended since, oldest first.
+    pub transitions: Vec<(ConnKey, Transition)>,
+    /// The highest history sequence seen.
+    pub seq: i64,
+}
+
+/// Within a commit's transaction: the batch cut to the connections whose lease `me` holds
+/// (taking the lease of any connection that has none yet), and the keys refused. The leases
+/// read stay locked until the transaction ends.
+pub(crate) async fn held_in(
+    tx: &deadpool_postgres::Transaction<'_>,
+    me: &str,
+    b: Batch,
+) -> Answer<(Batch, Vec<String>)> {
+    let keys = b.keys();
+    tx.execute(
+        "INSERT INTO authkeeper.leases (key, holder) SELECT k, $2 FROM UNNEST($1::text[]) AS k
+         ON CONFLICT (key) DO NOTHING",
+        &[&keys, &me],
+    )
+    .await
+    .map_err(sql)?;
+    let rows = tx
+        .query("SELECT key FROM authkeeper.leases WHERE key = ANY($1) AND holder = $2 FOR SHARE", &[&keys, &me])
+        .await
+        .map_err(sql)?;
+    let held: HashSet<String> = rows.into_iter().map(|r| r.get(0)).collect();
+    let refused: Vec<String> = keys.iter().filter(|k| !held.contains(*k)).cloned().collect();
+    if refused.is_empty() {
+        return Ok((b, refused));
+    }
+    Ok((b.without(&refused.iter().cloned().collect()), refused))
+}
+
+fn seconds(lease: Duration) -> f64 {
+    lease.as_secs_f64()
+}
+
+impl PgStore {
+    /// Join as a new member whose lease lasts `lease`; returns its id. From now on this store's
+    /// commits are fenced by the leases it holds.
+    pub fn join(&self, lease: Duration) -> Result<String, StoreError> {
+        let id = self.block(move |inner| async move {
+            let client = inner.pool.get().await.map_err(pool)?;
+            let row = client
+                .query_one(
+                    "INSERT INTO authkeeper.members (id, expires_at)
+                     VALUES (gen_random_uuid()::text, now() + make_interval(secs => $1)) RETURNING id",
+                    &[&seconds(lease)],
+                )
+                .await
+                .map_err(sql)?;
+            Ok(row.get::<_, String>(0))
+        })?;
+        *self.inner.member.lock().expect("not poisoned") = Some(id.clone());
+        Ok(id)
+    }
+
+    /// Renew this member's lease; false when it had lapsed (its leases may have passed to
+    /// others: it is no member any more and must act on nothing).
+    pub fn renew(&self, lease: Duration) -> Result<bool, StoreError> {
+        let Some(me) = self.inner.member() else { return Ok(false) };
+        self.block(move |inner| async move {
+            let client = inner.pool.get().await.map_err(pool)?;
+            let renewed = client
+                .execute(
+                    "UPDATE authkeeper.members SET expires_at = now() + make_interval(secs => $2)
+                     WHERE id = $1 AND expires_at > now()",
+                    &[&me, &seconds(lease)],
+                )
+                .await
+                .map_err(sql)?;
+            Ok(renewed == 1)
+        })
+    }
+
+    /// The live members, in id order.
+    pub fn members(&self) -> Result<Vec<String>, StoreError> {
+        self.block(|inner| async move {
+            let client = inner.pool.get().await.map_err(pool)?;
+            let rows = client
+                .query("SELECT id FROM authkeeper.members WHERE expires_at > now() ORDER BY id", &[])
+                .await
+                .map_err(sql)?;
+            Ok(rows.into_iter().map(|r| r.get(0)).collect())
+        })
+    }
+
+    /// Take the leases of `keys` that are free (no holder, or one that is no live member) or
+    /// already this member's; returns the keys now held, each with its connection as stored
+    /// (`None` when it has no row yet), read after the lease was taken.
+    pub fn acquire(&self, keys: &[String]) -> Result<Vec<(String, Option<Machine>)>, StoreError> {
+        let me = self.inner.member().ok_or(StoreError::NotOwner)?;
+        let keys = keys.to_vec();
+        self.block(move |inner| async move {
+            let mut client = inner.pool.get().await.map_err(pool)?;
+            let tx = client.transaction().await.map_err(sql)?;
+            let rows = tx
+                .query(
+                    "INSERT INTO authkeeper.leases AS l (key, holder) SELECT k, $2 FROM UNNEST($1::text[]) AS k
+                     ON CONFLICT (key) DO UPDATE SET holder = $2, wanted_by = NULL
+                     WHERE l.holder IS NULL OR l.holder = $2 OR NOT EXISTS (
+                         SELECT 1 FROM authkeeper.members m WHERE m.id = l.holder AND m.expires_at > now())
+                     RETURNING key",
+                    &[&keys, &me],
+                )
+                .await
+                .map_err(sql)?;
+            let taken: Vec<String> = rows.into_iter().map(|r| r.get(0)).collect();
+            let machines = read_machines(&inner, &tx, &taken).await?;
+            tx.commit().await.map_err(sql)?;
+            Ok(machines)
+        })
+    }
+
+    /// Give up the leases of `keys` this member holds.
+    pub fn release(&self, keys: &[String]) -> Result<(), StoreError> {
+        let me = self.inner.member().ok_or(StoreError::NotOwner)?;
+        let keys = keys.to_vec();
+        self.block(move |inner| async move {
+            let client = inner.pool.get().await.map_err(pool)?;
+            client
+                .execute(
+                    "UPDATE authkeeper.leases SET holder = NULL WHERE key = ANY($1) AND holder = $2",
+                    &[&keys, &me],
+                )
+                .await
+                .map_err(sql)?;
+            client.execute("SELECT pg_notify('authkeeper_leases', '')", &[]).await.map_err(sql)?;
+            Ok(())
+        })
+    }
+
+    /// Ask the holder of `key` to give it up (for a user's command here): it releases the lease
+    /// once the connection is idle.
+    pub fn want(&self, key: &str) -> Result<(), StoreError> {
+        let me = self.inner.member().ok_or(StoreError::NotOwner)?;
+        let key = key.to_owned();
+        self.block(move |inner| async move {
+            let client = inner.pool.get().await.map_err(pool)?;
+            client
+                .execute(
+                    "UPDATE authkeeper.leases SET wanted_by = $2 WHERE key = $1 AND holder IS DISTINCT FROM $2",
+                    &[&key, &me],
+                )
+                .await
+                .map_err(sql)?;
+            client.execute("SELECT pg_notify('authkeeper_leases', '')", &[]).await.map_err(sql)?;
+            Ok(())
+        })
+    }
+
+    /// The keys whose lease this member holds, and those of them another member wants.
+    pub fn held(&self) -> Result<(Vec<String>, Vec<String>), StoreError> {
+        let me = self.inner.member().ok_or(StoreError::NotOwner)?;
+        self.block(move |inner| async move {
+            let client = inner.pool.get().await.map_err(pool)?;
+            let rows = client
+                .query(
+                    "SELECT key, wanted_by IS NOT NULL FROM authkeeper.leases WHERE holder = $1 ORDER BY key",
+                    &[&me],
+                )
+                .await
+                .map_err(sql)?;
+            let held = rows.iter().map(|r| r.get(0)).collect();
+            let wanted = rows.iter().filter(|r| r.get::<_, bool>(1)).map(|r| r.get(0)).collect();
+            Ok((held, wanted))
+        })
+    }
+
+    /// Leave: give up every lease and the membership (a clean shutdown), so that the others
+    /// take the connections over at once instead of after the lease.
+    pub fn leave(&self) -> Result<(), StoreError> {
+        let Some(me) = self.inner.member.lock().expect("not poisoned").take() else { return Ok(()) };
+        self.block(move |inner| async move {
+            let client = inner.pool.get().await.map_err(pool)?;
+            client
+                .execute("UPDATE authkeeper.leases SET holder = NULL WHERE holder = $1", &[&me])
+                .await
+                .map_err(sql)?;
+            client.execute("DELETE FROM authkeeper.members WHERE id = $1", &[&me]).await.map_err(sql)?;
+            client.execute("SELECT pg_notify('authkeeper_leases', '')", &[]).await.map_err(sql)?;
+            Ok(())
+        })
+    }
+
+    /// What changed since connection version `version` and history sequence `seq`; history
+    /// rows this member wrote are left out (it published them itself).
+    pub fn changes(&self, version: i64, seq: i64) -> Result<Changes, StoreError> {
+        let me = self.inner.member();
+        self.block(move |inner| async move {
+            let client = inner.pool.get().await.map_err(pool)?;
+            let rows = client
+                .query(
+                    "SELECT key, version FROM authkeeper.connections WHERE version > $1 ORDER BY version",
+                    &[&version],
+                )
+                .await
+                .map_err(sql)?;
+            let last = rows.last().map_or(version, |r| r.get(1));
+            let keys: Vec<String> = rows.into_iter().map(|r| r.get(0)).collect();
+            let connections = read_machines(&inner, &client, &keys).await?.into_iter().filter_map(|(_, m)| m).collect();
+            let rows = client
+                .query(
+                    "SELECT seq, key, record FROM authkeeper.history
+                     WHERE seq > $1 AND origin IS DISTINCT FROM $2 ORDER BY seq",
+                    &[&seq, &me],
+                )
+                .await
+                .map_err(sql)?;
+            let newest: i64 = client
+                .query_one("SELECT coalesce(max(seq), 0) FROM authkeeper.history", &[])
+                .await
+                .map_err(sql)?
+                .get(0);
+            let mut transitions = Vec::with_capacity(rows.len());
+            for row in rows {
+                let key: &str = row.get(1);
+                let t = records::decode_transition(row.get(2))
+                    .map_err(|source| StoreError::Corrupt { key: key.to_owned(), source })?;
+                transitions.push((parse_key(key), t));
+            }
+            Ok(Changes { connections, version: last, transitions, seq: newest.max(seq) })
+        })
+    }
+
+    /// A receiver told of every `NOTIFY` on `authkeeper_commits` and `authkeeper_leases`
+    /// (the channel's name), on a connection of its own; it ends when that connection does.
+    pub fn notifications(&self) -> Result<tokio::sync::mpsc::UnboundedReceiver<String>, StoreError> {
+        self.block(|inner| async move {
+            let (client, mut connection) = inner.config.connect(inner.tls.clone()).await.map_err(sql)?;
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                while let Some(Ok(message)) = futures_util::StreamExt::next(&mut messages).await {
+                    if let tokio_postgres::AsyncMessage::Notification(n) = message
+                        && tx.send(n.channel().to_owned()).is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+            client.batch_execute("LISTEN authkeeper_commits; LISTEN authkeeper_leases").await.map_err(sql)?;
+            // The connection lives as long as its client: keep it with the listener.
+            inner.listeners.lock().expect("not poisoned").push(client);
+            Ok(rx)
+        })
+    }
+}
+
+/// The stored machines (flows included) of `keys`, in that order; `None` for a key without a
+/// connection row.
+async fn read_machines(
+    inner: &Inner,
+    client: &impl deadpool_postgres::GenericClient,
+    keys: &[String],
+) -> Answer<Vec<(String, Option<Machine>)>> {
+    let rows = client
+        .query(
+            "SELECT k, c.record, f.value FROM UNNEST($1::text[]) WITH ORDINALITY AS u(k, n)
+             LEFT JOIN authkeeper.connections c ON c.key = u.k
+             LEFT JOIN authkeeper.flows f ON f.key = u.k ORDER BY u.n",
+            &[&keys],
+        )
+        .await
+        .map_err(sql)?;
+    let sealer = inner.sealer.as_deref();
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let key: String = row.get(0);
+        let corrupt = |source| StoreError::Corrupt { key: key.clone(), source };
+        let machine = match row.get::<_, Option<&[u8]>>(1) {
+            None => None,
+            Some(record) => {
+                let flow = match row.get::<_, Option<&[u8]>>(2) {
+                    Some(f) => Some(records::decode_flow(&open_value(sealer, "flows", &key, f)?).map_err(corrupt)?),
+                    None => None,
+                };
+                let record = open_value(sealer, "connections", &key, record)?;
+                Some(records::decode_connection(&key, &record, flow).map_err(corrupt)?)
+            }
+        };
+        out.push((key, machine));
+    }
+    Ok(out)
+}
+
+impl PgStore {
+    /// Where the store is now: the newest connection version and history sequence (read
+    /// before loading, so that [`PgStore::changes`] from here misses nothing).
+    pub fn position(&self) -> Result<(i64, i64), StoreError> {
+        self.block(|inner| async move {
+            let client = inner.pool.get().await.map_err(pool)?;
+            let row = client
+                .query_one(
+                    "SELECT (SELECT coalesce(max(version), 0) FROM authkeeper.connections),
+                            (SELECT coalesce(max(seq), 0) FROM authkeeper.history)",
+                    &[],
+                )
+                .await
+                .map_err(sql)?;
+            Ok((row.get(0), row.get(1)))
+        })
+    }
+}
