@@ -398,7 +398,10 @@ async fn history(State(shared): App, Path((provider, profile)): Key) -> Result<R
 async fn events(State(shared): App) -> Response {
     let mut stop = shared.shutdown.clone();
     let clock = shared.clock.clone();
-    let lines = BroadcastStream::new(shared.events.subscribe())
+    // This daemon's events, and the other daemons' transitions when they share the store.
+    let local = BroadcastStream::new(shared.events.subscribe());
+    let remote = BroadcastStream::new(shared.remote_events.subscribe());
+    let lines = futures_util::stream::select(local, remote)
         .map(move |item| {
             let event = match item {
                 Ok(event) => event,

@@ -34,10 +34,13 @@ async fn choose_store(
     let sealer = keys.sealer(&opts.paths.config)?;
     let given = given.as_ref().map(|u| u.expose().to_owned());
     match stores::configured(given.as_deref(), &opts.paths.config)? {
-        Some(url) => {
-            tracing::info!(store = %url, "using the PostgreSQL store");
-            let store = tokio::task::spawn_blocking(move || stores::open_postgres(&url, sealer)).await??;
+        Some(settings) => {
+            let url = settings.postgres.clone().expect("a PostgreSQL store");
+            tracing::info!(store = %url, lease_secs = settings.lease_secs, "using the PostgreSQL store");
+            let (store, leases) =
+                tokio::task::spawn_blocking(move || stores::open_postgres(&settings, sealer)).await??;
             opts.store = Some(store);
+            opts.leases = Some(leases);
         }
         None => opts.secrets = sealer,
     }

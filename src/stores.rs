@@ -68,16 +68,29 @@ impl fmt::Debug for StoreSpec {
 }
 
 /// `"authkeeper": {"store": …}`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreSettings {
     /// `postgresql://user@host/db` (libpq's URL form; `?sslmode=require` for TLS).
     pub postgres: Option<PgUrl>,
+    /// How long a daemon sharing the PostgreSQL store stays a member without renewing: a
+    /// daemon that dies is replaced by the others this long after its last renewal (3..=300,
+    /// default 15).
+    pub lease_secs: u64,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self { postgres: None, lease_secs: 15 }
+    }
 }
 
 impl StoreSettings {
     /// Why the block is unusable, if it is.
     pub fn check(&self) -> Result<(), String> {
+        if !(3..=300).contains(&self.lease_secs) {
+            return Err(format!("authkeeper.store.lease_secs: {} is not between 3 and 300", self.lease_secs));
+        }
         match &self.postgres {
             Some(url) if !is_postgres(url.expose()) => {
                 Err(format!("authkeeper.store.postgres: {url} is not a postgresql:// URL"))
@@ -115,13 +128,16 @@ pub enum StoresError {
     Mismatch { what: String },
 }
 
-/// The PostgreSQL URL a daemon is told to use, if any: `given` (`--store`), else the config's.
-pub fn configured(given: Option<&str>, config: &Path) -> Result<Option<PgUrl>, StoresError> {
+/// The PostgreSQL store a daemon is told to use, if any: `given` (`--store`), else the
+/// config's; with the config's lease.
+pub fn configured(given: Option<&str>, config: &Path) -> Result<Option<StoreSettings>, StoresError> {
+    let settings = crate::config::Config::settings_only(config);
     if let Some(url) = given {
-        return Ok(Some(PgUrl::new(url)));
+        let lease_secs = settings.map_or(StoreSettings::default().lease_secs, |s| s.store.lease_secs);
+        return Ok(Some(StoreSettings { postgres: Some(PgUrl::new(url)), lease_secs }));
     }
-    if let Some(settings) = crate::config::Config::settings_only(config) {
-        return Ok(settings.store.postgres);
+    if let Some(settings) = settings {
+        return Ok(settings.store.postgres.is_some().then_some(settings.store));
     }
     // A config that exists but does not read: the store it names is unknown. Starting on redb
     // beside daemons that share PostgreSQL would refresh their tokens from a second copy.
@@ -133,12 +149,18 @@ pub fn configured(given: Option<&str>, config: &Path) -> Result<Option<PgUrl>, S
     }
 }
 
-/// Open (and claim) the PostgreSQL store at `url` for a daemon.
-pub fn open_postgres(url: &PgUrl, sealer: Option<Sealer>) -> Result<Arc<dyn ConnectionStore>, StoresError> {
+/// Open the PostgreSQL store of `settings` for a daemon, and join the daemons that share it.
+pub fn open_postgres(
+    settings: &StoreSettings,
+    sealer: Option<Sealer>,
+) -> Result<(Arc<dyn ConnectionStore>, Arc<crate::daemon::Leases>), StoresError> {
+    let url = settings.postgres.as_ref().expect("a PostgreSQL store");
     let postgres = |source| StoresError::Postgres { url: url.to_string(), source };
     let store = PgStore::open(url.expose(), sealer).map_err(postgres)?;
-    store.claim().map_err(postgres)?;
-    Ok(Arc::new(store))
+    store.claim_shared().map_err(postgres)?;
+    let lease = std::time::Duration::from_secs(settings.lease_secs);
+    let leases = crate::daemon::Leases::join(store.clone(), lease).map_err(postgres)?;
+    Ok((Arc::new(store), leases))
 }
 
 /// One side of a copy.
@@ -172,6 +194,7 @@ impl Side {
             Side::Redb(path) if !source && path.exists() => Err(StoresError::TargetExists(self.name())),
             // redb's file lock keeps a daemon out.
             Side::Redb(path) => Ok(Box::new(Store::open_as_is(path).map_err(open)?)),
+            // Daemons hold the claim shared: a copy waits for none of them.
             Side::Postgres(url) => {
                 let store = PgStore::open_as_is(url.expose()).map_err(open)?;
                 store.claim().map_err(open)?;

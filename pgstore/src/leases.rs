@@ -113,8 +113,8 @@ impl PgStore {
         })
     }
 
-    /// Take the leases of `keys` that are free (no holder, or one that is no live member) or
-    /// already this member's; returns the keys now held, each with its connection as stored
+    /// Take the leases of `keys` that are free (no holder, or one that is no live member, and
+    /// not let go for another live member that asked for it) or already this member's; returns the keys now held, each with its connection as stored
     /// (`None` when it has no row yet), read after the lease was taken.
     pub fn acquire(&self, keys: &[String]) -> Result<Vec<(String, Option<Machine>)>, StoreError> {
         let me = self.inner.member().ok_or(StoreError::NotOwner)?;
@@ -126,8 +126,11 @@ impl PgStore {
                 .query(
                     "INSERT INTO authkeeper.leases AS l (key, holder) SELECT k, $2 FROM UNNEST($1::text[]) AS k
                      ON CONFLICT (key) DO UPDATE SET holder = $2, wanted_by = NULL
-                     WHERE l.holder IS NULL OR l.holder = $2 OR NOT EXISTS (
-                         SELECT 1 FROM authkeeper.members m WHERE m.id = l.holder AND m.expires_at > now())
+                     WHERE (l.holder IS NULL OR l.holder = $2 OR NOT EXISTS (
+                         SELECT 1 FROM authkeeper.members m WHERE m.id = l.holder AND m.expires_at > now()))
+                     -- a lease let go for another live member is that member's to take
+                     AND (l.wanted_by IS NULL OR l.wanted_by = $2 OR NOT EXISTS (
+                         SELECT 1 FROM authkeeper.members m WHERE m.id = l.wanted_by AND m.expires_at > now()))
                      RETURNING key",
                     &[&keys, &me],
                 )
@@ -327,6 +330,25 @@ impl PgStore {
                 .await
                 .map_err(sql)?;
             Ok((row.get(0), row.get(1)))
+        })
+    }
+}
+
+impl PgStore {
+    /// Connections whose lease is free: none yet, no holder, or a holder that is no live member.
+    pub fn free(&self) -> Result<Vec<String>, StoreError> {
+        self.block(|inner| async move {
+            let client = inner.pool.get().await.map_err(pool)?;
+            let rows = client
+                .query(
+                    "SELECT c.key FROM authkeeper.connections c LEFT JOIN authkeeper.leases l ON l.key = c.key
+                     WHERE l.holder IS NULL OR NOT EXISTS (
+                         SELECT 1 FROM authkeeper.members m WHERE m.id = l.holder AND m.expires_at > now())",
+                    &[],
+                )
+                .await
+                .map_err(sql)?;
+            Ok(rows.into_iter().map(|r| r.get(0)).collect())
         })
     }
 }

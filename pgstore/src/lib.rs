@@ -256,7 +256,18 @@ impl PgStore {
     /// restarted, or ended the session) and another process claim the store, this one's writes
     /// are refused with [`StoreError::NotOwner`] and can never overwrite the newer owner's.
     pub fn claim(&self) -> Result<(), StoreError> {
-        self.block(|inner| async move {
+        self.claim_as(true)
+    }
+
+    /// A daemon's share of the claim: any number of daemons hold it together, and while any
+    /// does, [`PgStore::claim`] (`store copy`) is refused; while a copy holds the claim, no
+    /// daemon starts. No fencing token: the leases fence a daemon's writes.
+    pub fn claim_shared(&self) -> Result<(), StoreError> {
+        self.claim_as(false)
+    }
+
+    fn claim_as(&self, exclusive: bool) -> Result<(), StoreError> {
+        self.block(move |inner| async move {
             use std::sync::atomic::Ordering;
             let mut claim = inner.claim.lock().await;
             if claim.is_some() {
@@ -270,10 +281,17 @@ impl PgStore {
                 let _ = connection.await;
                 flag.store(true, Ordering::SeqCst);
             });
-            let held: bool =
-                client.query_one("SELECT pg_try_advisory_lock($1)", &[&CLAIM_LOCK]).await.map_err(sql)?.get(0);
+            let lock = match exclusive {
+                true => "SELECT pg_try_advisory_lock($1)",
+                false => "SELECT pg_try_advisory_lock_shared($1)",
+            };
+            let held: bool = client.query_one(lock, &[&CLAIM_LOCK]).await.map_err(sql)?.get(0);
             if !held {
                 return Err(StoreError::InUse);
+            }
+            if !exclusive {
+                *claim = Some(client);
+                return Ok(());
             }
             let epoch: i64 = inner
                 .pool

@@ -170,8 +170,12 @@ impl Actor {
 
     async fn on_wake(&mut self) {
         let now = self.shared.clock.now();
-        let Some((at, action)) = self.next() else { return };
         let key = self.machine.key();
+        if !self.shared.acts_on(key) {
+            // Another daemon's now (a shared store): it does the work.
+            return self.shared.deadlines.set(key, None);
+        }
+        let Some((at, action)) = self.next() else { return };
         let calls_provider = !matches!(action, Action::ExpireFlow | Action::ExpireToken);
         if at <= now && calls_provider && self.shared.store_health.failing().is_some() {
             // An answer that cannot be saved (a rotated token, say) must not be asked for.
@@ -190,7 +194,18 @@ impl Actor {
     }
 
     fn reschedule(&self) {
-        self.shared.deadlines.set(self.machine.key(), self.next().map(|(at, _)| at));
+        let key = self.machine.key();
+        let next = self.next().filter(|_| self.shared.acts_on(key));
+        self.shared.deadlines.set(key, next.map(|(at, _)| at));
+    }
+
+    /// Whether this daemon may call the provider for this connection: always, unless daemons
+    /// share the store and this one does not hold its lease (or could not renew its own).
+    fn may_call(&self) -> Result<(), DaemonError> {
+        match self.shared.acts_on(self.machine.key()) {
+            true => Ok(()),
+            false => Err(DaemonError::NotHolder(format!("{} is not held here", self.machine.key()))),
+        }
     }
 
     fn view(&self) -> ConnectionView {
@@ -273,6 +288,7 @@ impl Actor {
         }
         let manifest = self.provider.provider().manifest();
         let flow = flow.unwrap_or_else(|| manifest.flows[0].flow.to_owned());
+        self.may_call()?;
         // The input (a password, say) is moved into the call and dropped with it.
         let begun = self.provider.begin(&flow, input, self.shared.clock.now()).await?;
         let mut reply = ConnectReply { pending: None, interval: None, connection: self.view() };
@@ -314,6 +330,7 @@ impl Actor {
         let Some(flow) = self.machine.pending_flow().cloned() else {
             return Ok(());
         };
+        self.may_call()?;
         let answer = self.provider.poll(&flow, self.shared.clock.now()).await;
         self.flow_answer(&flow, answer).await
     }
@@ -349,6 +366,7 @@ impl Actor {
         if now >= flow.expires_at {
             return Err(CallbackError::Expired);
         }
+        self.may_call()?;
         let answer = self.provider.complete(&flow, &query, now).await;
         self.flow_answer(&flow, answer).await?;
         Ok(self.view())
@@ -370,6 +388,7 @@ impl Actor {
             return Ok(());
         };
         let last = self.machine.connection().validated_at.unwrap_or(self.machine.connection().since);
+        self.may_call()?;
         let event = match self.provider.validate(&grant).await {
             Verdict::Valid(Identity { account, grant: learned }) => {
                 // A token with no refresh that nears its end: said once at each notice point.
@@ -396,6 +415,7 @@ impl Actor {
             return Ok(());
         };
         let in_doubt = self.refresh_in_doubt();
+        self.may_call()?;
         // Write-ahead: the store says a refresh is under way before it goes out (unless it
         // says so already), and the outcome below always replaces that.
         if !in_doubt {
@@ -434,6 +454,9 @@ impl Actor {
             match effect {
                 Effect::Validate => self.validate_now().await?,
                 Effect::Revoke(grant) => {
+                    if self.may_call().is_err() {
+                        continue;
+                    }
                     if let Err(error) = self.provider.revoke(grant).await {
                         warn!(connection = %self.machine.key(), %error, "could not revoke upstream");
                     }
@@ -491,6 +514,11 @@ impl Actor {
         loop {
             let commit = Commit { machine: next.clone(), transition: step.transition.clone() };
             let outcome = self.shared.committer.commit(commit).await;
+            if matches!(&outcome, Err(e) if e == super::committer::NOT_HOLDER) {
+                // Another daemon holds it: this change is not to be written, nor retried.
+                error!(connection = %next.key(), "the lease passed to another daemon; this change is not written");
+                return Err(DaemonError::NotHolder(format!("{} passed to another daemon", next.key())));
+            }
             self.shared
                 .store_health
                 .record(outcome.as_ref().map(drop).map_err(String::as_str), self.shared.clock.now());

@@ -3,7 +3,8 @@
 //! transaction has committed.
 
 use crate::metrics::Metrics;
-use authkeeper_state::{Commit, ConnectionStore};
+use authkeeper_state::{Commit, ConnectionStore, StoreError};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -16,6 +17,9 @@ struct Job {
     commit: Commit,
     done: oneshot::Sender<Result<(), String>>,
 }
+
+/// What a commit of a connection another daemon holds (a shared store) answers.
+pub const NOT_HOLDER: &str = "another daemon holds this connection's lease: the change was not written";
 
 #[derive(Clone)]
 pub struct Committer {
@@ -41,10 +45,20 @@ impl Committer {
                     let (commits, waiters): (Vec<Commit>, Vec<_>) =
                         jobs.into_iter().map(|j| (j.commit, j.done)).unzip();
                     let started = std::time::Instant::now();
-                    let result = store.commit(&commits).map_err(|e| e.to_string());
+                    let result = store.commit(&commits);
                     metrics.commit(commits.len(), started.elapsed());
-                    for done in waiters {
-                        let _ = done.send(result.clone());
+                    // A shared store writes what this daemon holds and refuses the rest.
+                    let refused: HashSet<String> = match &result {
+                        Err(StoreError::NotOwnerOf(keys)) => keys.iter().cloned().collect(),
+                        _ => HashSet::new(),
+                    };
+                    let result = match result {
+                        Ok(()) | Err(StoreError::NotOwnerOf(_)) => Ok(()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    for (commit, done) in commits.iter().zip(waiters) {
+                        let refused = !refused.is_empty() && refused.contains(&commit.machine.key().to_string());
+                        let _ = done.send(if refused { Err(NOT_HOLDER.to_owned()) } else { result.clone() });
                     }
                 }
             })

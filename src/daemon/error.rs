@@ -50,6 +50,9 @@ pub enum DaemonError {
     Edit(#[from] EditError),
     #[error("{0}")]
     Internal(String),
+    /// Another daemon sharing the store holds the connection (or this one's lease lapsed).
+    #[error("another authkeeper daemon holds this connection: {0}; try again")]
+    NotHolder(String),
 }
 
 impl DaemonError {

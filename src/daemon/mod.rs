@@ -7,6 +7,8 @@ mod committer;
 mod config_owner;
 mod deadlines;
 mod error;
+mod inboxes;
+mod leases;
 mod next;
 mod schedules;
 mod systemd;
@@ -17,6 +19,7 @@ pub use committer::Committer;
 pub use config_owner::ConfigCommand;
 pub use deadlines::{Deadlines, Stats as SchedulerStats};
 pub use error::{CallbackError, DaemonError};
+pub use leases::Leases;
 pub use next::with_refresh_slot;
 pub use write_back::{StoreHealth, WriteBacks};
 
@@ -32,7 +35,7 @@ use crate::providers::{self, Adapter};
 use crate::socket::ControlSocket;
 use crate::web::{Callbacks, PublicUrl};
 use crate::wire::{ConnectionView, WireEvent};
-use actor::{Actor, INBOX};
+
 use anyhow::Context;
 use authkeeper_state::{ConnKey, ConnectionStore, Machine, Policy, Store, Transition};
 use chrono::{DateTime, Utc};
@@ -123,6 +126,13 @@ pub struct Shared {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The hook settings in force (`authkeeper.hooks`).
     pub hooks: crate::hooks::Current,
+    /// The other daemons' transitions (a shared store), for `/v1/events` only: hooks and
+    /// metrics are the business of the daemon that made them.
+    pub remote_events: broadcast::Sender<WireEvent>,
+    /// Leases, when daemons share the store: this one acts only on the connections it holds.
+    pub leases: Option<Arc<Leases>>,
+    /// Something the daemon cannot go on after (its lease lapsed): it stops.
+    pub fatal: tokio::sync::Notify,
     actors: TaskTracker,
 }
 
@@ -157,15 +167,41 @@ impl Shared {
 
     pub fn publish_transition(&self, key: &ConnKey, t: &Transition) {
         self.metrics.transition(&key.provider, t.cause);
-        let _ = self.events.send(WireEvent::Transition {
-            provider: key.provider.to_string(),
-            profile: key.profile.to_string(),
-            from: t.from,
-            to: t.to,
-            cause: t.cause,
-            at: t.at,
-            detail: t.detail.clone(),
-        });
+        let _ = self.events.send(transition_event(key, t));
+    }
+
+    /// Another daemon's transition (read from the shared store): shown on `/v1/events` only.
+    pub fn publish_remote_transition(&self, key: &ConnKey, t: &Transition) {
+        let _ = self.remote_events.send(transition_event(key, t));
+    }
+
+    /// Whether this daemon acts on `key`: always, unless daemons share the store and another
+    /// holds it.
+    pub fn acts_on(&self, key: &ConnKey) -> bool {
+        self.leases.as_ref().is_none_or(|l| l.holds(key))
+    }
+
+    /// `machine` (another daemon's, or the store's) as `key`'s state, unless a task holds it.
+    pub fn replace_if_asleep(&self, key: &ConnKey, machine: Machine) {
+        if let Some(slot) = self.conns.write().unwrap().get_mut(key)
+            && matches!(slot.owner, Owner::Asleep(_))
+        {
+            slot.committed = Arc::new(machine);
+        }
+    }
+
+    /// Schedule `key` from its slot's machine, as at start-up (a pending flow resumes).
+    pub fn schedule(self: &Arc<Self>, key: &ConnKey) {
+        let machine = match self.conns.read().unwrap().get(key) {
+            Some(slot) => slot.committed.clone(),
+            None => return,
+        };
+        if machine.pending_flow().is_some() {
+            self.deadlines.set(key, None);
+            let _ = self.try_send(key, Command::Resume);
+        } else {
+            self.deadlines.set(key, actor::next_for(&machine, None, self).map(|(at, _)| at));
+        }
     }
 
     pub fn publish_warning(&self, key: Option<&ConnKey>, message: String, next_attempt_at: Option<DateTime<Utc>>) {
@@ -221,9 +257,12 @@ impl Shared {
             if let Some(state) = machine.pending_flow().and_then(|f| f.secret("state")) {
                 self.callbacks.insert(state.expose(), &key);
             }
+            // Another daemon's (a shared store): not scheduled here.
+            if !self.acts_on(&key) {
+                none.push(key.clone());
             // A resumed flow is scheduled by its `Resume`, which waits one interval first: a
             // deadline set here could poll before that, too soon after the last daemon's poll.
-            if machine.pending_flow().is_some() {
+            } else if machine.pending_flow().is_some() {
                 resumed.push(key.clone());
             } else {
                 match actor::next_for(&machine, None, self) {
@@ -249,88 +288,6 @@ impl Shared {
             let _ = self.try_send(&key, Command::Resume);
         }
     }
-
-    /// The inbox of `key`'s task, starting the task if the connection is asleep.
-    fn inbox(self: &Arc<Self>, key: &ConnKey) -> Result<mpsc::Sender<Command>, DaemonError> {
-        let awake = self.lookup(&key.provider, &key.profile, |s| match &s.owner {
-            Owner::Awake(tx) => Some(self.open(tx.clone())),
-            Owner::Asleep(_) => None,
-        })?;
-        if let Some(inbox) = awake {
-            return inbox;
-        }
-        let mut conns = self.conns.write().unwrap();
-        let slot = conns.get_mut(key).ok_or_else(|| DaemonError::unknown_profile(&key.provider, &key.profile))?;
-        match &slot.owner {
-            Owner::Awake(tx) => self.open(tx.clone()),
-            Owner::Asleep(_) => {
-                let (tx, inbox) = mpsc::channel(INBOX);
-                let Owner::Asleep(dormant) = std::mem::replace(&mut slot.owner, Owner::Awake(tx.clone())) else {
-                    unreachable!("matched above")
-                };
-                let machine = Machine::clone(&slot.committed);
-                let actor = Actor::new(machine, slot.adapter.clone(), *dormant, self.clone(), inbox);
-                self.actors.spawn(actor.run(self.shutdown.clone()));
-                Ok(tx)
-            }
-        }
-    }
-
-    /// `tx` if its task still takes commands. Called under the map's lock, under which a task
-    /// going to sleep also swaps its inbox: a closed one in a slot means the task is gone.
-    fn open(&self, tx: mpsc::Sender<Command>) -> Result<mpsc::Sender<Command>, DaemonError> {
-        match (tx.is_closed(), *self.shutdown.borrow()) {
-            (false, _) => Ok(tx),
-            (true, true) => Err(DaemonError::ShuttingDown),
-            (true, false) => Err(DaemonError::OwnerGone),
-        }
-    }
-
-    /// Hand `command` to `key`'s task, waiting while its inbox is full.
-    pub async fn send(self: &Arc<Self>, key: &ConnKey, mut command: Command) -> Result<(), DaemonError> {
-        loop {
-            match self.inbox(key)?.send(command).await {
-                Ok(()) => return Ok(()),
-                // The task went to sleep after we took its inbox: wake it again.
-                Err(mpsc::error::SendError(c)) if !*self.shutdown.borrow() => command = c,
-                Err(_) => return Err(DaemonError::ShuttingDown),
-            }
-        }
-    }
-
-    /// Hand `command` to `key`'s task unless its inbox is full (it is busy).
-    pub fn try_send(self: &Arc<Self>, key: &ConnKey, mut command: Command) -> Result<(), DaemonError> {
-        loop {
-            match self.inbox(key)?.try_send(command) {
-                Ok(()) => return Ok(()),
-                Err(mpsc::error::TrySendError::Closed(c)) if !*self.shutdown.borrow() => command = c,
-                Err(_) => return Err(DaemonError::Busy),
-            }
-        }
-    }
-
-    /// Ask a connection something and wait for the answer.
-    pub async fn ask<T>(
-        self: &Arc<Self>,
-        key: &ConnKey,
-        make: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, DaemonError>>) -> Command,
-    ) -> Result<T, DaemonError> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.send(key, make(reply)).await?;
-        answer.await.map_err(|_| DaemonError::ShuttingDown)?
-    }
-
-    /// New work from a user, unless the store cannot save what it would change.
-    pub async fn ask_new<T>(
-        self: &Arc<Self>,
-        key: &ConnKey,
-        make: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, DaemonError>>) -> Command,
-    ) -> Result<T, DaemonError> {
-        if let Some(error) = self.store_health.failing() {
-            return Err(DaemonError::StoreUnwritable(error));
-        }
-        self.ask(key, make).await
-    }
 }
 
 /// How to run a daemon.
@@ -341,11 +298,13 @@ pub struct Options {
     pub store: Option<Arc<dyn ConnectionStore>>,
     /// Seals the secrets in `<state_dir>/authkeeper.redb` (not used with `store`).
     pub secrets: Option<authkeeper_state::Sealer>,
+    /// This daemon's membership of a store shared with other daemons.
+    pub leases: Option<Arc<Leases>>,
 }
 
 impl Options {
     pub fn new(paths: Paths, clock: Arc<dyn Clock>) -> Self {
-        Self { paths, clock, store: None, secrets: None }
+        Self { paths, clock, store: None, secrets: None, leases: None }
     }
 }
 
@@ -392,8 +351,13 @@ impl Running {
         let _ = self.hooks.await;
         self.shared.conns.write().unwrap().clear();
         let Running { commit_thread, shared, .. } = self;
+        let leases = shared.leases.clone();
         drop(shared);
         tokio::task::spawn_blocking(move || commit_thread.join()).await.ok();
+        // Every change is committed: the other daemons may take the connections over now.
+        if let Some(leases) = leases {
+            tokio::task::spawn_blocking(move || leases.leave()).await.ok();
+        }
         info!("authkeeper stopped");
         served.context("the socket server panicked")?.context("the socket server failed")?;
         Ok(())
@@ -405,14 +369,21 @@ pub async fn run(opts: Options, shutdown: impl std::future::Future<Output = ()>)
     let running = start(opts).await?;
     systemd::ready(running.shared.conns.read().unwrap().len());
     systemd::watchdog(running.stop.subscribe());
-    shutdown.await;
+    let shared = running.shared.clone();
+    let fatal = tokio::select! {
+        _ = shutdown => false,
+        _ = shared.fatal.notified() => true,
+    };
+    drop(shared);
     info!("shutting down");
     systemd::stopping();
-    running.stop().await
+    running.stop().await?;
+    anyhow::ensure!(!fatal, "stopped: this daemon's lease on the shared store lapsed");
+    Ok(())
 }
 
 pub async fn start(opts: Options) -> anyhow::Result<Running> {
-    let Options { paths, clock, store, secrets } = opts;
+    let Options { paths, clock, store, secrets, leases } = opts;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -433,6 +404,12 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
     };
     let stored = store.load_all().context("cannot load connections")?;
     let profile_states = store.profile_states().context("cannot load provider state")?;
+    if let Some(leases) = &leases {
+        let held = leases
+            .take_share(stored.iter().map(|s| s.machine.key().clone()))
+            .context("cannot take this daemon's share of the connections")?;
+        info!(member = leases.id(), held, of = stored.len(), "sharing the store with other daemons");
+    }
 
     let metrics = Arc::new(crate::metrics::Metrics::default());
     let (committer, commit_thread) = Committer::spawn(store.clone(), metrics.clone());
@@ -446,6 +423,9 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
         store_health: StoreHealth::default(),
         write_backs: WriteBacks::default(),
         events: broadcast::channel(4096).0,
+        remote_events: broadcast::channel(4096).0,
+        leases: leases.clone(),
+        fatal: tokio::sync::Notify::new(),
         conns: RwLock::new(BTreeMap::new()),
         config: RwLock::new(ConfigHealth::default()),
         config_tx,
@@ -474,6 +454,9 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
         actors: TaskTracker::new(),
     });
     let scheduler = tokio::spawn(shared.deadlines.clone().run(shared.clone(), shutdown.clone()));
+    if let Some(leases) = &leases {
+        tokio::spawn(leases.clone().run(shared.clone(), shutdown.clone()));
+    }
     tokio::spawn(crate::links::watch(shared.clone(), shutdown.clone()));
 
     // Bind first, to fail fast when another daemon answers there; serve once connections exist.
@@ -507,6 +490,19 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
         "authkeeper ready"
     );
     Ok(Running { socket: socket_path, stop, server, web, owner, scheduler, hooks, drain_hooks, commit_thread, shared })
+}
+
+/// A transition as `/v1/events` shows it.
+fn transition_event(key: &ConnKey, t: &Transition) -> WireEvent {
+    WireEvent::Transition {
+        provider: key.provider.to_string(),
+        profile: key.profile.to_string(),
+        from: t.from,
+        to: t.to,
+        cause: t.cause,
+        at: t.at,
+        detail: t.detail.clone(),
+    }
 }
 
 /// An id from a request, cut for a message (quote it with `{:?}`): at most 64 characters.

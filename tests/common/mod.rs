@@ -87,10 +87,30 @@ impl Harness {
 
     /// [`Harness::start_daemon`] with more options for `authkeeper daemon`.
     pub async fn start_daemon_with(&self, options: &[&str]) -> Daemon {
+        self.spawn_daemon(self.args(), self.socket(), self.log_path(), options).await
+    }
+
+    /// A second daemon (`node`) on the same config: its own socket (`dir/node/s.sock`), state
+    /// directory and log (`dir/node.log`).
+    pub async fn start_node(&self, node: &str, options: &[&str]) -> Daemon {
+        let home = self.dir.path().join(node);
+        let socket = home.join("s.sock");
+        let args = vec![
+            "--config".into(),
+            self.config_path().display().to_string(),
+            "--state-dir".into(),
+            home.join("state").display().to_string(),
+            "--socket".into(),
+            socket.display().to_string(),
+        ];
+        self.spawn_daemon(args, socket, self.dir.path().join(format!("{node}.log")), options).await
+    }
+
+    async fn spawn_daemon(&self, args: Vec<String>, socket: PathBuf, log_path: PathBuf, options: &[&str]) -> Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_authkeeper"))
             .arg("daemon")
             .args(options)
-            .args(self.args())
+            .args(args)
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -99,7 +119,7 @@ impl Harness {
             .spawn()
             .expect("the daemon starts");
         let stderr = child.stderr.take().unwrap();
-        let mut log = tokio::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).await.unwrap();
+        let mut log = tokio::fs::OpenOptions::new().create(true).append(true).open(&log_path).await.unwrap();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let logger = tokio::spawn(async move {
             let mut lines = BufReader::new(stderr).lines();
@@ -115,11 +135,10 @@ impl Harness {
                 }
             }
         });
-        tokio::time::timeout(PATIENCE, ready_rx)
-            .await
-            .expect("the daemon got ready in time")
-            .unwrap_or_else(|_| panic!("the daemon exited before it was ready:\n{}", self.log()));
-        Daemon { child, socket: self.socket(), logger }
+        tokio::time::timeout(PATIENCE, ready_rx).await.expect("the daemon got ready in time").unwrap_or_else(|_| {
+            panic!("the daemon exited before it was ready:\n{}", std::fs::read_to_string(&log_path).unwrap_or_default())
+        });
+        Daemon { child, socket, logger }
     }
 
     pub fn client(&self) -> Client {
@@ -173,6 +192,24 @@ impl Harness {
 }
 
 impl Daemon {
+    /// A client of this daemon's socket.
+    pub fn client(&self) -> Client {
+        Client::new(&self.socket)
+    }
+
+    /// Send a signal by name (`STOP`, `CONT`, …).
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill").arg(format!("-{name}")).arg(self.pid().to_string()).status();
+        assert!(status.unwrap().success());
+    }
+
+    /// Wait for the daemon to exit by itself; its exit code.
+    pub async fn exited(mut self) -> i32 {
+        let status = tokio::time::timeout(PATIENCE, self.child.wait()).await.expect("exits in time").unwrap();
+        let _ = tokio::time::timeout(PATIENCE, self.logger).await;
+        status.code().unwrap_or(-1)
+    }
+
     /// The daemon's process id.
     pub fn pid(&self) -> u32 {
         self.child.id().expect("the daemon runs")

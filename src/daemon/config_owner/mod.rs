@@ -413,7 +413,7 @@ impl ConfigOwner {
                     if self.shared.lookup(&key.provider, &key.profile, |_| ()).is_ok() {
                         // An owner's connection by that name: the config declares it from now on.
                         self.shared.set_adapter(&key, adapter.clone(), None);
-                        let _ = self.shared.ask(&key, |reply| Command::Reconfigure(adapter, reply)).await;
+                        let _ = self.shared.ask_held(&key, |reply| Command::Reconfigure(adapter, reply)).await;
                     } else {
                         let machine = Machine::new(key.clone(), self.shared.clock.now());
                         self.shared.add_connection(machine, adapter, None);
@@ -432,7 +432,7 @@ impl ConfigOwner {
                         let adapter = self.adapter(&key, &profile);
                         self.save_states().await;
                         self.shared.set_adapter(&key, adapter.clone(), None);
-                        let _ = self.shared.ask(&key, |reply| Command::Reconfigure(adapter, reply)).await;
+                        let _ = self.shared.ask_held(&key, |reply| Command::Reconfigure(adapter, reply)).await;
                         save.push(key.clone());
                     }
                     let imported = credential && self.import(&key).await;
@@ -469,10 +469,15 @@ impl ConfigOwner {
         let new = seen.as_deref() != Some(digest.as_slice()) && held.as_ref() != Some(&grant.access_token);
         if new {
             info!(connection = %key, "importing the credential found in the config file");
-            if let Err(e) = self.shared.ask(key, |reply| Command::Import(grant, reply)).await {
-                // Not marked as seen: it is tried again at the next load.
-                warn!(connection = %key, error = %e, "credential in the config file not imported");
-                return false;
+            match self.shared.ask_held(key, |reply| Command::Import(grant, reply)).await {
+                Ok(_) => {}
+                // Another daemon's (a shared store): its own reading of the config imports it.
+                Err(DaemonError::NotHolder(_)) => return false,
+                Err(e) => {
+                    // Not marked as seen: it is tried again at the next load.
+                    warn!(connection = %key, error = %e, "credential in the config file not imported");
+                    return false;
+                }
             }
         }
         self.remember(key, digest).await;
@@ -505,8 +510,14 @@ impl ConfigOwner {
         if let Some(write) = self.settings_write.take() {
             let _ = write.await;
         }
-        if let Err(e) = self.shared.ask(key, Command::Remove).await {
-            warn!(connection = %key, error = %e, "removal did not complete");
+        match self.shared.ask_held(key, Command::Remove).await {
+            Ok(_) => {}
+            // Another daemon's (a shared store): it removes it from the store; here it just goes.
+            Err(DaemonError::NotHolder(_)) => {
+                self.shared.conns.write().unwrap().remove(key);
+                return;
+            }
+            Err(e) => warn!(connection = %key, error = %e, "removal did not complete"),
         }
         self.shared.conns.write().unwrap().remove(key);
         let store = self.shared.store.clone();
