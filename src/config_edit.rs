@@ -93,6 +93,21 @@ fn cst(v: serde_json::Value) -> CstInputValue {
     }
 }
 
+/// An exclusive lock on a config file's directory, held from reading the file to writing it
+/// back: daemons sharing one config file take turns at editing it, so that no edit is written
+/// over another that the editor never read.
+pub struct EditLock {
+    _held: std::fs::File,
+}
+
+pub fn lock(path: &Path) -> Result<EditLock, EditError> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let io = |e| EditError::Io(dir.display().to_string(), e);
+    let file = std::fs::File::open(dir).map_err(io)?;
+    file.lock().map_err(io)?;
+    Ok(EditLock { _held: file })
+}
+
 /// Replace `path` with `text` atomically. An existing file keeps its mode; a new one is 0600.
 /// With `secret`, refuse when group or others could read the result.
 pub fn write_atomically(path: &Path, text: &str, secret: bool) -> Result<(), EditError> {

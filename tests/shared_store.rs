@@ -182,3 +182,27 @@ async fn a_daemon_paused_past_its_lease_writes_nothing_when_it_wakes() {
     }
     assert_eq!(b.stop().await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_adding_profiles_to_one_config_file_lose_none_and_share_no_number() {
+    let Some(s) = shared(0, 3600).await else { return };
+    let (a, b) = (s.node("a").await, s.node("b").await);
+    let add = |client: authkeeper::client::Client| async move {
+        let mut ids = Vec::new();
+        for _ in 0..20 {
+            let added: Value = client.post("/v1/providers/trakt/profiles", None).await.unwrap();
+            ids.push(added["profile"].as_str().unwrap_or_default().to_owned());
+        }
+        ids
+    };
+    let (from_a, from_b) = tokio::join!(add(a.client()), add(b.client()));
+    let mut all: Vec<String> = from_a.into_iter().chain(from_b).collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 40, "forty distinct profiles: {all:?}");
+    let config: Value = serde_json::from_slice(&std::fs::read(s.h.config_path()).unwrap()).unwrap();
+    let declared = config["trakt"]["instances"].as_object().map(|o| o.len()).unwrap_or(0);
+    assert_eq!(declared, 40, "every one is in the file: {}", config["trakt"]);
+    assert_eq!(a.stop().await, 0);
+    assert_eq!(b.stop().await, 0);
+}

@@ -105,6 +105,12 @@ enum Scenario {
         #[arg(long, value_delimiter = ',', default_value = "100000")]
         sizes: Vec<usize>,
     },
+    /// Two daemons sharing N connections on PostgreSQL: start, memory, and how long until the
+    /// connections are spread over both, against one daemon on redb
+    PgShared {
+        #[arg(long, default_value_t = 1_000_000)]
+        connections: usize,
+    },
     /// Token lookups over the socket with 1, 8, 32 and 128 clients, against a bare hyper server
     /// answering the same bytes (and through `oha`, when it is installed)
     Tokens {
@@ -598,6 +604,7 @@ async fn main() -> anyhow::Result<()> {
             commits(connections, each, baseline, rounds, postgres).await
         }
         Scenario::PgScale { sizes } => pg::scale(&sizes).await,
+        Scenario::PgShared { connections } => pg::shared(connections).await,
         Scenario::Tokens { secs, rounds, clients } => tokens(Duration::from_secs_f64(secs), rounds, &clients).await,
         Scenario::Scale { sizes } => scale(&sizes).await,
         Scenario::Startup => startup::startup().await,

@@ -421,6 +421,8 @@ impl Actor {
         if !in_doubt {
             self.commit(&self.machine.awaiting_refresh(), &Step::default()).await?;
         }
+        // Again, right before the call: a daemon paused in between may have lost the lease.
+        self.may_call()?;
         let event = match self.provider.refresh(&grant, self.shared.clock.now()).await {
             Verdict::Valid(fresh) => {
                 let answered = std::time::Instant::now();

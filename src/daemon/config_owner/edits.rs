@@ -13,7 +13,13 @@ use tracing::{error, info, warn};
 impl ConfigOwner {
     /// Bring `self.text` up to date with the file before editing it, so a user's edit that the
     /// watcher has not delivered yet is applied, not overwritten.
-    async fn catch_up(&mut self) -> Result<String, DaemonError> {
+    /// The file as it is now, applied if it changed, and the lock to hold until it is written.
+    async fn catch_up(&mut self) -> Result<(String, config_edit::EditLock), DaemonError> {
+        let lock = config_edit::lock(&self.path)?;
+        self.read_current().await.map(|text| (text, lock))
+    }
+
+    async fn read_current(&mut self) -> Result<String, DaemonError> {
         match std::fs::read_to_string(&self.path) {
             Ok(current) => {
                 if self.text.as_deref() != Some(current.as_str()) {
@@ -44,7 +50,7 @@ impl ConfigOwner {
                 p.manifest().block
             )));
         }
-        let text = self.catch_up().await?;
+        let (text, _lock) = self.catch_up().await?;
         let store = self.shared.store.clone();
         let (name, in_use) = (provider.to_owned(), self.config.highest_profile(provider));
         let number = tokio::task::spawn_blocking(move || store.allocate_profile(&name, in_use))
@@ -88,7 +94,7 @@ impl ConfigOwner {
                 "the default profile is the provider's base block; it cannot be removed".into(),
             ));
         }
-        let text = self.catch_up().await?;
+        let (text, _lock) = self.catch_up().await?;
         let named = p.manifest().named_profiles || profile_number(profile).is_some();
         if !named || !self.config.profiles.contains_key(&ConnKey::new(provider, profile)) {
             return Err(DaemonError::unknown_profile(provider, profile));
@@ -132,7 +138,7 @@ impl ConfigOwner {
         &mut self,
         queued: &std::collections::BTreeMap<ConnKey, Option<authkeeper_state::Grant>>,
     ) -> Result<(), DaemonError> {
-        let text = self.catch_up().await?;
+        let (text, _lock) = self.catch_up().await?;
         let mut edited = text.clone();
         let mut written = Vec::new();
         for (key, grant) in queued {
