@@ -114,9 +114,20 @@ impl PgStore {
     }
 
     /// Take the leases of `keys` that are free (no holder, or one that is no live member, and
-    /// not let go for another live member that asked for it) or already this member's; returns the keys now held, each with its connection as stored
-    /// (`None` when it has no row yet), read after the lease was taken.
+    /// not let go for another live member that asked for it) or already this member's; returns
+    /// the keys now held, each with its connection as stored (`None` when it has no row yet),
+    /// read after the lease was taken.
     pub fn acquire(&self, keys: &[String]) -> Result<Vec<(String, Option<Machine>)>, StoreError> {
+        self.take_leases(keys, true)
+    }
+
+    /// [`PgStore::acquire`] without reading the connections (start-up, which has just loaded
+    /// them): the keys now held.
+    pub fn acquire_only(&self, keys: &[String]) -> Result<Vec<String>, StoreError> {
+        Ok(self.take_leases(keys, false)?.into_iter().map(|(k, _)| k).collect())
+    }
+
+    fn take_leases(&self, keys: &[String], read: bool) -> Result<Vec<(String, Option<Machine>)>, StoreError> {
         let me = self.inner.member().ok_or(StoreError::NotOwner)?;
         let keys = keys.to_vec();
         self.block(move |inner| async move {
@@ -137,7 +148,10 @@ impl PgStore {
                 .await
                 .map_err(sql)?;
             let taken: Vec<String> = rows.into_iter().map(|r| r.get(0)).collect();
-            let machines = read_machines(&inner, &tx, &taken).await?;
+            let machines = match read {
+                true => read_machines(&inner, &tx, &taken).await?,
+                false => taken.into_iter().map(|k| (k, None)).collect(),
+            };
             tx.commit().await.map_err(sql)?;
             Ok(machines)
         })
@@ -156,7 +170,7 @@ impl PgStore {
                 )
                 .await
                 .map_err(sql)?;
-            client.execute("SELECT pg_notify('authkeeper_leases', '')", &[]).await.map_err(sql)?;
+            client.execute("SELECT pg_notify('authkeeper_leases', 'released')", &[]).await.map_err(sql)?;
             Ok(())
         })
     }
@@ -175,8 +189,24 @@ impl PgStore {
                 )
                 .await
                 .map_err(sql)?;
-            client.execute("SELECT pg_notify('authkeeper_leases', '')", &[]).await.map_err(sql)?;
+            client.execute("SELECT pg_notify('authkeeper_leases', 'wanted')", &[]).await.map_err(sql)?;
             Ok(())
+        })
+    }
+
+    /// The keys this member holds that another member asked for.
+    pub fn wanted(&self) -> Result<Vec<String>, StoreError> {
+        let me = self.inner.member().ok_or(StoreError::NotOwner)?;
+        self.block(move |inner| async move {
+            let client = inner.pool.get().await.map_err(pool)?;
+            let rows = client
+                .query(
+                    "SELECT key FROM authkeeper.leases WHERE holder = $1 AND wanted_by IS NOT NULL ORDER BY key",
+                    &[&me],
+                )
+                .await
+                .map_err(sql)?;
+            Ok(rows.into_iter().map(|r| r.get(0)).collect())
         })
     }
 
@@ -209,7 +239,7 @@ impl PgStore {
                 .await
                 .map_err(sql)?;
             client.execute("DELETE FROM authkeeper.members WHERE id = $1", &[&me]).await.map_err(sql)?;
-            client.execute("SELECT pg_notify('authkeeper_leases', '')", &[]).await.map_err(sql)?;
+            client.execute("SELECT pg_notify('authkeeper_leases', 'released')", &[]).await.map_err(sql)?;
             Ok(())
         })
     }
@@ -254,8 +284,9 @@ impl PgStore {
         })
     }
 
-    /// A receiver told of every `NOTIFY` on `authkeeper_commits` and `authkeeper_leases`
-    /// (the channel's name), on a connection of its own; it ends when that connection does.
+    /// A receiver told of every `NOTIFY` on `authkeeper_commits` and `authkeeper_leases`, as
+    /// `channel/payload` (`authkeeper_leases/released`, `authkeeper_leases/wanted`), on a
+    /// connection of its own; it ends when that connection does.
     pub fn notifications(&self) -> Result<tokio::sync::mpsc::UnboundedReceiver<String>, StoreError> {
         self.block(|inner| async move {
             let (client, mut connection) = inner.config.connect(inner.tls.clone()).await.map_err(sql)?;
@@ -264,7 +295,7 @@ impl PgStore {
                 let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
                 while let Some(Ok(message)) = futures_util::StreamExt::next(&mut messages).await {
                     if let tokio_postgres::AsyncMessage::Notification(n) = message
-                        && tx.send(n.channel().to_owned()).is_err()
+                        && tx.send(format!("{}/{}", n.channel(), n.payload())).is_err()
                     {
                         break;
                     }
@@ -335,20 +366,40 @@ impl PgStore {
 }
 
 impl PgStore {
-    /// Connections whose lease is free: none yet, no holder, or a holder that is no live member.
-    pub fn free(&self) -> Result<Vec<String>, StoreError> {
-        self.block(|inner| async move {
+    /// Connections whose lease is free: none yet, no holder, or a holder that is no live member;
+    /// each with whether this member asked for it (it is then this member's to take).
+    pub fn free(&self) -> Result<Vec<(String, bool)>, StoreError> {
+        let me = self.inner.member();
+        self.block(move |inner| async move {
             let client = inner.pool.get().await.map_err(pool)?;
             let rows = client
                 .query(
-                    "SELECT c.key FROM authkeeper.connections c LEFT JOIN authkeeper.leases l ON l.key = c.key
+                    "SELECT c.key, l.wanted_by IS NOT DISTINCT FROM $1 AND l.wanted_by IS NOT NULL
+                     FROM authkeeper.connections c LEFT JOIN authkeeper.leases l ON l.key = c.key
                      WHERE l.holder IS NULL OR NOT EXISTS (
                          SELECT 1 FROM authkeeper.members m WHERE m.id = l.holder AND m.expires_at > now())",
-                    &[],
+                    &[&me],
                 )
                 .await
                 .map_err(sql)?;
-            Ok(rows.into_iter().map(|r| r.get(0)).collect())
+            Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
+    }
+
+    /// Take back a request for `key`'s lease (the command that wanted it gave up waiting).
+    pub fn unwant(&self, key: &str) -> Result<(), StoreError> {
+        let me = self.inner.member().ok_or(StoreError::NotOwner)?;
+        let key = key.to_owned();
+        self.block(move |inner| async move {
+            let client = inner.pool.get().await.map_err(pool)?;
+            client
+                .execute(
+                    "UPDATE authkeeper.leases SET wanted_by = NULL WHERE key = $1 AND wanted_by = $2",
+                    &[&key, &me],
+                )
+                .await
+                .map_err(sql)?;
+            Ok(())
         })
     }
 }

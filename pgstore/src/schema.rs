@@ -56,6 +56,7 @@ CREATE TABLE authkeeper.leases (
     wanted_by text COLLATE "C"
 );
 CREATE INDEX leases_by_holder ON authkeeper.leases (holder);
+CREATE INDEX leases_wanted ON authkeeper.leases (holder) WHERE wanted_by IS NOT NULL;
 -- every write of a connection takes the next version, so that others read what changed
 CREATE SEQUENCE authkeeper.versions;
 ALTER TABLE authkeeper.connections ADD COLUMN version bigint NOT NULL DEFAULT 0;

@@ -76,6 +76,7 @@ fn a_lease_is_one_members_at_a_time_and_fences_every_write() {
     // B asks for P1; A lets go; B takes it with the connection as A left it.
     b.want("trakt/P1").unwrap();
     assert_eq!(a.held().unwrap().1, ["trakt/P1".to_owned()]);
+    assert_eq!(a.wanted().unwrap(), ["trakt/P1".to_owned()]);
     a.release(&keys[..1]).unwrap();
     let taken = b.acquire(&keys[..1]).unwrap();
     assert_eq!(taken.len(), 1);
@@ -115,7 +116,7 @@ fn members_read_what_the_others_changed_and_are_told_of_it() {
     let (version, seq) = a.position().unwrap();
     let mut told = a.notifications().unwrap();
     b.commit(&[connected("P1", "r1")]).unwrap();
-    assert_eq!(told.blocking_recv().as_deref(), Some("authkeeper_commits"));
+    assert_eq!(told.blocking_recv().as_deref(), Some("authkeeper_commits/"));
     let changes = a.changes(version, seq).unwrap();
     assert_eq!(changes.connections.len(), 1);
     assert_eq!(refresh_token(&changes.connections[0]), "r1");

@@ -20,6 +20,20 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, watch};
 use tracing::{debug, error, info, warn};
 
+/// What made a daemon look at the leases again.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Look {
+    /// Its own renewal: the live members may have changed.
+    Renewal,
+    /// Another daemon let go of leases (handed over, or left).
+    Released,
+    /// Another daemon asked for a lease.
+    Wanted,
+}
+
+/// Every how many renewals every free lease is looked at.
+const SWEEP_EVERY: u32 = 10;
+
 /// How often the others' commits are read when no notification came.
 const CATCH_UP: Duration = Duration::from_secs(1);
 
@@ -39,6 +53,8 @@ pub struct Leases {
     /// Held connections to let go of as soon as they are idle: they belong with another live
     /// member, or one asked for them.
     leaving: Mutex<HashSet<ConnKey>>,
+    /// Renewals so far.
+    renewals: std::sync::atomic::AtomicU32,
     me: String,
 }
 
@@ -84,6 +100,7 @@ impl Leases {
             position: Mutex::new(position),
             members: Mutex::default(),
             leaving: Mutex::default(),
+            renewals: Default::default(),
             me,
         }))
     }
@@ -107,9 +124,9 @@ impl Leases {
         let members = self.store.members()?;
         let mine: Vec<String> =
             keys.map(|k| k.to_string()).filter(|k| winner(&members, k) == Some(self.me.as_str())).collect();
-        let taken = self.store.acquire(&mine)?;
+        let taken = self.store.acquire_only(&mine)?;
         let mut held = self.held.write().unwrap();
-        held.extend(taken.iter().map(|(k, _)| authkeeper_state::store::parse_key(k)));
+        held.extend(taken.iter().map(|k| authkeeper_state::store::parse_key(k)));
         *self.members.lock().unwrap() = members;
         Ok(held.len())
     }
@@ -159,6 +176,9 @@ impl Leases {
             let look = (tokio::time::Instant::now() + self.lease / 3).min(until);
             let _ = tokio::time::timeout_at(look, moved).await;
             if tokio::time::Instant::now() >= until {
+                // Asked no more: a lease let go later is free for whoever it belongs with.
+                let (store, wanted) = (self.store.clone(), key.to_string());
+                let _ = blocking(move || store.unwant(&wanted)).await;
                 return Err(DaemonError::NotHolder(format!("another daemon is busy with {key}")));
             }
         }
@@ -212,34 +232,49 @@ impl Leases {
         }
     }
 
-    /// Hand connections to where they belong: free ones that belong here are taken; idle ones
-    /// that belong with another live member, or that another member asked for, are let go.
-    async fn rebalance(&self, shared: &Arc<Shared>, told: bool) {
+    /// Hand connections to where they belong. When the live members changed (or another let go
+    /// of some), free ones that belong here are taken; when they changed, held ones that belong
+    /// with another live member are let go as they go idle; when another asked for some, those.
+    async fn rebalance(&self, shared: &Arc<Shared>, why: Look) {
         let store = self.store.clone();
         let Ok(members) = blocking(move || store.members()).await else { return };
         let changed = *self.members.lock().unwrap() != members;
-        if !changed && !told {
-            return;
-        }
         *self.members.lock().unwrap() = members.clone();
-        let store = self.store.clone();
-        let Ok(free) = blocking(move || store.free()).await else { return };
-        let mine: Vec<String> = free.into_iter().filter(|k| winner(&members, k) == Some(self.me.as_str())).collect();
-        if !mine.is_empty() {
+        // Now and then, a look at every free lease whatever happened: one let go while nobody
+        // was listening is taken all the same.
+        let sweep = why == Look::Renewal
+            && self.renewals.fetch_add(1, std::sync::atomic::Ordering::Relaxed).is_multiple_of(SWEEP_EVERY);
+        if changed || sweep || why == Look::Released {
             let store = self.store.clone();
-            if let Ok(taken) = blocking(move || store.acquire(&mine)).await {
-                info!(taken = taken.len(), "took connections that belong with this daemon");
-                self.install(shared, taken);
+            let Ok(free) = blocking(move || store.free()).await else { return };
+            // Those that belong here, and those let go because this daemon asked for them.
+            let mine: Vec<String> = free
+                .into_iter()
+                .filter(|(k, asked)| *asked || winner(&members, k) == Some(self.me.as_str()))
+                .map(|(k, _)| k)
+                .collect();
+            if !mine.is_empty() {
+                let store = self.store.clone();
+                if let Ok(taken) = blocking(move || store.acquire(&mine)).await {
+                    info!(taken = taken.len(), "took connections that belong with this daemon");
+                    self.install(shared, taken);
+                }
             }
         }
-        let store = self.store.clone();
-        let Ok((held, wanted)) = blocking(move || store.held()).await else { return };
-        let wanted: HashSet<String> = wanted.into_iter().collect();
-        let leaving = held
-            .into_iter()
-            .filter(|k| wanted.contains(k) || winner(&members, k).is_some_and(|w| w != self.me))
-            .map(|k| authkeeper_state::store::parse_key(&k));
-        *self.leaving.lock().unwrap() = leaving.collect();
+        if changed {
+            let store = self.store.clone();
+            let Ok((held, _)) = blocking(move || store.held()).await else { return };
+            let elsewhere = held
+                .into_iter()
+                .filter(|k| winner(&members, k).is_some_and(|w| w != self.me))
+                .map(|k| authkeeper_state::store::parse_key(&k));
+            *self.leaving.lock().unwrap() = elsewhere.collect();
+        }
+        if why == Look::Wanted {
+            let store = self.store.clone();
+            let Ok(wanted) = blocking(move || store.wanted()).await else { return };
+            self.leaving.lock().unwrap().extend(wanted.iter().map(|k| authkeeper_state::store::parse_key(k)));
+        }
         debug!(members = members.len(), leaving = self.leaving.lock().unwrap().len(), "rebalanced");
         self.hand_over(shared).await;
     }
@@ -314,15 +349,15 @@ impl Leases {
                 _ = async { shutdown.wait_for(|s| *s).await.map(drop) } => break,
                 _ = renew.tick() => {
                     self.renew(&shared).await;
-                    self.rebalance(&shared, false).await;
-                    self.hand_over(&shared).await;
+                    self.rebalance(&shared, Look::Renewal).await;
                 }
                 _ = catch_up.tick() => self.catch_up(&shared).await,
                 message = async { told.as_mut()?.recv().await }, if told.is_some() => match message.as_deref() {
-                    Some("authkeeper_leases") => {
+                    Some("authkeeper_leases/released") => {
                         self.moved.notify_waiters();
-                        self.rebalance(&shared, true).await;
+                        self.rebalance(&shared, Look::Released).await;
                     }
+                    Some("authkeeper_leases/wanted") => self.rebalance(&shared, Look::Wanted).await,
                     Some(_) => self.catch_up(&shared).await,
                     None => {
                         warn!("stopped hearing the other daemons' commits; reading them every second");
