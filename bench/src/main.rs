@@ -380,7 +380,12 @@ async fn commits(
     let dir = tempfile::tempdir()?;
     let cluster = postgres.then(authkeeper_pgstore::cluster::Cluster::start).transpose()?;
     let store: Arc<dyn ConnectionStore> = match &cluster {
-        Some(cluster) => Arc::new(authkeeper_pgstore::PgStore::open(&cluster.database("bench")?, None)?),
+        Some(cluster) => {
+            // As a daemon uses it: a member, whose commits check their leases in commit order.
+            let store = authkeeper_pgstore::PgStore::open(&cluster.database("bench")?, None)?;
+            store.join(Duration::from_secs(600))?;
+            Arc::new(store)
+        }
         None => Arc::new(Store::open(&dir.path().join("bench.redb"))?),
     };
     // A validated transition (connected → connected, one history row) for connection `i`.

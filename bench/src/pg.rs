@@ -76,14 +76,8 @@ pub async fn scale(sizes: &[usize]) -> anyhow::Result<()> {
 
 /// Leases per holder, from the store.
 fn holders(cluster: &Cluster, db: &str) -> anyhow::Result<Vec<u64>> {
-    let out = std::process::Command::new(
-        authkeeper_pgstore::cluster::binaries().map(|b| b.join("psql")).unwrap_or("psql".into()),
-    )
-    .args(["-h", &cluster.socket_dir().to_string_lossy(), "-U", "authkeeper", "-d", db, "-At", "-c"])
-    .arg("SELECT count(*) FROM authkeeper.leases GROUP BY holder ORDER BY holder")
-    .output()?;
-    anyhow::ensure!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect())
+    let rows = cluster.query(db, "SELECT count(*) FROM authkeeper.leases GROUP BY holder ORDER BY holder")?;
+    Ok(rows.lines().filter_map(|l| l.trim().parse().ok()).collect())
 }
 
 /// Two daemons sharing `n` connections on PostgreSQL: each one's start and memory, and how long

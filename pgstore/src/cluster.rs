@@ -151,6 +151,11 @@ impl Cluster {
 
     /// Run SQL in database `db` with psql, stopping at the first error.
     pub fn psql(&self, db: &str, sql: &str) -> Result<(), ClusterError> {
+        self.query(db, sql).map(drop)
+    }
+
+    /// Run SQL in database `db` with psql; its rows, unaligned, one per line.
+    pub fn query(&self, db: &str, sql: &str) -> Result<String, ClusterError> {
         let host = self.dir.path().as_os_str();
         let args = [
             OsStr::new("-h"),
@@ -161,6 +166,7 @@ impl Cluster {
             OsStr::new(db),
             OsStr::new("-v"),
             OsStr::new("ON_ERROR_STOP=1"),
+            OsStr::new("-At"),
             OsStr::new("-c"),
             OsStr::new(sql),
         ];
@@ -168,7 +174,7 @@ impl Cluster {
     }
 
     /// Run one of the cluster's binaries, as the cluster's user.
-    fn run<'a>(&self, what: &'static str, args: impl IntoIterator<Item = &'a OsStr>) -> Result<(), ClusterError> {
+    fn run<'a>(&self, what: &'static str, args: impl IntoIterator<Item = &'a OsStr>) -> Result<String, ClusterError> {
         let program = self.bin.join(what);
         let program = match program.is_file() {
             true => program,
@@ -187,7 +193,7 @@ impl Cluster {
             _ => ClusterError::Io(e),
         })?;
         if output.status.success() {
-            return Ok(());
+            return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
         }
         let mut text = String::from_utf8_lossy(&output.stderr).into_owned();
         if let Ok(log) = std::fs::read_to_string(self.dir.path().join("server.log")) {

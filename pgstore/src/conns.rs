@@ -118,7 +118,11 @@ pub(crate) async fn commit(inner: &Inner, b: Batch) -> Answer<()> {
     inner.fence(&tx).await?;
     let member = inner.member();
     let (b, refused) = match &member {
-        Some(me) => crate::leases::held_in(&tx, me, b).await?,
+        Some(me) => {
+            // Numbered in commit order (see `leases`): the lock is held until the commit.
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&crate::leases::ORDER_LOCK]).await.map_err(sql)?;
+            crate::leases::held_in(&tx, me, b).await?
+        }
         None => (b, Vec::new()),
     };
     let upsert = tx

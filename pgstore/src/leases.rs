@@ -9,7 +9,9 @@
 //!
 //! Every write of a connection takes the next value of `authkeeper.versions`, and a member's
 //! commits `NOTIFY authkeeper_commits`: the others read the connections written since the
-//! version they last saw, and the history rows since the sequence they last saw.
+//! version they last saw, and the history rows since the sequence they last saw. Members'
+//! commits take a transaction lock before they number anything, so versions and sequences are
+//! committed in order: a reader that has seen one has seen every one before it.
 
 use crate::conns::Batch;
 use crate::{Answer, Inner, PgStore, pool, sql};
@@ -18,6 +20,9 @@ use authkeeper_state::store::parse_key;
 use authkeeper_state::{ConnKey, Machine, StoreError, Transition, records};
 use std::collections::HashSet;
 use std::time::Duration;
+
+/// The transaction lock members' commits take before numbering rows (the claim's key + 1).
+pub(crate) const ORDER_LOCK: i64 = 0x6175_7468_6b65_6570 + 2;
 
 /// What other members changed since a point.
 pub struct Changes {
@@ -178,18 +183,24 @@ impl PgStore {
     /// Ask the holder of `key` to give it up (for a user's command here): it releases the lease
     /// once the connection is idle.
     pub fn want(&self, key: &str) -> Result<(), StoreError> {
+        self.ask_for(key, true)
+    }
+
+    /// Set (or, with `ask` false, take back) this member's request for `key`'s lease; a
+    /// request is announced to the holder.
+    fn ask_for(&self, key: &str, ask: bool) -> Result<(), StoreError> {
         let me = self.inner.member().ok_or(StoreError::NotOwner)?;
         let key = key.to_owned();
         self.block(move |inner| async move {
             let client = inner.pool.get().await.map_err(pool)?;
-            client
-                .execute(
-                    "UPDATE authkeeper.leases SET wanted_by = $2 WHERE key = $1 AND holder IS DISTINCT FROM $2",
-                    &[&key, &me],
-                )
-                .await
-                .map_err(sql)?;
-            client.execute("SELECT pg_notify('authkeeper_leases', 'wanted')", &[]).await.map_err(sql)?;
+            let statement = match ask {
+                true => "UPDATE authkeeper.leases SET wanted_by = $2 WHERE key = $1 AND holder IS DISTINCT FROM $2",
+                false => "UPDATE authkeeper.leases SET wanted_by = NULL WHERE key = $1 AND wanted_by = $2",
+            };
+            client.execute(statement, &[&key, &me]).await.map_err(sql)?;
+            if ask {
+                client.execute("SELECT pg_notify('authkeeper_leases', 'wanted')", &[]).await.map_err(sql)?;
+            }
             Ok(())
         })
     }
@@ -260,27 +271,24 @@ impl PgStore {
             let last = rows.last().map_or(version, |r| r.get(1));
             let keys: Vec<String> = rows.into_iter().map(|r| r.get(0)).collect();
             let connections = read_machines(&inner, &client, &keys).await?.into_iter().filter_map(|(_, m)| m).collect();
+            // Every row since, this member's too: the position moves past them all.
             let rows = client
                 .query(
-                    "SELECT seq, key, record FROM authkeeper.history
-                     WHERE seq > $1 AND origin IS DISTINCT FROM $2 ORDER BY seq",
+                    "SELECT seq, key, record, origin IS NOT DISTINCT FROM $2 FROM authkeeper.history
+                     WHERE seq > $1 ORDER BY seq",
                     &[&seq, &me],
                 )
                 .await
                 .map_err(sql)?;
-            let newest: i64 = client
-                .query_one("SELECT coalesce(max(seq), 0) FROM authkeeper.history", &[])
-                .await
-                .map_err(sql)?
-                .get(0);
+            let newest = rows.last().map_or(seq, |r| r.get(0));
             let mut transitions = Vec::with_capacity(rows.len());
-            for row in rows {
+            for row in rows.iter().filter(|r| !r.get::<_, bool>(3)) {
                 let key: &str = row.get(1);
                 let t = records::decode_transition(row.get(2))
                     .map_err(|source| StoreError::Corrupt { key: key.to_owned(), source })?;
                 transitions.push((parse_key(key), t));
             }
-            Ok(Changes { connections, version: last, transitions, seq: newest.max(seq) })
+            Ok(Changes { connections, version: last, transitions, seq: newest })
         })
     }
 
@@ -388,18 +396,6 @@ impl PgStore {
 
     /// Take back a request for `key`'s lease (the command that wanted it gave up waiting).
     pub fn unwant(&self, key: &str) -> Result<(), StoreError> {
-        let me = self.inner.member().ok_or(StoreError::NotOwner)?;
-        let key = key.to_owned();
-        self.block(move |inner| async move {
-            let client = inner.pool.get().await.map_err(pool)?;
-            client
-                .execute(
-                    "UPDATE authkeeper.leases SET wanted_by = NULL WHERE key = $1 AND wanted_by = $2",
-                    &[&key, &me],
-                )
-                .await
-                .map_err(sql)?;
-            Ok(())
-        })
+        self.ask_for(key, false)
     }
 }
