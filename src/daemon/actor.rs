@@ -171,9 +171,13 @@ impl Actor {
     async fn on_wake(&mut self) {
         let now = self.shared.clock.now();
         let key = self.machine.key();
-        if !self.shared.acts_on(key) {
+        if !self.shared.owns(key) {
             // Another daemon's now (a shared store): it does the work.
             return self.shared.deadlines.set(key, None);
+        }
+        if !self.shared.acts_on(key) {
+            // This daemon's, but its own membership is not renewed just now: wait for it.
+            return self.shared.deadlines.set(key, Some(now + STORE_DOWN_DEFER));
         }
         let Some((at, action)) = self.next() else { return };
         let calls_provider = !matches!(action, Action::ExpireFlow | Action::ExpireToken);
@@ -195,7 +199,7 @@ impl Actor {
 
     fn reschedule(&self) {
         let key = self.machine.key();
-        let next = self.next().filter(|_| self.shared.acts_on(key));
+        let next = self.next().filter(|_| self.shared.owns(key));
         self.shared.deadlines.set(key, next.map(|(at, _)| at));
     }
 

@@ -115,7 +115,13 @@ impl Leases {
 
     /// Whether this daemon may act on `key` now.
     pub fn holds(&self, key: &ConnKey) -> bool {
-        self.valid() && self.held.read().unwrap().contains(key)
+        self.valid() && self.owns(key)
+    }
+
+    /// Whether `key`'s lease is this daemon's, whether or not its own membership is renewed
+    /// right now (while it is not, the connection waits instead of being dropped).
+    pub fn owns(&self, key: &ConnKey) -> bool {
+        self.held.read().unwrap().contains(key)
     }
 
     /// Take the leases of the stored connections `keys` that belong with this daemon (start-up,

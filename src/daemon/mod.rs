@@ -181,6 +181,12 @@ impl Shared {
         self.leases.as_ref().is_none_or(|l| l.holds(key))
     }
 
+    /// Whether `key` is this daemon's to schedule: always, unless daemons share the store and
+    /// another holds its lease. (It may act on it only while [`Shared::acts_on`].)
+    pub fn owns(&self, key: &ConnKey) -> bool {
+        self.leases.as_ref().is_none_or(|l| l.owns(key))
+    }
+
     /// `machine` (another daemon's, or the store's) as `key`'s state, unless a task holds it.
     pub fn replace_if_asleep(&self, key: &ConnKey, machine: Machine) {
         if let Some(slot) = self.conns.write().unwrap().get_mut(key)
@@ -258,7 +264,7 @@ impl Shared {
                 self.callbacks.insert(state.expose(), &key);
             }
             // Another daemon's (a shared store): not scheduled here.
-            if !self.acts_on(&key) {
+            if !self.owns(&key) {
                 none.push(key.clone());
             // A resumed flow is scheduled by its `Resume`, which waits one interval first: a
             // deadline set here could poll before that, too soon after the last daemon's poll.
