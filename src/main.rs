@@ -31,9 +31,11 @@ async fn choose_store(
     keys: &authkeeper::secrets_key::KeyArgs,
     given: Option<stores::PgUrl>,
 ) -> anyhow::Result<()> {
-    let sealer = keys.sealer(&opts.paths.config)?;
+    // The authkeeper block, read once for both.
+    let settings = authkeeper::config::Config::settings_only(&opts.paths.config);
+    let sealer = keys.sealer(&opts.paths.config, settings.as_ref().unwrap_or(&Default::default()))?;
     let given = given.as_ref().map(|u| u.expose().to_owned());
-    match stores::configured(given.as_deref(), &opts.paths.config)? {
+    match stores::configured(given.as_deref(), &opts.paths.config, settings.as_ref())? {
         Some(settings) => {
             let url = settings.postgres.clone().expect("a PostgreSQL store");
             tracing::info!(store = %url, lease_secs = settings.lease_secs, "using the PostgreSQL store");

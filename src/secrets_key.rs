@@ -44,15 +44,15 @@ impl KeyArgs {
     /// The sealer the daemon's store uses, if a key was given anywhere: these options (or
     /// their environment variables) first, then `authkeeper.secrets_key_file` and
     /// `previous_secrets_key_file` in the config at `config` (paths relative to its directory),
-    /// then `AUTHKEEPER_SECRETS_KEY`, then the systemd credential.
-    pub fn sealer(&self, config: &Path) -> Result<Option<Sealer>, KeyFileError> {
-        let settings = crate::config::Config::settings_only(config).unwrap_or_default();
+    /// then `AUTHKEEPER_SECRETS_KEY`, then the systemd credential. `settings` is that config's
+    /// `authkeeper` block, read once by the caller.
+    pub fn sealer(&self, config: &Path, settings: &crate::config::Settings) -> Result<Option<Sealer>, KeyFileError> {
         let dir = config.parent().unwrap_or(Path::new("."));
         let file = |given: &Option<PathBuf>, configured: Option<PathBuf>| {
             given.clone().or_else(|| configured.map(|p| dir.join(p)))
         };
-        let current = file(&self.secrets_key_file, settings.secrets_key_file);
-        let previous = file(&self.previous_secrets_key_file, settings.previous_secrets_key_file);
+        let current = file(&self.secrets_key_file, settings.secrets_key_file.clone());
+        let previous = file(&self.previous_secrets_key_file, settings.previous_secrets_key_file.clone());
         let current = find(current.as_deref(), "AUTHKEEPER_SECRETS_KEY", CREDENTIAL)?;
         let previous = find(previous.as_deref(), "AUTHKEEPER_PREVIOUS_SECRETS_KEY", PREVIOUS_CREDENTIAL)?;
         match (current, previous) {

@@ -129,15 +129,19 @@ pub enum StoresError {
 }
 
 /// The PostgreSQL store a daemon is told to use, if any: `given` (`--store`), else the
-/// config's; with the config's lease.
-pub fn configured(given: Option<&str>, config: &Path) -> Result<Option<StoreSettings>, StoresError> {
-    let settings = crate::config::Config::settings_only(config);
+/// config's; with the config's lease. `settings` is the authkeeper block of the config at
+/// `config`, when it could be read.
+pub fn configured(
+    given: Option<&str>,
+    config: &Path,
+    settings: Option<&crate::config::Settings>,
+) -> Result<Option<StoreSettings>, StoresError> {
     if let Some(url) = given {
         let lease_secs = settings.map_or(StoreSettings::default().lease_secs, |s| s.store.lease_secs);
         return Ok(Some(StoreSettings { postgres: Some(PgUrl::new(url)), lease_secs }));
     }
     if let Some(settings) = settings {
-        return Ok(settings.store.postgres.is_some().then_some(settings.store));
+        return Ok(settings.store.postgres.is_some().then(|| settings.store.clone()));
     }
     // A config that exists but does not read: the store it names is unknown. Starting on redb
     // beside daemons that share PostgreSQL would refresh their tokens from a second copy.

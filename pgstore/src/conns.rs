@@ -76,8 +76,8 @@ impl Batch {
 
 impl Batch {
     /// The connections it writes.
-    pub(crate) fn keys(&self) -> Vec<String> {
-        self.keys.clone()
+    pub(crate) fn keys(&self) -> &[String] {
+        &self.keys
     }
 
     /// The batch without the connections in `gone`.

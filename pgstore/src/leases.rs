@@ -207,35 +207,21 @@ impl PgStore {
 
     /// The keys this member holds that another member asked for.
     pub fn wanted(&self) -> Result<Vec<String>, StoreError> {
-        let me = self.inner.member().ok_or(StoreError::NotOwner)?;
-        self.block(move |inner| async move {
-            let client = inner.pool.get().await.map_err(pool)?;
-            let rows = client
-                .query(
-                    "SELECT key FROM authkeeper.leases WHERE holder = $1 AND wanted_by IS NOT NULL ORDER BY key",
-                    &[&me],
-                )
-                .await
-                .map_err(sql)?;
-            Ok(rows.into_iter().map(|r| r.get(0)).collect())
-        })
+        self.held_where("AND wanted_by IS NOT NULL")
     }
 
-    /// The keys whose lease this member holds, and those of them another member wants.
-    pub fn held(&self) -> Result<(Vec<String>, Vec<String>), StoreError> {
+    /// The keys whose lease this member holds.
+    pub fn held(&self) -> Result<Vec<String>, StoreError> {
+        self.held_where("")
+    }
+
+    fn held_where(&self, condition: &'static str) -> Result<Vec<String>, StoreError> {
         let me = self.inner.member().ok_or(StoreError::NotOwner)?;
         self.block(move |inner| async move {
             let client = inner.pool.get().await.map_err(pool)?;
-            let rows = client
-                .query(
-                    "SELECT key, wanted_by IS NOT NULL FROM authkeeper.leases WHERE holder = $1 ORDER BY key",
-                    &[&me],
-                )
-                .await
-                .map_err(sql)?;
-            let held = rows.iter().map(|r| r.get(0)).collect();
-            let wanted = rows.iter().filter(|r| r.get::<_, bool>(1)).map(|r| r.get(0)).collect();
-            Ok((held, wanted))
+            let statement = format!("SELECT key FROM authkeeper.leases WHERE holder = $1 {condition} ORDER BY key");
+            let rows = client.query(&statement, &[&me]).await.map_err(sql)?;
+            Ok(rows.into_iter().map(|r| r.get(0)).collect())
         })
     }
 

@@ -269,7 +269,7 @@ impl Leases {
         }
         if changed {
             let store = self.store.clone();
-            let Ok((held, _)) = blocking(move || store.held()).await else { return };
+            let Ok(held) = blocking(move || store.held()).await else { return };
             let elsewhere = held
                 .into_iter()
                 .filter(|k| winner(&members, k).is_some_and(|w| w != self.me))
@@ -317,7 +317,7 @@ impl Leases {
         };
         for machine in changes.connections {
             let key = machine.key().clone();
-            if self.held.read().unwrap().contains(&key) {
+            if self.owns(&key) {
                 continue;
             }
             if shared.lookup(&key.provider, &key.profile, |_| ()).is_err()
