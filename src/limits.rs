@@ -303,7 +303,7 @@ pub struct RefreshPlanner {
 }
 
 struct Plan {
-    slot_ms: i64,
+    slot_us: i64,
     /// Taken slots as merged runs: first slot → one past the last.
     runs: std::collections::BTreeMap<i64, i64>,
     /// Each account's slot and the time it wanted; its name kept inline (no allocation each).
@@ -363,22 +363,22 @@ impl RefreshPlanner {
     pub fn new(per_second: f64) -> Self {
         Self {
             inner: Mutex::new(Plan {
-                slot_ms: Self::slot_ms(per_second),
+                slot_us: Self::slot_us(per_second),
                 runs: Default::default(),
                 held: HashMap::new(),
             }),
         }
     }
 
-    fn slot_ms(per_second: f64) -> i64 {
-        (1000.0 / per_second.max(0.001)).ceil() as i64
+    fn slot_us(per_second: f64) -> i64 {
+        (1_000_000.0 / per_second.max(0.000_001)).ceil() as i64
     }
 
     /// A new rate starts a new plan; connections re-plan when they next reschedule.
     pub fn set_rate(&self, per_second: f64) {
         let mut plan = self.inner.lock().unwrap();
-        if plan.slot_ms != Self::slot_ms(per_second) {
-            *plan = Plan { slot_ms: Self::slot_ms(per_second), runs: Default::default(), held: HashMap::new() };
+        if plan.slot_us != Self::slot_us(per_second) {
+            *plan = Plan { slot_us: Self::slot_us(per_second), runs: Default::default(), held: HashMap::new() };
         }
     }
 
@@ -391,16 +391,16 @@ impl RefreshPlanner {
         if let Some((slot, wanted)) = plan.held.get(account)
             && *wanted == want
         {
-            return DateTime::from_timestamp_millis(*slot * plan.slot_ms).unwrap_or(want);
+            return DateTime::from_timestamp_micros(*slot * plan.slot_us).unwrap_or(want);
         }
         if let Some((slot, _)) = plan.held.remove(account) {
             plan.free(slot);
         }
-        let (want_slot, now_slot) = (want.timestamp_millis() / plan.slot_ms, now.timestamp_millis() / plan.slot_ms);
+        let (want_slot, now_slot) = (want.timestamp_micros() / plan.slot_us, now.timestamp_micros() / plan.slot_us);
         let slot = plan.latest_free(want_slot, now_slot).unwrap_or_else(|| plan.earliest_free(want_slot.max(now_slot)));
         plan.take(slot);
         plan.held.insert(account.into(), (slot, want));
-        DateTime::from_timestamp_millis(slot * plan.slot_ms).unwrap_or(want)
+        DateTime::from_timestamp_micros(slot * plan.slot_us).unwrap_or(want)
     }
 
     /// `account` no longer needs its slot (it refreshed, or went away).
