@@ -36,8 +36,9 @@ pub enum Command {
     Reconfigure(Adapter, Reply<ConnectionView>),
     /// The profile left the config: disconnect and stop.
     Remove(Reply<ConnectionView>),
-    /// The deadline queue: this connection's deadline has come.
-    Wake,
+    /// The deadline queue: this connection's deadline has come (the permit is held until what
+    /// was due is done).
+    Wake(super::deadlines::WakePermit),
     /// A validation sweep (`validate_all`): validate at this time, unless it happens sooner.
     SweepAt(DateTime<Utc>),
     /// The daemon restarted during a connect flow: wait one interval before polling the same
@@ -266,7 +267,7 @@ impl Actor {
                 let _ = reply.send(self.apply(Event::Remove).await.map(|_| self.view()));
                 return false;
             }
-            Command::Wake => self.on_wake().await,
+            Command::Wake(_permit) => self.on_wake().await,
             Command::SweepAt(at) => self.sweep_at = Some(at),
             Command::Callback(query, reply) => {
                 let _ = reply.send(self.callback(query).await);

@@ -12,7 +12,11 @@ use serde::Serialize;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+
+/// Connections woken by their deadline that may be at work at once. The rest wait in the queue,
+/// so a storm of due refreshes costs this many tasks and provider calls in flight, not one each.
+pub const MAX_AWAKE: usize = 512;
 
 #[derive(Default)]
 struct Inner {
@@ -20,14 +24,30 @@ struct Inner {
     at: HashMap<ConnKey, DateTime<Utc>>,
 }
 
-#[derive(Default)]
 pub struct Deadlines {
     inner: Mutex<Inner>,
     /// Signalled when a new deadline is earlier than every other.
     earlier: Notify,
     wakes: AtomicU64,
     idle_wakes: AtomicU64,
+    /// One permit for each woken connection, held until it has done what was due.
+    awake: Arc<Semaphore>,
 }
+
+impl Default for Deadlines {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::default(),
+            earlier: Notify::new(),
+            wakes: AtomicU64::new(0),
+            idle_wakes: AtomicU64::new(0),
+            awake: Arc::new(Semaphore::new(MAX_AWAKE)),
+        }
+    }
+}
+
+/// A woken connection's place among the [`MAX_AWAKE`]: dropped when its work is done.
+pub type WakePermit = OwnedSemaphorePermit;
 
 /// For `/v1/health` and the benchmarks.
 #[derive(Clone, Debug, Serialize)]
@@ -97,12 +117,12 @@ impl Deadlines {
         }
     }
 
-    /// Take every deadline at or before `now`; return them and the next one left.
-    fn take_due(&self, now: DateTime<Utc>) -> (Vec<ConnKey>, Option<DateTime<Utc>>) {
+    /// Take up to `most` deadlines at or before `now`; return them and the next one left.
+    fn take_due(&self, now: DateTime<Utc>, most: usize) -> (Vec<ConnKey>, Option<DateTime<Utc>>) {
         let mut inner = self.inner.lock().unwrap();
         let mut due = Vec::new();
         while let Some((at, _)) = inner.queue.first() {
-            if *at > now {
+            if *at > now || due.len() == most {
                 break;
             }
             let (_, key) = inner.queue.pop_first().expect("looked at");
@@ -112,17 +132,19 @@ impl Deadlines {
         (due, inner.queue.first().map(|(at, _)| *at))
     }
 
-    /// Wake each connection whose deadline has come; sleep until the next (a minute at most).
+    /// Wake each connection whose deadline has come, as many at once as [`MAX_AWAKE`] allows;
+    /// sleep until the next (a minute at most), or until one of those woken is done.
     pub async fn run(self: Arc<Self>, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
         loop {
             let now = shared.clock.now();
-            let (due, next) = self.take_due(now);
+            let (due, next) = self.take_due(now, self.awake.available_permits());
             self.wakes.fetch_add(1, Ordering::Relaxed);
             if due.is_empty() {
                 self.idle_wakes.fetch_add(1, Ordering::Relaxed);
             }
             for key in due {
-                match shared.try_send(&key, Command::Wake) {
+                let permit = self.awake.clone().try_acquire_owned().expect("counted above");
+                match shared.try_send(&key, Command::Wake(permit)) {
                     Ok(()) => {}
                     // Removed meanwhile: nothing to wake.
                     Err(super::DaemonError::UnknownProfile { .. } | super::DaemonError::UnknownProvider(_)) => {}
@@ -132,6 +154,14 @@ impl Deadlines {
             }
             let cap = now + TimeDelta::from_std(MAX_SLEEP).expect("a minute fits");
             let until = next.map_or(cap, |n| n.min(cap));
+            if until <= now {
+                // More are due than may be awake: wait for one of them to finish.
+                tokio::select! {
+                    permit = self.awake.acquire() => drop(permit),
+                    _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
+                }
+                continue;
+            }
             tokio::select! {
                 _ = shared.clock.sleep_until(until) => {}
                 _ = self.earlier.notified() => {}
@@ -154,10 +184,24 @@ mod tests {
         d.set(&b, Some(t + TimeDelta::seconds(5)));
         d.set(&a, Some(t + TimeDelta::seconds(3))); // replaces a's earlier deadline
         assert_eq!(d.stats().deadlines, 2);
-        let (due, next) = d.take_due(t + TimeDelta::seconds(4));
+        let (due, next) = d.take_due(t + TimeDelta::seconds(4), MAX_AWAKE);
         assert_eq!(due, std::slice::from_ref(&a));
         assert_eq!(next, Some(t + TimeDelta::seconds(5)));
         d.set(&b, None);
-        assert_eq!(d.take_due(t + TimeDelta::days(1)), (vec![], None));
+        assert_eq!(d.take_due(t + TimeDelta::days(1), MAX_AWAKE), (vec![], None));
+    }
+
+    #[test]
+    fn no_more_are_taken_than_may_be_awake_and_the_rest_stay_due_in_order() {
+        let d = Deadlines::default();
+        let t = Utc::now();
+        let keys: Vec<ConnKey> = (0..5).map(|i| ConnKey::new("trakt", format!("P{i}"))).collect();
+        for (i, k) in keys.iter().enumerate() {
+            d.set(k, Some(t + TimeDelta::seconds(i as i64)));
+        }
+        let (due, next) = d.take_due(t + TimeDelta::minutes(1), 2);
+        assert_eq!(due, keys[..2]);
+        assert_eq!(next, Some(t + TimeDelta::seconds(2)), "the third is still due, and next");
+        assert_eq!(d.take_due(t + TimeDelta::minutes(1), 10).0, keys[2..]);
     }
 }
