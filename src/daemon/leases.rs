@@ -9,7 +9,8 @@
 //! of its end, so it has stopped before any other daemon can take over. A user's command for a
 //! connection held elsewhere asks its holder to let go, and waits. The others' commits are read
 //! within a second (at once when their `NOTIFY` arrives): their connections' states replace the
-//! slots' and their transitions are published on `/v1/events`.
+//! slots' and their transitions are published on `/v1/events`. Each provider's global rate is
+//! split evenly over the live members (`rates.rs`).
 
 use super::{DaemonError, Owner, Shared};
 use authkeeper_pgstore::PgStore;
@@ -105,11 +106,17 @@ impl Leases {
         }))
     }
 
+    /// How many daemons were live members at the last look.
+    pub fn members(&self) -> usize {
+        self.members.lock().unwrap().len()
+    }
+
     pub fn id(&self) -> &str {
         &self.me
     }
 
-    fn valid(&self) -> bool {
+    /// Whether this daemon's membership is surely alive: renewed within the last 0.9 lease.
+    pub fn valid(&self) -> bool {
         Instant::now() < *self.valid_until.lock().unwrap()
     }
 
@@ -246,6 +253,7 @@ impl Leases {
         let Ok(members) = blocking(move || store.members()).await else { return };
         let changed = *self.members.lock().unwrap() != members;
         *self.members.lock().unwrap() = members.clone();
+        shared.share_limits(members.len());
         // Now and then, a look at every free lease whatever happened: one let go while nobody
         // was listening is taken all the same.
         let sweep = why == Look::Renewal

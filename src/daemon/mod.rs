@@ -10,6 +10,7 @@ mod error;
 mod inboxes;
 mod leases;
 mod next;
+mod rates;
 mod schedules;
 mod systemd;
 mod write_back;
@@ -108,6 +109,8 @@ pub struct Shared {
     pub gates: BTreeMap<String, Arc<Gate>>,
     /// One refresh planner per provider, at the share of its global rate kept for refreshes.
     pub planners: BTreeMap<String, RefreshPlanner>,
+    /// The limits the config gives each provider, and this daemon's share of them.
+    rates: rates::Rates,
     pub deadlines: Arc<Deadlines>,
     /// The cron schedules in force, by name.
     pub schedules: RwLock<BTreeMap<String, String>>,
@@ -447,6 +450,7 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
             .iter()
             .map(|p| (p.manifest().name.to_owned(), RefreshPlanner::new(p.limits().per_second * REFRESH_SHARE)))
             .collect(),
+        rates: Default::default(),
         deadlines: Arc::new(Deadlines::default()),
         schedules: RwLock::new(BTreeMap::new()),
         public_url: Arc::default(),
@@ -461,6 +465,7 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
     });
     let scheduler = tokio::spawn(shared.deadlines.clone().run(shared.clone(), shutdown.clone()));
     if let Some(leases) = &leases {
+        shared.share_limits(leases.members());
         tokio::spawn(leases.clone().run(shared.clone(), shutdown.clone()));
     }
     tokio::spawn(crate::links::watch(shared.clone(), shutdown.clone()));

@@ -121,10 +121,7 @@ impl ConfigOwner {
             *shared.link_ttl.write().unwrap() = web.link_ttl();
             shared.metrics.serve_on_web(web.metrics);
         }
-        for (provider, gate) in &shared.gates {
-            gate.set_limits(config.settings.limits(provider));
-            shared.planners[provider].set_rate(config.settings.limits(provider).per_second * super::REFRESH_SHARE);
-        }
+        shared.configure_limits(&config.settings);
         let http = providers::http_client(config.settings.http_timeout());
         let schedules = Schedules::new().await;
         let states = states.into_iter().map(|(k, s)| (k, Arc::new(s))).collect();
@@ -398,10 +395,7 @@ impl ConfigOwner {
         crate::web::reconfigure(&self.shared, was.web.as_ref(), now.web.as_ref());
         *self.shared.login_messages.write().unwrap() = now.login_messages.clone();
         self.shared.hooks.set(&now.hooks);
-        for (provider, gate) in &self.shared.gates {
-            gate.set_limits(now.limits(provider));
-            self.shared.planners[provider].set_rate(now.limits(provider).per_second * super::REFRESH_SHARE);
-        }
+        self.shared.configure_limits(now);
         let mut changed = Vec::new();
         let mut save = Vec::new();
         for (key, change) in config::diff(old, &self.config) {
