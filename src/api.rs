@@ -100,13 +100,25 @@ async fn health(State(shared): App) -> Response {
         "warnings": warnings,
         "schedules": *shared.schedules.read().unwrap(),
         "providers_paused_until": paused,
-        "store": match shared.store_health.status() {
-            None => json!({"ok": true}),
-            Some((since, error)) => json!({"ok": false, "failing_since": since, "error": error,
-                "message": "the store refuses writes: new work is refused until it takes them again"}),
-        },
+        "store": store_health(&shared),
     }))
     .into_response()
+}
+
+/// Whether the store takes writes, and with daemons sharing it, this one's membership.
+fn store_health(shared: &Shared) -> serde_json::Value {
+    let mut store = match shared.store_health.status() {
+        None => json!({"ok": true}),
+        Some((since, error)) => json!({"ok": false, "failing_since": since, "error": error,
+            "message": "the store refuses writes: new work is refused until it takes them again"}),
+    };
+    if let Some(leases) = &shared.leases {
+        store["member"] = json!(leases.id());
+        store["members"] = json!(leases.members());
+        // Lapsed: not renewed in time (the database is out of reach); nothing is acted on.
+        store["lease"] = json!(if leases.valid() { "held" } else { "lapsed" });
+    }
+    store
 }
 
 async fn list_providers() -> Response {

@@ -123,7 +123,11 @@ pub enum Cmd {
     /// Check the setup and say what is wrong and what to do: the config (line, column, key),
     /// file modes, the socket, the store, the clock and each provider's reachability. Exits 1
     /// when something is wrong
-    Doctor,
+    Doctor {
+        /// Check this PostgreSQL store instead of the one the config names (or redb)
+        #[arg(long, env = "AUTHKEEPER_STORE", value_name = "URL", value_parser = crate::stores::PgUrl::parse)]
+        store: Option<crate::stores::PgUrl>,
+    },
     /// Make a new key for encrypting the secrets in the store (see `daemon --secrets-key-file`)
     Keygen {
         /// Write it to FILE (created with mode 0600; an existing file is never overwritten)
@@ -254,7 +258,7 @@ async fn client_command(client: &Client, json: bool, command: Cmd) -> Result<i32
         | Cmd::Emulate { .. }
         | Cmd::Keygen { .. }
         | Cmd::Completions { .. }
-        | Cmd::Doctor
+        | Cmd::Doctor { .. }
         | Cmd::Store(_)
         | Cmd::Man { .. } => unreachable!("not client commands"),
         Cmd::Status { provider, profile } => {

@@ -4,6 +4,7 @@
 
 use crate::config::{Config, Paths};
 use crate::providers::{self, Profile};
+use crate::stores::PgUrl;
 use authkeeper_state::ConnKey;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
@@ -26,12 +27,15 @@ fn problem(what: impl Into<String>, fix: impl Into<String>) -> Finding {
 }
 
 /// Run every check; the findings in order.
-pub async fn run(paths: &Paths) -> Vec<Finding> {
+pub async fn run(paths: &Paths, store: Option<&PgUrl>) -> Vec<Finding> {
     let mut out = Vec::new();
     let config = check_config(&paths.config, &mut out);
     check_modes(paths, config.as_ref().map(|(c, _)| c), &mut out);
     let daemon_up = check_socket(&paths.socket, &mut out).await;
-    check_store(&paths.state_dir, daemon_up, &mut out);
+    match store.or_else(|| config.as_ref()?.0.settings.store.postgres.as_ref()) {
+        Some(url) => check_postgres(url.clone(), &mut out).await,
+        None => check_store(&paths.state_dir, daemon_up, &mut out),
+    }
     if let Some((config, text)) = &config {
         // Only the providers the file configures: a default profile alone reaches out nowhere.
         let blocks: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text).unwrap_or_default();
@@ -249,6 +253,28 @@ fn check_store(state_dir: &Path, daemon_up: bool, out: &mut Vec<Finding>) {
             Err(e) => out.push(problem(format!("cannot read the store {}: {e}", db.display()), "check its owner")),
         },
     }
+}
+
+/// A PostgreSQL store: reachable, and what it holds (read without changing anything).
+async fn check_postgres(url: PgUrl, out: &mut Vec<Finding>) {
+    let shown = url.to_string();
+    let inspected = tokio::task::spawn_blocking(move || authkeeper_pgstore::PgStore::inspect(url.expose())).await;
+    let newest = authkeeper_pgstore::schema::SCHEMA_VERSION;
+    out.push(match inspected.expect("the inspection does not panic") {
+        Ok(i) if i.schema == 0 => ok(format!("store {shown}: reachable, no tables yet (the daemon makes them)")),
+        Ok(i) if i.schema > newest => problem(
+            format!("store {shown}: its schema ({}) is newer than this authkeeper's ({newest})", i.schema),
+            "run the authkeeper that wrote it, or a newer one; nothing was changed",
+        ),
+        Ok(i) => ok(format!(
+            "store {shown}: schema {}, {} connections, {} daemon(s) sharing it now",
+            i.schema, i.connections, i.members
+        )),
+        Err(e) => problem(
+            format!("cannot use the store {shown}: {e}"),
+            "check the URL, that PostgreSQL runs and accepts this user (pg_hba.conf)",
+        ),
+    });
 }
 
 /// Each configured provider's host: reachable, and its clock close to ours.

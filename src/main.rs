@@ -108,7 +108,9 @@ async fn main() {
                 }
             }
         }
-        Cmd::Doctor => authkeeper::doctor::report(&authkeeper::doctor::run(&cli.global.paths()).await),
+        Cmd::Doctor { store } => {
+            authkeeper::doctor::report(&authkeeper::doctor::run(&cli.global.paths(), store.as_ref()).await)
+        }
         Cmd::Completions { shell } => report("completions", authkeeper::cli::print_completions(shell)),
         Cmd::Man { dir } => report("man", authkeeper::cli::print_man(dir.as_deref())),
         Cmd::Demo => {

@@ -5,6 +5,7 @@
 
 mod common;
 
+use authkeeper::client::ClientError;
 use authkeeper::wire::ConnectionView;
 use authkeeper_pgstore::cluster::Cluster;
 use authkeeper_state::{Cause, StateName};
@@ -122,5 +123,74 @@ async fn store_copy_moves_a_redb_store_to_postgresql_and_back_and_refuses_to_ove
     let daemon = h.start_daemon().await;
     let back_token: Value = client.get("/v1/connections/trakt/default/token").await.unwrap();
     assert_eq!(back_token, token);
+    daemon.stop().await;
+}
+
+/// `/v1/health` once `ready` holds for it.
+async fn wait_health(client: &authkeeper::client::Client, ready: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let health: Value = client.get("/v1/health").await.unwrap();
+        if ready(&health) {
+            return health;
+        }
+        assert!(std::time::Instant::now() < deadline, "health never became as expected: {health}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// PostgreSQL goes away and comes back. While it is away the daemon keeps handing out the token
+/// it holds and refuses a refresh it could not save, saying why; once it is back the daemon
+/// refreshes again. Away past the daemon's lease, the daemon stops acting when the lease ends
+/// and, when it hears the lease lapsed, exits with an error rather than act on connections
+/// another daemon may hold now; restarted, it has lost nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_loses_postgresql_serves_its_token_and_refreshes_again_when_it_is_back() {
+    let Some(cluster) = Cluster::for_tests() else { return };
+    let url = cluster.database("outage").unwrap();
+    let h = Harness::new(fast_trakt(), json!({"store": {"lease_secs": 9}})).await;
+    let daemon = h.start_daemon_with(&["--store", &url]).await;
+    drop(connect_approved(&h).await);
+    let client = h.client();
+    let path = "/v1/connections/trakt/default";
+    let before: Value = client.get(&format!("{path}/token")).await.unwrap();
+
+    cluster.halt().unwrap();
+    let during: Value = client.get(&format!("{path}/token")).await.unwrap();
+    assert_eq!(during["access_token"], before["access_token"], "the held token is still handed out");
+    match client.post::<ConnectionView>(&format!("{path}/refresh"), None).await.unwrap_err() {
+        ClientError::Api { status, message, .. } => {
+            assert_eq!(status, 503, "{message}");
+            assert!(message.contains("the store cannot be written (cannot reach PostgreSQL"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let health = wait_health(&client, |h| h["store"]["ok"] == false).await;
+    assert_eq!(health["store"]["lease"], "held", "{health}");
+    let (code, doctor, _) = h.cli(&["doctor", "--store", &url]).await;
+    assert_eq!(code, 1, "{doctor}");
+    assert!(doctor.contains("PROBLEM cannot use the store postgresql://authkeeper@"), "{doctor}");
+    cluster.resume().unwrap();
+    wait_health(&client, |h| h["store"]["ok"] == true).await;
+    let view: ConnectionView = client.post(&format!("{path}/refresh"), None).await.unwrap();
+    assert_eq!((view.state, view.last_error), (StateName::Connected, None));
+    let after: Value = client.get(&format!("{path}/token")).await.unwrap();
+    assert_ne!(after["access_token"], before["access_token"], "refreshed once the store is back");
+    let (code, doctor, _) = h.cli(&["doctor", "--store", &url]).await;
+    assert!(doctor.contains("schema 2, 1 connections, 1 daemon(s) sharing it now"), "{doctor}");
+    assert_eq!(code, 0, "{doctor}");
+
+    // Away for longer than the lease.
+    cluster.halt().unwrap();
+    wait_health(&client, |h| h["store"]["lease"] == "lapsed").await;
+    // The lease's end on the database's clock, a little after the daemon stopped acting.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    cluster.resume().unwrap();
+    assert_eq!(daemon.exited().await, 1);
+    assert!(h.log().contains("lease on the shared store lapsed"), "{}", h.log());
+    let daemon = h.start_daemon_with(&["--store", &url]).await;
+    let token: Value = client.get(&format!("{path}/token")).await.unwrap();
+    assert_eq!(token["access_token"], after["access_token"], "nothing lost");
+    assert_eq!(h.emulator.reused_refresh_tokens(), 0);
     daemon.stop().await;
 }

@@ -99,22 +99,41 @@ impl Cluster {
                 OsStr::new("--no-sync"),
             ],
         )?;
-        let options = format!("-c listen_addresses='' -c unix_socket_directories='{}'", cluster.dir.path().display());
-        let log = cluster.dir.path().join("server.log");
-        cluster.run(
-            "pg_ctl",
-            [
-                OsStr::new("start"),
-                OsStr::new("-w"),
-                OsStr::new("-D"),
-                data.as_os_str(),
-                OsStr::new("-l"),
-                log.as_os_str(),
-                OsStr::new("-o"),
-                OsStr::new(&options),
-            ],
-        )?;
+        cluster.resume()?;
         Ok(cluster)
+    }
+
+    /// Start the server again after [`Cluster::halt`]; waits until it accepts connections.
+    pub fn resume(&self) -> Result<(), ClusterError> {
+        let data = self.data();
+        let options = format!("-c listen_addresses='' -c unix_socket_directories='{}'", self.dir.path().display());
+        let log = self.dir.path().join("server.log");
+        let args = [
+            OsStr::new("start"),
+            OsStr::new("-w"),
+            OsStr::new("-D"),
+            data.as_os_str(),
+            OsStr::new("-l"),
+            log.as_os_str(),
+            OsStr::new("-o"),
+            OsStr::new(&options),
+        ];
+        self.run("pg_ctl", args).map(drop)
+    }
+
+    /// Stop the server at once, as a crash or an outage would (`pg_ctl stop -m immediate`):
+    /// every client's connection breaks; the data stays for [`Cluster::resume`].
+    pub fn halt(&self) -> Result<(), ClusterError> {
+        let data = self.data();
+        let args = [
+            OsStr::new("stop"),
+            OsStr::new("-w"),
+            OsStr::new("-m"),
+            OsStr::new("immediate"),
+            OsStr::new("-D"),
+            data.as_os_str(),
+        ];
+        self.run("pg_ctl", args).map(drop)
     }
 
     fn data(&self) -> PathBuf {
@@ -205,8 +224,6 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let data = self.data();
-        let args = [OsStr::new("stop"), OsStr::new("-m"), OsStr::new("immediate"), OsStr::new("-D"), data.as_os_str()];
-        let _ = self.run("pg_ctl", args);
+        let _ = self.halt();
     }
 }

@@ -110,10 +110,12 @@ impl Batch {
 /// [`StoreError::NotOwnerOf`], and the rest is committed. The leases read are locked until the
 /// commit, so no lease passes to another daemon while its connection is being written.
 pub(crate) async fn commit(inner: &Inner, b: Batch) -> Answer<()> {
+    let mut client = inner.pool.get().await.map_err(pool)?;
     if b.keys.is_empty() {
+        // Nothing to write, but the database must answer: an empty commit is a daemon's probe.
+        client.simple_query("").await.map_err(sql)?;
         return Ok(());
     }
-    let mut client = inner.pool.get().await.map_err(pool)?;
     let tx = client.transaction().await.map_err(sql)?;
     inner.fence(&tx).await?;
     let member = inner.member();

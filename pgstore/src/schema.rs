@@ -109,7 +109,42 @@ pub(crate) async fn version(tx: &impl deadpool_postgres::GenericClient) -> Answe
     Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
 }
 
+/// A PostgreSQL store as `authkeeper doctor` sees it, read without changing anything.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Inspection {
+    /// 0: no tables yet (the daemon makes them when it starts).
+    pub schema: u64,
+    pub connections: u64,
+    /// Daemons whose membership has not lapsed.
+    pub members: u64,
+}
+
 impl crate::PgStore {
+    /// Connect to `url` and read its schema version, connections and live daemons; creates and
+    /// migrates nothing.
+    pub fn inspect(url: &str) -> Result<Inspection, StoreError> {
+        let store = Self::connect(url, None)?;
+        store.block(|inner| async move {
+            let client = inner.pool.get().await.map_err(pool)?;
+            let schema = version(&client).await?;
+            let count = |query: &'static str| {
+                let client = &client;
+                async move {
+                    Ok::<u64, StoreError>(client.query_one(query, &[]).await.map_err(sql)?.get::<_, i64>(0) as u64)
+                }
+            };
+            let connections = match schema {
+                0 => 0,
+                _ => count("SELECT count(*) FROM authkeeper.connections").await?,
+            };
+            let members = match schema {
+                0 | 1 => 0,
+                _ => count("SELECT count(*) FROM authkeeper.members WHERE expires_at > now()").await?,
+            };
+            Ok(Inspection { schema, connections, members })
+        })
+    }
+
     /// Migrate to `target` only (tests of the migrations).
     #[doc(hidden)]
     pub fn migrate_to(url: &str, target: u64) -> Result<Self, StoreError> {

@@ -56,6 +56,15 @@ enum Sleep {
     Awake(Box<Actor>, Option<Command>, mpsc::Receiver<Command>),
 }
 
+/// How long a commit may be retried.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Patience {
+    /// Until the store takes it: the change may carry a credential the provider just issued.
+    UntilWritten,
+    /// Once: the change records an intent only, and nothing acts on it if it is not written.
+    Once,
+}
+
 /// Commands that may wait in a connection's inbox.
 pub const INBOX: usize = 64;
 
@@ -176,16 +185,9 @@ impl Actor {
             // Another daemon's now (a shared store): it does the work.
             return self.shared.deadlines.set(key, None);
         }
-        if !self.shared.acts_on(key) {
-            // This daemon's, but its own membership is not renewed just now: wait for it.
-            return self.shared.deadlines.set(key, Some(now + STORE_DOWN_DEFER));
-        }
         let Some((at, action)) = self.next() else { return };
-        let calls_provider = !matches!(action, Action::ExpireFlow | Action::ExpireToken);
-        if at <= now && calls_provider && self.shared.store_health.failing().is_some() {
-            // An answer that cannot be saved (a rotated token, say) must not be asked for.
-            self.shared.deadlines.set(key, Some(now + STORE_DOWN_DEFER));
-            return;
+        if let Some(later) = self.held_back(at, action) {
+            return self.shared.deadlines.set(key, Some(later));
         }
         if at <= now {
             return self.on_action(action).await;
@@ -201,7 +203,18 @@ impl Actor {
     fn reschedule(&self) {
         let key = self.machine.key();
         let next = self.next().filter(|_| self.shared.owns(key));
-        self.shared.deadlines.set(key, next.map(|(at, _)| at));
+        self.shared.deadlines.set(key, next.map(|(at, action)| self.held_back(at, action).unwrap_or(at)));
+    }
+
+    /// Until when `action`, due at `at`, must wait, if it must: while this daemon's membership
+    /// of a shared store is not renewed, and, for a provider call, while the store refuses
+    /// writes (an answer that cannot be saved, a rotated token say, must not be asked for).
+    fn held_back(&self, at: DateTime<Utc>, action: Action) -> Option<DateTime<Utc>> {
+        let now = self.shared.clock.now();
+        let calls_provider = !matches!(action, Action::ExpireFlow | Action::ExpireToken);
+        let blocked = !self.shared.acts_on(self.machine.key())
+            || (calls_provider && self.shared.store_health.failing().is_some());
+        (at <= now && blocked).then(|| now + STORE_DOWN_DEFER)
     }
 
     /// Whether this daemon may call the provider for this connection: always, unless daemons
@@ -423,8 +436,9 @@ impl Actor {
         self.may_call()?;
         // Write-ahead: the store says a refresh is under way before it goes out (unless it
         // says so already), and the outcome below always replaces that.
+        // Nothing has happened yet if it cannot be written: the refresh is refused, not retried.
         if !in_doubt {
-            self.commit(&self.machine.awaiting_refresh(), &Step::default()).await?;
+            self.commit(&self.machine.awaiting_refresh(), &Step::default(), Patience::Once).await?;
         }
         // Again, right before the call: a daemon paused in between may have lost the lease.
         self.may_call()?;
@@ -497,7 +511,7 @@ impl Actor {
             || next.connection().flow != self.machine.connection().flow
             || encode_connection(&next) != encode_connection(&self.machine);
         if changed {
-            self.commit(&next, &step).await?;
+            self.commit(&next, &step, Patience::UntilWritten).await?;
         }
         // A callback flow that ended takes its `state` out of the index: it is used once.
         if let Some(old) = self.machine.pending_flow().filter(|f| next.pending_flow() != Some(*f))
@@ -515,8 +529,8 @@ impl Actor {
     /// Commit durably. A refused commit is retried with backoff until it goes through (or the
     /// daemon stops): the step may carry a credential the provider has just replaced, so the
     /// machine never goes on without it. Meanwhile `/v1/health` says the store is failing and
-    /// new work is refused.
-    async fn commit(&self, next: &Machine, step: &Step) -> Result<(), DaemonError> {
+    /// new work is refused. A change that records only an intent is tried [`Patience::Once`].
+    async fn commit(&self, next: &Machine, step: &Step, patience: Patience) -> Result<(), DaemonError> {
         let mut attempt: u32 = 0;
         loop {
             let commit = Commit { machine: next.clone(), transition: step.transition.clone() };
@@ -533,6 +547,9 @@ impl Actor {
                 Ok(()) => return Ok(()),
                 Err(error) => error,
             };
+            if patience == Patience::Once {
+                return Err(DaemonError::StoreUnwritable(error));
+            }
             attempt += 1;
             let stopping = *self.shared.shutdown.borrow();
             if stopping && attempt > COMMIT_ATTEMPTS_AT_SHUTDOWN {

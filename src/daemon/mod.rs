@@ -469,6 +469,7 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
         tokio::spawn(leases.clone().run(shared.clone(), shutdown.clone()));
     }
     tokio::spawn(crate::links::watch(shared.clone(), shutdown.clone()));
+    tokio::spawn(write_back::probe_while_failing(shared.clone(), shutdown.clone()));
 
     // Bind first, to fail fast when another daemon answers there; serve once connections exist.
     let socket = match ControlSocket::activated(&paths.socket)? {

@@ -1,6 +1,7 @@
 //! Two small pieces of shared state: the write-back queue, which keeps the latest credential of
 //! each connection until the config owner writes it (never dropping one), and the store's
-//! health, which says whether commits go through.
+//! health, which says whether commits go through (and, while they do not, tries an empty one
+//! now and then so that the store's recovery is noticed even when nothing else writes).
 
 use authkeeper_state::{ConnKey, Grant};
 use chrono::{DateTime, Utc};
@@ -73,5 +74,33 @@ impl StoreHealth {
     /// Since when commits fail, and the last error.
     pub fn status(&self) -> Option<(DateTime<Utc>, String)> {
         self.failing.lock().unwrap().clone()
+    }
+}
+
+/// How often an empty commit tries the store while commits fail.
+const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// While commits fail, commit nothing every [`PROBE_EVERY`]: work waits for the store meanwhile
+/// (scheduled calls are deferred, new commands refused), so something must notice it is back.
+pub async fn probe_while_failing(
+    shared: std::sync::Arc<super::Shared>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(PROBE_EVERY) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        if shared.store_health.failing().is_none() {
+            continue;
+        }
+        let store = shared.store.clone();
+        if let Ok(outcome) = tokio::task::spawn_blocking(move || store.commit(&[])).await {
+            let outcome = outcome.map_err(|e| e.to_string());
+            if outcome.is_ok() {
+                tracing::info!("the store takes writes again");
+            }
+            shared.store_health.record(outcome.as_ref().map(drop).map_err(String::as_str), shared.clock.now());
+        }
     }
 }
