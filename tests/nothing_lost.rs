@@ -15,7 +15,7 @@ use authkeeper_state::{
 use common::*;
 use serde_json::{Value, json};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 const PATH: &str = "/v1/connections/trakt/default";
 
@@ -164,6 +164,8 @@ async fn a_socket_path_that_is_a_directory_a_symlink_or_a_fifo_is_refused_and_le
 struct Flaky {
     inner: Store,
     failing: AtomicBool,
+    /// While failing, this many commits still go through first.
+    pass: AtomicUsize,
 }
 
 impl ConnectionStore for Flaky {
@@ -171,7 +173,8 @@ impl ConnectionStore for Flaky {
         self.inner.load_all()
     }
     fn commit(&self, batch: &[Commit]) -> Result<(), StoreError> {
-        if self.failing.load(Ordering::SeqCst) {
+        let passes = || self.pass.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+        if self.failing.load(Ordering::SeqCst) && !passes() {
             let source = std::io::Error::other("disk full");
             return Err(StoreError::File { path: "flaky.redb".into(), source });
         }
@@ -260,14 +263,32 @@ async fn a_refused_commit_is_retried_and_the_replaced_refresh_token_is_never_use
     let now = chrono::Utc::now();
     // Validated just now: nothing is due while the test runs but what it asks for.
     let store = connected_store(&emulator, 2, 7 * 86_400, |_| now + chrono::TimeDelta::days(7));
-    let flaky = Arc::new(Flaky { inner: store, failing: AtomicBool::new(false) });
+    let flaky = Arc::new(Flaky { inner: store, failing: AtomicBool::new(false), pass: AtomicUsize::new(0) });
     let clock = Arc::new(authkeeper::clock::ManualClock::new(now));
     let running = start_with_store(dir.path(), &emulator, clock.clone(), flaky.clone(), 2).await;
     let client = Client::new(&running.socket);
     let mut events = client.events().await.unwrap();
     let (p1, p2) = ("/v1/connections/trakt/TRAKT-P01", "/v1/connections/trakt/TRAKT-P02");
 
-    // The disk fills up; a refresh rotates P01's token at Trakt, and its commit is refused.
+    // The disk is full: a refresh cannot write that it is under way, so it is refused at once
+    // and Trakt is not called.
+    flaky.failing.store(true, Ordering::SeqCst);
+    let (status, body) = api_error(client.post::<Value>(&format!("{p1}/refresh"), None).await.unwrap_err());
+    assert_eq!((status, body["error"].as_str()), (503, Some("unavailable")), "{body}");
+    assert!(emulator.log().calls_to("/oauth/token").is_empty(), "Trakt was not called");
+    // Freed, it is noticed without any work asking (an empty commit tries it every 5 s).
+    flaky.failing.store(false, Ordering::SeqCst);
+    tokio::time::timeout(PATIENCE, async {
+        while client.get::<Value>("/v1/health").await.unwrap()["store"]["ok"] != true {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the store's recovery is noticed");
+
+    // The disk fills up right after the refresh wrote that it is under way: it rotates P01's
+    // token at Trakt, and the commit of the new pair is refused.
+    flaky.pass.store(1, Ordering::SeqCst);
     flaky.failing.store(true, Ordering::SeqCst);
     let refresh = tokio::spawn({
         let client = Client::new(&running.socket);
