@@ -7,7 +7,7 @@
 
 use super::process::{self, Connection, Server};
 use authkeeper_fixtures::{TraktEmulator, TraktOptions};
-use chrono::Utc;
+use chrono::{DateTime, TimeDelta, Utc};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use std::path::Path;
@@ -23,15 +23,21 @@ pub struct Options {
     pub validate_every: u64,
 }
 
-/// `dir/state` with `n` connections connected on grants the emulator issued, validated now,
-/// and `dir/config.json` naming them, validating every `every` seconds.
-fn prepare(dir: &Path, emulator: &TraktEmulator, n: usize, every: u64) -> anyhow::Result<()> {
+/// `dir/state` with `n` connections connected on grants the emulator issued at `issued` (its
+/// validation too) to live `lifetime`, and `dir/config.json` naming them, validating every
+/// `every` seconds, with Trakt's rate limit lifted so the daemon, not the limit, sets the pace.
+pub fn prepare(
+    dir: &Path,
+    emulator: &TraktEmulator,
+    n: usize,
+    every: u64,
+    (issued, lifetime): (DateTime<Utc>, TimeDelta),
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir.join("state"))?;
-    let now = Utc::now();
     let db = dir.join("state").join("authkeeper.redb");
-    drop(process::populate_with(&db, n, process::profile, |_| {
+    drop(process::populate_with(&db, n, process::profile, lifetime, |_| {
         let (access, refresh) = emulator.issue_grant();
-        (access, refresh, now)
+        (access, refresh, issued)
     })?);
     let instances: serde_json::Map<String, Value> = (0..n).map(|i| (process::profile(i), json!({}))).collect();
     let config = json!({
@@ -162,7 +168,7 @@ pub async fn load(o: Options) -> anyhow::Result<()> {
     let binary = process::authkeeper_binary()?;
     let emulator = TraktEmulator::start(TraktOptions::default()).await?;
     let dir = tempfile::tempdir()?;
-    prepare(dir.path(), &emulator, o.connections, o.validate_every)?;
+    prepare(dir.path(), &emulator, o.connections, o.validate_every, (Utc::now(), TimeDelta::days(7)))?;
     let mut daemon = Server::daemon(&binary, dir.path())?;
     process::wait_ready(&mut daemon, o.connections, Instant::now()).await?;
     let length = Duration::from_secs_f64(o.secs);

@@ -16,6 +16,7 @@ mod load;
 mod oha;
 mod owners;
 mod pg;
+mod pg_refresh;
 mod process;
 mod startup;
 mod storm;
@@ -108,6 +109,12 @@ enum Scenario {
     /// Two daemons sharing N connections on PostgreSQL: start, memory, and how long until the
     /// connections are spread over both, against one daemon on redb
     PgShared {
+        #[arg(long, default_value_t = 1_000_000)]
+        connections: usize,
+    },
+    /// Refresh throughput: N tokens all due, rotated by the Trakt emulator with the rate limit
+    /// lifted, by one daemon on redb and then by two daemons sharing PostgreSQL
+    PgRefresh {
         #[arg(long, default_value_t = 1_000_000)]
         connections: usize,
     },
@@ -610,6 +617,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Scenario::PgScale { sizes } => pg::scale(&sizes).await,
         Scenario::PgShared { connections } => pg::shared(connections).await,
+        Scenario::PgRefresh { connections } => pg_refresh::refresh(connections).await,
         Scenario::Tokens { secs, rounds, clients } => tokens(Duration::from_secs_f64(secs), rounds, &clients).await,
         Scenario::Scale { sizes } => scale(&sizes).await,
         Scenario::Startup => startup::startup().await,

@@ -24,7 +24,7 @@ pub fn populate(db: &Path, n: usize, now: DateTime<Utc>) -> anyhow::Result<Store
 
 /// [`populate`] with profiles named by `name` (`discord:7` for owners' connections).
 pub fn populate_as(db: &Path, n: usize, now: DateTime<Utc>, name: fn(usize) -> String) -> anyhow::Result<Store> {
-    populate_with(db, n, name, |i| {
+    populate_with(db, n, name, TimeDelta::days(7), |i| {
         let issued = now - TimeDelta::seconds((i % 3_600) as i64);
         let access = format!("access-{i:08}-0123456789abcdef0123456789abcdef");
         let refresh = format!("refresh-{i:08}-0123456789abcdef0123456789abcdef");
@@ -32,19 +32,19 @@ pub fn populate_as(db: &Path, n: usize, now: DateTime<Utc>, name: fn(usize) -> S
     })
 }
 
-/// `n` connected Trakt connections named by `name`, connection `i` on the week-long grant
-/// `grant(i)`: (access token, refresh token, when it was issued and validated).
+/// `n` connected Trakt connections named by `name`, connection `i` on the grant `grant(i)`
+/// (access token, refresh token, when it was issued and validated), which lives `lifetime`.
 pub fn populate_with(
     db: &Path,
     n: usize,
     name: fn(usize) -> String,
+    lifetime: TimeDelta,
     mut grant: impl FnMut(usize) -> (String, String, DateTime<Utc>),
 ) -> anyhow::Result<Store> {
     let store = Store::open(db)?;
     let mut batch = Vec::new();
     for i in 0..n {
-        let (access, refresh, issued) = grant(i);
-        batch.push(connected(name(i), i, access, refresh, issued));
+        batch.push(connected_for(name(i), i, grant(i), lifetime));
         if batch.len() == 10_000 {
             store.commit(&batch)?;
             batch.clear();
@@ -57,11 +57,21 @@ pub fn populate_with(
 /// Connected Trakt connection `profile` (account `user{i}`) on a week-long grant issued and
 /// validated at `issued`, with the history row of its validation.
 pub fn connected(profile: String, i: usize, access: String, refresh: String, issued: DateTime<Utc>) -> Commit {
+    connected_for(profile, i, (access, refresh, issued), TimeDelta::days(7))
+}
+
+/// [`connected`] on a grant (access token, refresh token, issued at) that lives `lifetime`.
+pub fn connected_for(
+    profile: String,
+    i: usize,
+    (access, refresh, issued): (String, String, DateTime<Utc>),
+    lifetime: TimeDelta,
+) -> Commit {
     let policy = Policy { validate_every: TimeDelta::days(7), ..Policy::default() };
     let grant = Grant {
         refresh_token: Some(Secret::new(refresh)),
         scope: Some("public".into()),
-        expires_at: Some(issued + TimeDelta::days(7)),
+        expires_at: Some(issued + lifetime),
         ..Grant::bearer(access, issued)
     };
     let mut m = Machine::new(ConnKey::new("trakt", profile), issued);
