@@ -1,6 +1,7 @@
 //! Several daemons on one PostgreSQL store (a throwaway cluster): both serve every
 //! connection, exactly one refreshes each token, one takes over from another that was killed or
-//! paused, and a paused one writes nothing over the newer credential when it wakes. Without
+//! paused, a paused one writes nothing over the newer credential when it wakes, and together they
+//! keep to a provider's global rate. Without
 //! PostgreSQL installed the tests say so and pass, unless `AUTHKEEPER_REQUIRE_POSTGRES` is set
 //! (as in CI).
 //!
@@ -30,23 +31,34 @@ struct Shared {
 /// A cluster, an emulator whose tokens live `lifetime` seconds, and a config declaring `n`
 /// profiles (`TRAKT-P01`…) that the store already holds connected.
 async fn shared(n: usize, lifetime: u64) -> Option<Shared> {
-    let cluster = Cluster::for_tests()?;
-    let url = cluster.database("shared").unwrap();
     let settings = json!({
         "refresh_margin_secs": lifetime / 2,
         "rate_limits": {"trakt": {"per_second": 500.0, "burst": 500}},
         "store": {"lease_secs": LEASE_SECS},
     });
-    let h = Harness::new(TraktOptions { token_lifetime: lifetime, ..fast_trakt() }, settings).await;
+    let now = chrono::Utc::now();
+    let expires = move |i: usize| now + chrono::TimeDelta::seconds(1 + (i as i64 % lifetime as i64));
+    shared_with(n, settings, lifetime, lifetime as i64, expires).await
+}
+
+/// [`shared`] with these `settings`, new tokens living `issued_lifetime` seconds, and stored
+/// connection `i` on a grant of `lifetime` seconds that expires at `expires(i)`.
+async fn shared_with(
+    n: usize,
+    settings: Value,
+    issued_lifetime: u64,
+    lifetime: i64,
+    expires: impl Fn(usize) -> chrono::DateTime<chrono::Utc>,
+) -> Option<Shared> {
+    let cluster = Cluster::for_tests()?;
+    let url = cluster.database("shared").unwrap();
+    let h = Harness::new(TraktOptions { token_lifetime: issued_lifetime, ..fast_trakt() }, settings).await;
     if n > 0 {
         let mut config: Value = serde_json::from_slice(&std::fs::read(h.config_path()).unwrap()).unwrap();
         config["trakt"]["instances"] =
             (0..n).map(|i| (profile(i), json!({}))).collect::<serde_json::Map<_, _>>().into();
         save_by_rename(&h.config_path(), &config.to_string());
-        let now = chrono::Utc::now();
-        let redb = connected_store(&h.emulator, n, lifetime as i64, |i| {
-            now + chrono::TimeDelta::seconds(1 + (i as i64 % lifetime as i64))
-        });
+        let redb = connected_store(&h.emulator, n, lifetime, expires);
         PgStore::open_as_is(&url).unwrap().import(&redb.export().unwrap()).unwrap();
     }
     Some(Shared { _cluster: cluster, h, url })
@@ -203,6 +215,41 @@ async fn two_daemons_adding_profiles_to_one_config_file_lose_none_and_share_no_n
     let config: Value = serde_json::from_slice(&std::fs::read(s.h.config_path()).unwrap()).unwrap();
     let declared = config["trakt"]["instances"].as_object().map(|o| o.len()).unwrap_or(0);
     assert_eq!(declared, 40, "every one is in the file: {}", config["trakt"]);
+    assert_eq!(a.stop().await, 0);
+    assert_eq!(b.stop().await, 0);
+}
+
+/// Two daemons calling one provider app keep to its rate together: each takes half of the
+/// configured global rate. The emulator answers `429` past its limit, and throttles none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_keep_to_a_providers_global_rate_together() {
+    const N: usize = 40;
+    // 10 calls a second between them, evenly spaced. The emulator refuses a 13th in any one
+    // second: two daemons' evenly spaced calls may meet at a window's edges. At the full rate
+    // each, they would make 20.
+    let settings = json!({
+        "refresh_margin_secs": 10,
+        "validate_every_secs": 86_400,
+        "rate_limits": {"trakt": {"per_second": 10.0, "burst": 1}},
+        "store": {"lease_secs": LEASE_SECS},
+    });
+    // Minute-long grants, all due for refresh together 8 s from now (10 s ahead of expiry, with
+    // up to 1 s of jitter), once both daemons know of each other; new tokens live an hour.
+    let expires = |_| chrono::Utc::now() + chrono::TimeDelta::seconds(19);
+    let Some(s) = shared_with(N, settings, 3600, 60, expires).await else {
+        return;
+    };
+    s.h.emulator.log().set_rate_limit(12);
+    let (a, b) = (s.node("a").await, s.node("b").await);
+    let deadline = Instant::now() + PATIENCE;
+    while s.h.emulator.refreshes() < N {
+        assert!(Instant::now() < deadline, "only {} of {N} refreshed", s.h.emulator.refreshes());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (by_a, by_b) = (s.refreshes("daemon.log"), s.refreshes("b.log"));
+    assert!(by_a > 0 && by_b > 0, "both refreshed: A {by_a}, B {by_b}");
+    assert_eq!(s.h.emulator.log().throttled(), 0, "no call went past the provider's limit");
+    assert_eq!(s.h.emulator.reused_refresh_tokens(), 0);
     assert_eq!(a.stop().await, 0);
     assert_eq!(b.stop().await, 0);
 }
