@@ -1,9 +1,8 @@
 //! Several daemons on one PostgreSQL store (a throwaway cluster): both serve every
 //! connection, exactly one refreshes each token, one takes over from another that was killed or
-//! paused, a paused one writes nothing over the newer credential when it wakes, and together they
-//! keep to a provider's global rate. Without
-//! PostgreSQL installed the tests say so and pass, unless `AUTHKEEPER_REQUIRE_POSTGRES` is set
-//! (as in CI).
+//! paused, a paused one writes nothing over the newer credential when it wakes, and together
+//! they keep to a provider's global rate. Without PostgreSQL installed the tests say so and
+//! pass, unless `AUTHKEEPER_REQUIRE_POSTGRES` is set (as in CI).
 //!
 //! `AUTHKEEPER_SHARED_SECS` (20 by default) sets how long the exactly-one-refresher run lasts;
 //! `AUTHKEEPER_SHARED_SECS=600` is the ten minutes of the acceptance.
