@@ -278,13 +278,7 @@ async fn a_refused_commit_is_retried_and_the_replaced_refresh_token_is_never_use
     assert!(emulator.log().calls_to("/oauth/token").is_empty(), "Trakt was not called");
     // Freed, it is noticed without any work asking (an empty commit tries it every 5 s).
     flaky.failing.store(false, Ordering::SeqCst);
-    tokio::time::timeout(PATIENCE, async {
-        while client.get::<Value>("/v1/health").await.unwrap()["store"]["ok"] != true {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("the store's recovery is noticed");
+    wait_health(&client, |h| h["store"]["ok"] == true).await;
 
     // The disk fills up right after the refresh wrote that it is under way: it rotates P01's
     // token at Trakt, and the commit of the new pair is refused.

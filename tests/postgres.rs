@@ -126,19 +126,6 @@ async fn store_copy_moves_a_redb_store_to_postgresql_and_back_and_refuses_to_ove
     daemon.stop().await;
 }
 
-/// `/v1/health` once `ready` holds for it.
-async fn wait_health(client: &authkeeper::client::Client, ready: impl Fn(&Value) -> bool) -> Value {
-    let deadline = std::time::Instant::now() + PATIENCE;
-    loop {
-        let health: Value = client.get("/v1/health").await.unwrap();
-        if ready(&health) {
-            return health;
-        }
-        assert!(std::time::Instant::now() < deadline, "health never became as expected: {health}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-}
-
 /// PostgreSQL goes away and comes back. While it is away the daemon keeps handing out the token
 /// it holds and refuses a refresh it could not save, saying why; once it is back the daemon
 /// refreshes again. Away past the daemon's lease, the daemon stops acting when the lease ends

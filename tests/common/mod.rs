@@ -266,6 +266,19 @@ pub async fn wait_for(
     .unwrap_or_else(|_| panic!("no {provider} {cause:?} transition in time"))
 }
 
+/// `/v1/health` once `ready` holds for it.
+pub async fn wait_health(client: &authkeeper::client::Client, ready: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let health: Value = client.get("/v1/health").await.unwrap();
+        if ready(&health) {
+            return health;
+        }
+        assert!(std::time::Instant::now() < deadline, "health never became as expected: {health}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// The status code and JSON body of an error answer.
 pub fn api_error(e: ClientError) -> (u16, Value) {
     match e {
