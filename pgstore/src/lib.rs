@@ -170,6 +170,11 @@ impl fmt::Debug for PgStore {
 /// Connections the pool keeps open: the commit thread, readers, and the config owner's writes.
 const POOL_SIZE: usize = 8;
 
+/// The server ends a session that sits this long inside a transaction. A daemon stopped
+/// mid-commit (`SIGSTOP`, a VM paused, a debugger) would otherwise hold its row locks and keep
+/// the daemon taking its leases over waiting until it wakes; well under the shortest lease.
+const IDLE_IN_TRANSACTION_MS: u32 = 2_000;
+
 impl PgStore {
     /// Connect to the database at `url`, create or migrate its tables, and check (or apply) the
     /// sealing of its secrets as [`authkeeper_state::Store::open_sealed`] does.
@@ -189,7 +194,9 @@ impl PgStore {
     }
 
     fn connect(url: &str, sealer: Option<Sealer>) -> Result<Self, StoreError> {
-        let config: tokio_postgres::Config = url.parse().map_err(PgError::Url)?;
+        let mut config: tokio_postgres::Config = url.parse().map_err(PgError::Url)?;
+        let options = config.get_options().map(|o| format!("{o} ")).unwrap_or_default();
+        config.options(format!("{options}-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}"));
         let _ = rustls::crypto::ring::default_provider().install_default();
         let tls = <rustls::ClientConfig as rustls_platform_verifier::ConfigVerifierExt>::with_platform_verifier()
             .map_err(PgError::Tls)?;
