@@ -85,12 +85,22 @@ pub struct Gate {
     inner: Mutex<Inner>,
     /// When it turns true, waiting callers give up: nothing is in flight while they wait.
     shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Asked once a caller's slot comes, right before the call: false when this daemon may no
+    /// longer call providers (its lease on a shared store lapsed while the caller waited).
+    fence: Option<Fence>,
 }
 
-/// The daemon is shutting down: the call was not made.
+/// See [`Gate::with_fence`].
+pub type Fence = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// Why a call that waited at the gate was not made.
 #[derive(Debug, thiserror::Error)]
-#[error("the daemon is shutting down")]
-pub struct ShuttingDown;
+pub enum NotMade {
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    #[error("not called: this daemon's lease on the shared store lapsed while the call waited for its turn")]
+    Fenced,
+}
 
 impl Gate {
     pub fn new(clock: Arc<dyn Clock>, limits: Limits) -> Self {
@@ -101,12 +111,22 @@ impl Gate {
             clock,
             inner: Mutex::new(Inner { limits, paused_until: None, global, accounts: HashMap::new() }),
             shutdown,
+            fence: None,
         }
     }
 
     /// Give up waiting when `shutdown` turns true.
     pub fn with_shutdown(mut self, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
         self.shutdown = shutdown;
+        self
+    }
+
+    /// Refuse a call whose slot came once `fence` answers false. A caller checks its lease
+    /// before it asks for a slot; the wait for the slot (seconds, under a provider's rate or a
+    /// `Retry-After`) is checked here, so that what is left between the last check and the call
+    /// is only the send itself.
+    pub fn with_fence(mut self, fence: Fence) -> Self {
+        self.fence = Some(fence);
         self
     }
 
@@ -165,7 +185,7 @@ impl Gate {
     }
 
     /// Wait until a call for `account` of `kind` may go, and take its slot.
-    pub async fn acquire(&self, account: &str, kind: Kind) -> Result<(), ShuttingDown> {
+    pub async fn acquire(&self, account: &str, kind: Kind) -> Result<(), NotMade> {
         loop {
             let (at, paused) = {
                 let now = self.clock.now();
@@ -190,11 +210,14 @@ impl Gate {
             let mut shutdown = self.shutdown.clone();
             tokio::select! {
                 _ = self.clock.sleep_until(at) => {}
-                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return Err(ShuttingDown),
+                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return Err(NotMade::ShuttingDown),
             }
             // A `Retry-After` that came in while this call waited for its slot holds it too.
             if !paused && self.paused_until().is_none() {
-                return Ok(());
+                return match &self.fence {
+                    Some(fence) if !fence() => Err(NotMade::Fenced),
+                    _ => Ok(()),
+                };
             }
         }
     }
@@ -278,6 +301,23 @@ mod tests {
         assert!((&mut second).now_or_never().is_none(), "its slot came, but the provider asked for quiet");
         clock.set(start + TimeDelta::seconds(20));
         assert!((&mut second).now_or_never().is_some(), "it goes when the pause ends");
+    }
+
+    #[tokio::test]
+    async fn a_call_whose_lease_lapsed_while_it_waited_for_its_slot_is_not_made() {
+        let held = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (clock, gate) = gate(Limits { per_second: 1.0, burst: 1, ..Limits::default() });
+        let lease = held.clone();
+        let gate = gate.with_fence(Arc::new(move || lease.load(std::sync::atomic::Ordering::SeqCst)));
+        gate.acquire("a", Kind::Write).await.expect("the first goes at once, the lease held");
+        let second = gate.acquire("b", Kind::Write);
+        tokio::pin!(second);
+        assert!((&mut second).now_or_never().is_none(), "the second waits a second for its slot");
+        held.store(false, std::sync::atomic::Ordering::SeqCst);
+        clock.advance(TimeDelta::seconds(1));
+        let answer = (&mut second).now_or_never().expect("its slot came");
+        assert!(matches!(answer, Err(NotMade::Fenced)), "{answer:?}");
+        assert!(answer.unwrap_err().to_string().contains("lease on the shared store lapsed"));
     }
 
     #[test]

@@ -442,7 +442,10 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
         gates: providers::REGISTRY
             .iter()
             .map(|p| {
-                let gate = Gate::new(clock.clone(), p.limits()).with_shutdown(shutdown.clone());
+                let mut gate = Gate::new(clock.clone(), p.limits()).with_shutdown(shutdown.clone());
+                if let Some(leases) = leases.clone() {
+                    gate = gate.with_fence(Arc::new(move || leases.valid()));
+                }
                 (p.manifest().name.to_owned(), Arc::new(gate))
             })
             .collect(),
