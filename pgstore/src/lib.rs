@@ -441,3 +441,31 @@ impl ConnectionStore for PgStore {
         self.block(|inner| async move { copy::import(&inner, dump).await })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `SHOW name` on one of the store's pooled sessions.
+    fn show(store: &PgStore, name: &'static str) -> String {
+        store
+            .block(move |inner| async move {
+                let client = inner.pool.get().await.map_err(pool)?;
+                let row = client.query_one(&format!("SHOW {name}"), &[]).await.map_err(sql)?;
+                Ok(row.get::<_, String>(0))
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn sessions_end_after_2_s_idle_inside_a_transaction_and_keep_the_urls_own_options() {
+        let Some(cluster) = crate::cluster::Cluster::for_tests() else { return };
+        let url = cluster.database("sessions").unwrap();
+        let store = PgStore::open(&url, None).unwrap();
+        assert_eq!(show(&store, "idle_in_transaction_session_timeout"), "2s");
+        let own = format!("{url}?options=-c%20statement_timeout%3D7s");
+        let store = PgStore::open(&own, None).unwrap();
+        assert_eq!(show(&store, "statement_timeout"), "7s", "the URL's own options stay");
+        assert_eq!(show(&store, "idle_in_transaction_session_timeout"), "2s");
+    }
+}
