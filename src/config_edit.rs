@@ -21,6 +21,10 @@ pub enum EditError {
     Readable(String, u32),
     #[error("cannot write {0}: {1}")]
     Io(String, std::io::Error),
+    #[error(
+        "{0} is being edited by another process (its lock was held for more than {1} s); nothing was changed: try again"
+    )]
+    Locked(String, u64),
 }
 
 fn parse(text: &str) -> Result<CstRootNode, EditError> {
@@ -100,12 +104,26 @@ pub struct EditLock {
     _held: std::fs::File,
 }
 
-pub fn lock(path: &Path) -> Result<EditLock, EditError> {
+/// Take the lock of `path`'s directory, waiting at most `patience` for another holder to let
+/// go. It is tried every 10 ms rather than waited on, so no thread is held while another
+/// process (a daemon stopped with `SIGSTOP`, a script) keeps it.
+pub async fn lock(path: &Path, patience: std::time::Duration) -> Result<EditLock, EditError> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let io = |e| EditError::Io(dir.display().to_string(), e);
     let file = std::fs::File::open(dir).map_err(io)?;
-    file.lock().map_err(io)?;
-    Ok(EditLock { _held: file })
+    let give_up = tokio::time::Instant::now() + patience;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(EditLock { _held: file }),
+            Err(std::fs::TryLockError::WouldBlock) if tokio::time::Instant::now() < give_up => {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(EditError::Locked(path.display().to_string(), patience.as_secs()));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+    }
 }
 
 /// Replace `path` with `text` atomically. An existing file keeps its mode; a new one is 0600.

@@ -220,6 +220,7 @@ impl From<DaemonError> for ApiError {
             E::Flow(FlowError::Rejected(_)) => Self::rejected(message),
             E::Flow(FlowError::Unavailable(_)) => Self::provider_unavailable(message),
             E::Edit(EditError::Io(..)) | E::Store(_) | E::OwnerGone | E::Internal(_) => Self::internal(message),
+            E::Edit(EditError::Locked(..)) => Self::unavailable(message),
             E::Edit(_) => Self::conflict(message),
             E::StoreUnwritable(_) | E::ShuttingDown | E::Busy | E::NotHolder(_) => Self::unavailable(message),
         }

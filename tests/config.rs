@@ -367,3 +367,39 @@ async fn a_new_client_id_revalidates_and_a_removed_profile_is_disconnected_with_
     assert_eq!(h.emulator.log().calls_to("/oauth/revoke").len(), 0, "removal is not a logout");
     daemon.stop().await;
 }
+
+/// Another editor holding config.json's lock (a second daemon mid-edit, a script, a daemon
+/// stopped with `SIGSTOP`): the daemon's edit waits for it and then builds on what it wrote, and
+/// gives up with a clear 503, the file untouched, once the request time limit has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_waits_for_another_editors_lock_builds_on_its_change_and_gives_up_clearly() {
+    let h = Harness::new(fast_trakt(), json!({"request_timeout_secs": 1})).await;
+    let daemon = h.start_daemon().await;
+    let path = h.config_path();
+    let read = |path: &Path| -> Value { serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap() };
+
+    // Held past the limit.
+    let before = std::fs::read(&path).unwrap();
+    let held = authkeeper::config_edit::lock(&path, std::time::Duration::ZERO).await.unwrap();
+    let refused = h.client().post::<Value>("/v1/providers/trakt/profiles", None).await.unwrap_err();
+    let (status, body) = api_error(refused);
+    assert_eq!((status, body["error"].as_str()), (503, Some("unavailable")), "{body}");
+    assert!(body["message"].as_str().unwrap_or_default().contains("being edited by another process"), "{body}");
+    assert_eq!(std::fs::read(&path).unwrap(), before, "nothing was changed");
+
+    // Held for a moment, in which the other editor reads the file and writes its own change.
+    let client = h.client();
+    let adding = tokio::spawn(async move { client.post::<Value>("/v1/providers/trakt/profiles", None).await });
+    let mut theirs = read(&path);
+    theirs["trakt"]["instances"]["TRAKT-P07"] = json!({});
+    // Time for an editor that ignored the lock to write first (and be overwritten below).
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    save_by_rename(&path, &theirs.to_string());
+    drop(held);
+    let added = adding.await.unwrap().expect("the edit went through once the lock was free");
+    let profile = added["profile"].as_str().unwrap_or_default().to_owned();
+    let instances = read(&path)["trakt"]["instances"].clone();
+    assert!(instances.get("TRAKT-P07").is_some(), "the other editor's change is kept: {instances}");
+    assert!(instances.get(&profile).is_some(), "and the daemon's ({profile}) is there too: {instances}");
+    daemon.stop().await;
+}

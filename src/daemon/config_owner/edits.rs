@@ -15,7 +15,8 @@ impl ConfigOwner {
     /// watcher has not delivered yet is applied, not overwritten.
     /// The file as it is now, applied if it changed, and the lock to hold until it is written.
     async fn catch_up(&mut self) -> Result<(String, config_edit::EditLock), DaemonError> {
-        let lock = config_edit::lock(&self.path)?;
+        // An edit waits for another editor as long as a request may take to arrive.
+        let lock = config_edit::lock(&self.path, self.config.settings.request_timeout()).await?;
         self.read_current().await.map(|text| (text, lock))
     }
 
