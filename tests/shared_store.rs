@@ -92,16 +92,6 @@ impl Shared {
     }
 }
 
-/// Wait until `done` holds, checking every 50 ms, for at most `within`; how long it took.
-async fn until(what: &str, within: Duration, mut done: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < within, "not within {} s: {what}", within.as_secs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    start.elapsed()
-}
-
 async fn token(client: &authkeeper::client::Client, profile: &str) -> Value {
     client.get(&format!("/v1/connections/trakt/{profile}/token")).await.unwrap()
 }
@@ -173,7 +163,7 @@ async fn two_daemons_refresh_each_token_exactly_once_and_one_takes_over_when_the
     // then. (A kill between the provider's answer and its commit loses the rotated token
     // whatever the daemons do: the answer-lost case of tests/crash.rs.)
     s.h.emulator.log().inject("/oauth/token", Fault::Status(503), usize::MAX);
-    until("every answered refresh committed", PATIENCE, || s.all_committed(&store)).await;
+    until(PATIENCE, async || s.all_committed(&store)).await.expect("every answered refresh committed in time");
     let mut seen_on_b = b.client().events().await.unwrap();
     let at_kill = s.stored_refresh_tokens(&store);
     a.kill9().await;
@@ -181,15 +171,12 @@ async fn two_daemons_refresh_each_token_exactly_once_and_one_takes_over_when_the
 
     // B takes A's connections over within the lease and refreshes every one of them (and its
     // own) within one refresh interval more; none expires meanwhile.
-    let took = until(
-        "B refreshed every connection after A was killed",
-        Duration::from_secs(LEASE_SECS + INTERVAL + 5),
-        || {
-            let now = s.stored_refresh_tokens(&store);
-            now.len() == N && now.iter().all(|(profile, t)| at_kill.get(profile) != Some(t))
-        },
-    )
-    .await;
+    let took = until(Duration::from_secs(LEASE_SECS + INTERVAL + 5), async || {
+        let now = s.stored_refresh_tokens(&store);
+        now.len() == N && now.iter().all(|(profile, t)| at_kill.get(profile) != Some(t))
+    })
+    .await
+    .expect("B refreshed every connection within the lease and one refresh interval after A was killed");
     eprintln!("after A was killed, B had refreshed all {N} connections in {} ms", took.as_millis());
     let mut expired = Vec::new();
     while let Ok(Some(Ok(event))) = tokio::time::timeout(Duration::from_millis(1), seen_on_b.next()).await {
@@ -234,16 +221,14 @@ async fn a_daemon_paused_past_its_lease_writes_nothing_when_it_wakes() {
     let Some(s) = shared(N, LIFETIME, |_| 16).await else { return };
     let store = PgStore::open_as_is(&s.url).unwrap();
     let (a, b) = (s.node("a").await, s.node("b").await);
-    until("the first round of refreshes committed", PATIENCE, || {
-        s.h.emulator.refreshes() >= N && s.all_committed(&store)
-    })
-    .await;
+    until(PATIENCE, async || s.h.emulator.refreshes() >= N && s.all_committed(&store))
+        .await
+        .expect("the first round of refreshes committed in time");
     a.signal("STOP");
     // B takes A's share once A's lease lapses, and refreshes it in the second round.
-    until("B refreshed every connection in the second round", PATIENCE, || {
-        s.h.emulator.refreshes() >= 2 * N && s.all_committed(&store)
-    })
-    .await;
+    until(PATIENCE, async || s.h.emulator.refreshes() >= 2 * N && s.all_committed(&store))
+        .await
+        .expect("B refreshed every connection in the second round in time");
     let reused_before = s.h.emulator.reused_refresh_tokens();
     let newest = s.stored_refresh_tokens(&store);
     a.signal("CONT");
@@ -304,7 +289,7 @@ async fn two_daemons_keep_to_a_providers_global_rate_together() {
     let Some(s) = shared_with(N, settings, 3600, 60, |_| 19).await else { return };
     s.h.emulator.log().set_rate_limit(12);
     let (a, b) = (s.node("a").await, s.node("b").await);
-    until("every connection refreshed", PATIENCE, || s.h.emulator.refreshes() >= N).await;
+    until(PATIENCE, async || s.h.emulator.refreshes() >= N).await.expect("every connection refreshed in time");
     let (by_a, by_b) = (s.refreshes("daemon.log"), s.refreshes("b.log"));
     assert!(by_a > 0 && by_b > 0, "both refreshed: A {by_a}, B {by_b}");
     assert_eq!(s.h.emulator.log().throttled(), 0, "no call went past the provider's limit");

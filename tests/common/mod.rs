@@ -266,17 +266,29 @@ pub async fn wait_for(
     .unwrap_or_else(|_| panic!("no {provider} {cause:?} transition in time"))
 }
 
+/// Check `done` every 50 ms until it holds, for at most `within`; how long it took, or `None`
+/// if it never held.
+pub async fn until(within: Duration, mut done: impl AsyncFnMut() -> bool) -> Option<Duration> {
+    let start = std::time::Instant::now();
+    while !done().await {
+        if start.elapsed() >= within {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Some(start.elapsed())
+}
+
 /// `/v1/health` once `ready` holds for it.
 pub async fn wait_health(client: &authkeeper::client::Client, ready: impl Fn(&Value) -> bool) -> Value {
-    let deadline = std::time::Instant::now() + PATIENCE;
-    loop {
-        let health: Value = client.get("/v1/health").await.unwrap();
-        if ready(&health) {
-            return health;
-        }
-        assert!(std::time::Instant::now() < deadline, "health never became as expected: {health}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let mut health = Value::Null;
+    let held = until(PATIENCE, async || {
+        health = client.get("/v1/health").await.unwrap();
+        ready(&health)
+    })
+    .await;
+    assert!(held.is_some(), "health never became as expected: {health}");
+    health
 }
 
 /// The status code and JSON body of an error answer.
