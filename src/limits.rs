@@ -7,6 +7,10 @@ use crate::clock::Clock;
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+
+/// A map hashed with foldhash (seeded per process): the planner's and the deadline queue's
+/// maps hold one entry per connection, and SipHash was a tenth of filling them at start-up.
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use std::sync::{Arc, Mutex};
 
 /// `count` calls per `per_secs` seconds, with bursts up to `count`.
@@ -347,7 +351,7 @@ struct Plan {
     /// Taken slots as merged runs: first slot → one past the last.
     runs: std::collections::BTreeMap<i64, i64>,
     /// Each account's slot and the time it wanted; its name kept inline (no allocation each).
-    held: HashMap<compact_str::CompactString, (i64, DateTime<Utc>)>,
+    held: FastMap<compact_str::CompactString, (i64, DateTime<Utc>)>,
 }
 
 impl Plan {
@@ -405,7 +409,7 @@ impl RefreshPlanner {
             inner: Mutex::new(Plan {
                 slot_us: Self::slot_us(per_second),
                 runs: Default::default(),
-                held: HashMap::new(),
+                held: FastMap::default(),
             }),
         }
     }
@@ -418,7 +422,7 @@ impl RefreshPlanner {
     pub fn set_rate(&self, per_second: f64) {
         let mut plan = self.inner.lock().unwrap();
         if plan.slot_us != Self::slot_us(per_second) {
-            *plan = Plan { slot_us: Self::slot_us(per_second), runs: Default::default(), held: HashMap::new() };
+            *plan = Plan { slot_us: Self::slot_us(per_second), runs: Default::default(), held: FastMap::default() };
         }
     }
 
@@ -441,6 +445,11 @@ impl RefreshPlanner {
         plan.take(slot);
         plan.held.insert(account.into(), (slot, want));
         DateTime::from_timestamp_micros(slot * plan.slot_us).unwrap_or(want)
+    }
+
+    /// Room for `more` accounts (start-up), so the plan is not rebuilt as it grows.
+    pub fn reserve(&self, more: usize) {
+        self.inner.lock().unwrap().held.reserve(more);
     }
 
     /// `account` no longer needs its slot (it refreshed, or went away).

@@ -6,10 +6,11 @@
 
 use super::{Command, Shared};
 use crate::clock::MAX_SLEEP;
+use crate::limits::FastMap;
 use authkeeper_state::ConnKey;
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::Serialize;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
@@ -21,7 +22,7 @@ pub const MAX_AWAKE: usize = 512;
 #[derive(Default)]
 struct Inner {
     queue: BTreeSet<(DateTime<Utc>, ConnKey)>,
-    at: HashMap<ConnKey, DateTime<Utc>>,
+    at: FastMap<ConnKey, DateTime<Utc>>,
 }
 
 pub struct Deadlines {
