@@ -2,6 +2,7 @@
 //! plus the daemon's own `"authkeeper"` block. Unknown top-level keys are ignored here and
 //! never rewritten.
 
+use crate::config_unique::{Entries, Key};
 use crate::limits::{Limits, Rate};
 use crate::providers::{self, Manifest, Profile, Provider};
 use authkeeper_state::{ConnKey, Policy};
@@ -237,11 +238,13 @@ impl Config {
             web.check().map_err(ConfigError::Invalid)?;
         }
         settings.store.check().map_err(ConfigError::Invalid)?;
-        let mut profiles = BTreeMap::new();
+        // Gathered, then sorted once (a file keeps its instances in order, nearly always).
+        let mut listed = Vec::new();
         for &provider in providers::REGISTRY {
             let raw = top.get(provider.manifest().block).filter(|r| r.get() != "null");
-            parse_block(text, raw.copied(), provider, &settings, &mut profiles)?;
+            parse_block(text, raw.copied(), provider, &settings, &mut listed)?;
         }
+        let profiles: BTreeMap<ConnKey, Arc<Profile>> = listed.into_iter().collect();
         crate::insecure::check_config(&settings, &profiles).map_err(ConfigError::Invalid)?;
         Ok(Self { settings, profiles })
     }
@@ -252,9 +255,11 @@ impl Config {
 
     /// The highest `PROVIDER-P##` number among `provider`'s profiles.
     pub fn highest_profile(&self, provider: &str) -> u64 {
+        // The provider's keys sit together, from its name with an empty profile on.
         self.profiles
-            .keys()
-            .filter(|k| k.provider == provider)
+            .range(ConnKey::new(provider, "")..)
+            .map(|(k, _)| k)
+            .take_while(|k| k.provider == provider)
             .filter_map(|k| profile_number(&k.profile))
             .max()
             .unwrap_or(0)
@@ -278,7 +283,7 @@ fn parse_block(
     raw: Option<&RawValue>,
     provider: &'static dyn Provider,
     settings: &Settings,
-    profiles: &mut BTreeMap<ConnKey, Arc<Profile>>,
+    profiles: &mut Vec<(ConnKey, Arc<Profile>)>,
 ) -> Result<(), ConfigError> {
     let m = provider.manifest();
     let base_url = settings.base_url.get(m.name).cloned();
@@ -288,23 +293,31 @@ fn parse_block(
             let profile = Profile::new(provider, Map::new(), base_url)
                 .map_err(|e| ConfigError::Invalid(e.to_string()))?
                 .allowing_insecure_http(allowed);
-            profiles.insert(ConnKey::new(m.name, "default"), Arc::new(profile));
+            profiles.push((ConnKey::new(m.name, "default"), Arc::new(profile)));
         }
         return Ok(());
     };
-    let mut base: Map<String, Value> = serde_json::from_str(raw.get()).map_err(|e| located(text, raw, &e))?;
-    let instances = match base.remove("instances") {
-        None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(instances)) => instances,
-        Some(_) => return Err(ConfigError::Invalid(format!("{}.instances must be an object", m.block))),
-    };
+    // The instances are kept as text until each is looked at: most are `{}`, and a block of
+    // 100,000 built as JSON values cost more than everything else in reading the file.
+    let fields: BTreeMap<Key, &RawValue> = serde_json::from_str(raw.get()).map_err(|e| located(text, raw, &e))?;
+    let mut base = Map::new();
+    let mut instances = Vec::new();
+    for (name, value) in fields {
+        if name.0 != "instances" {
+            base.insert(name.0.into_owned(), serde_json::from_str(value.get()).map_err(|e| located(text, value, &e))?);
+        } else if value.get() != "null" {
+            instances = serde_json::from_str::<Entries>(value.get())
+                .map_err(|_| ConfigError::Invalid(format!("{}.instances must be an object", m.block)))?
+                .0;
+        }
+    }
     let typed_error = |e: serde_json::Error| typed_error(text, raw, provider, e);
     let new = |block: Map<String, Value>| {
         Profile::new(provider, block, base_url.clone()).map(|p| Arc::new(p.allowing_insecure_http(allowed)))
     };
     let default = new(base.clone()).map_err(typed_error)?;
     if !m.named_profiles {
-        profiles.insert(ConnKey::new(m.name, "default"), default.clone());
+        profiles.push((ConnKey::new(m.name, "default"), default.clone()));
     }
     // A credential in the base block is the default profile's own: profiles inherit the app's
     // settings, never its login.
@@ -315,10 +328,15 @@ fn parse_block(
         default.clone()
     };
     let mut last = inherited.clone();
-    for (id, own) in instances {
+    for (Key(id), own) in instances {
         check_profile_id(m, &id)?;
-        let Value::Object(own) = own else {
-            return Err(ConfigError::Invalid(format!("{}.instances.{id} must be an object", m.block)));
+        let empty = own.get().strip_prefix('{').and_then(|o| o.strip_suffix('}')).is_some_and(|o| o.trim().is_empty());
+        let own = match empty {
+            true => Map::new(),
+            false => match serde_json::from_str(own.get()).map_err(|e| located(text, own, &e))? {
+                Value::Object(own) => own,
+                _ => return Err(ConfigError::Invalid(format!("{}.instances.{id} must be an object", m.block))),
+            },
         };
         let profile = if own.is_empty() {
             inherited.clone()
@@ -330,7 +348,7 @@ fn parse_block(
             }
             last.clone()
         };
-        profiles.insert(ConnKey::new(m.name, id), profile);
+        profiles.push((ConnKey::new(m.name, id), profile));
     }
     Ok(())
 }

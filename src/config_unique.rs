@@ -4,8 +4,43 @@
 //! read (CrossWatch's `pairs`, `sync`, …) are not looked at.
 
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fmt;
+
+/// An object's key, borrowed from the text unless it has escapes: a profile list of 100,000
+/// instances is 100,000 keys, read without a copy each.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Deserialize)]
+pub struct Key<'a>(#[serde(borrow)] pub Cow<'a, str>);
+
+/// An object's entries in the order written, each value left as text.
+pub struct Entries<'de>(pub Vec<(Key<'de>, &'de RawValue)>);
+
+impl<'de> Deserialize<'de> for Entries<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(EntriesVisitor)
+    }
+}
+
+struct EntriesVisitor;
+
+impl<'de> Visitor<'de> for EntriesVisitor {
+    type Value = Entries<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Entries<'de>, A::Error> {
+        let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0));
+        while let Some(entry) = map.next_entry()? {
+            entries.push(entry);
+        }
+        Ok(Entries(entries))
+    }
+}
+
+type Seen<'de> = HashSet<Key<'de>, foldhash::fast::RandomState>;
 
 /// Check `text`, whose top-level sections named by `known` are the daemon's.
 pub fn check(text: &str, known: &dyn Fn(&str) -> bool) -> Result<(), serde_json::Error> {
@@ -23,11 +58,11 @@ impl<'de> Visitor<'de> for TopLevel<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let mut seen = HashSet::new();
-        while let Some(key) = map.next_key::<String>()? {
-            if (self.0)(&key) {
+        let mut seen = Seen::default();
+        while let Some(key) = map.next_key::<Key>()? {
+            if (self.0)(&key.0) {
                 if !seen.insert(key.clone()) {
-                    return Err(de::Error::custom(format!("the section {key:?} appears twice")));
+                    return Err(de::Error::custom(format!("the section {:?} appears twice", key.0)));
                 }
                 map.next_value::<Unique>()?;
             } else {
@@ -57,10 +92,10 @@ impl<'de> Visitor<'de> for UniqueVisitor {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Unique, A::Error> {
-        let mut seen = HashSet::new();
-        while let Some(key) = map.next_key::<String>()? {
+        let mut seen = Seen::default();
+        while let Some(key) = map.next_key::<Key>()? {
             if !seen.insert(key.clone()) {
-                return Err(de::Error::custom(format!("the key {key:?} appears twice in one object")));
+                return Err(de::Error::custom(format!("the key {:?} appears twice in one object", key.0)));
             }
             map.next_value::<Unique>()?;
         }
@@ -110,6 +145,32 @@ mod tests {
         assert!(check(nested, &ours).unwrap_err().to_string().contains("\"TRAKT-P01\" appears twice"));
         let listed = r#"{"authkeeper": {"schedules": [{"a": 1}, {"a": 2}]}}"#;
         assert!(check(listed, &ours).is_ok(), "the same key in two objects is fine");
+    }
+
+    #[test]
+    fn instances_are_read_as_written_escaped_or_not_and_each_must_be_an_object() {
+        use crate::config::Config;
+        use authkeeper_state::ConnKey;
+        let Entries(entries) = serde_json::from_str(r#"{"TRAKT-P02": {}, "TRAKT\u002dP01": { }, "x": [1]}"#).unwrap();
+        let keys: Vec<_> = entries.iter().map(|(k, v)| (k.0.as_ref(), v.get())).collect();
+        assert_eq!(keys, [("TRAKT-P02", "{}"), ("TRAKT-P01", "{ }"), ("x", "[1]")], "in file order, unescaped");
+        assert!(matches!(entries[0].0.0, Cow::Borrowed(_)) && matches!(entries[1].0.0, Cow::Owned(_)));
+
+        let text = r#"{"trakt": {"client_id": "c", "client_secret": "s", "instances":
+            {"TRAKT-P03": {"client_id": "d"}, "TRAKT\u002dP01": { }, "TRAKT-P02": {}}}}"#;
+        let cfg = Config::parse(text).unwrap();
+        let ids: Vec<_> = cfg.profiles.keys().filter(|k| k.provider == "trakt").map(|k| k.profile.as_str()).collect();
+        assert_eq!(ids, ["TRAKT-P01", "TRAKT-P02", "TRAKT-P03", "default"], "in key order");
+        let p = |id: &str| cfg.profile(&ConnKey::new("trakt", id)).unwrap().block["client_id"].clone();
+        assert_eq!((p("TRAKT-P01"), p("TRAKT-P03")), (serde_json::json!("c"), serde_json::json!("d")));
+
+        let e = Config::parse(r#"{"trakt": {"instances": {"TRAKT-P01": 5}}}"#).unwrap_err();
+        assert!(e.to_string().contains("trakt.instances.TRAKT-P01 must be an object"), "{e}");
+        let e = Config::parse(r#"{"trakt": {"instances": [1]}}"#).unwrap_err();
+        assert!(e.to_string().contains("trakt.instances must be an object"), "{e}");
+        let e = Config::parse("{\"trakt\": {\"instances\": {\"TRAKT-P01\": {\n \"client_id\": 5}}}}").unwrap_err();
+        assert_eq!(e.position(), Some((2, 15)), "{e}");
+        assert!(Config::parse(r#"{"trakt": {"client_id": "c", "client_secret": "s", "instances": null}}"#).is_ok());
     }
 
     #[test]
