@@ -162,7 +162,7 @@ impl Actor {
             Err(mpsc::error::TryRecvError::Disconnected) => {
                 // Closed, empty, and no sender holds a place in it. The slot holds the committed
                 // machine, which is this one: the step that changed it last published it.
-                slot.owner = Owner::Asleep(Box::new(Dormant { sweep_at: self.sweep_at }));
+                slot.owner = Owner::Asleep(Dormant { sweep_at: self.sweep_at });
                 return Sleep::Asleep;
             }
             Ok(command) => Some(command),

@@ -54,7 +54,7 @@ pub enum Owner {
     /// Its task, which takes commands through this inbox.
     Awake(mpsc::Sender<Command>),
     /// Nobody: nothing is asked of it; the next command starts a task with this.
-    Asleep(Box<Dormant>),
+    Asleep(Dormant),
 }
 
 /// A connection as reads (`status`, `token`) see it, and who owns it.
@@ -252,15 +252,23 @@ impl Shared {
     /// Give `machine` a slot in the read view and its first deadline. It starts asleep: a
     /// task runs only when a command or a deadline comes.
     pub(crate) fn add_connection(self: &Arc<Self>, machine: Machine, adapter: Adapter, warning: Option<Arc<str>>) {
-        self.add_connections(vec![(machine, adapter, warning)]);
+        self.add_connections(vec![(Arc::new(machine), adapter, warning)]);
     }
 
     /// [`Shared::add_connection`] for many at once (start-up): one lock of the read view, and
     /// the deadline queue filled in one go.
-    pub(crate) fn add_connections(self: &Arc<Self>, added: Vec<(Machine, Adapter, Option<Arc<str>>)>) {
+    pub(crate) fn add_connections(self: &Arc<Self>, added: Vec<(Arc<Machine>, Adapter, Option<Arc<str>>)>) {
         let mut deadlines = Vec::with_capacity(added.len());
         let (mut resumed, mut none) = (Vec::new(), Vec::new());
         let mut slots = Vec::with_capacity(added.len());
+        let (policy, now) = (self.policy(), self.clock.now());
+        let mut per_provider = crate::limits::FastMap::<&str, usize>::default();
+        for (machine, ..) in &added {
+            *per_provider.entry(machine.key().provider.as_str()).or_default() += 1;
+        }
+        for (provider, n) in per_provider {
+            self.planners.get(provider).inspect(|p| p.reserve(n));
+        }
         for (machine, adapter, warning) in added {
             let key = machine.key().clone();
             if let Some(state) = machine.pending_flow().and_then(|f| f.secret("state")) {
@@ -274,13 +282,13 @@ impl Shared {
             } else if machine.pending_flow().is_some() {
                 resumed.push(key.clone());
             } else {
-                match actor::next_for(&machine, None, self) {
+                match next::next_at(&machine, None, self, &policy, now) {
                     Some((at, _)) => deadlines.push((key.clone(), at)),
                     None => none.push(key.clone()),
                 }
             }
-            let owner = Owner::Asleep(Box::new(Dormant { sweep_at: None }));
-            slots.push((key, Slot { committed: Arc::new(machine), adapter, warning, owner }));
+            let owner = Owner::Asleep(Dormant { sweep_at: None });
+            slots.push((key, Slot { committed: machine, adapter, warning, owner }));
         }
         {
             let mut conns = self.conns.write().unwrap();

@@ -14,7 +14,18 @@ pub fn next_for(
     sweep_at: Option<DateTime<Utc>>,
     shared: &Shared,
 ) -> Option<(DateTime<Utc>, Action)> {
-    let mut next = next_action(machine, &shared.policy());
+    next_at(machine, sweep_at, shared, &shared.policy(), shared.clock.now())
+}
+
+/// [`next_for`] with the policy and the time given (read once for many connections).
+pub fn next_at(
+    machine: &Machine,
+    sweep_at: Option<DateTime<Utc>>,
+    shared: &Shared,
+    policy: &Policy,
+    now: DateTime<Utc>,
+) -> Option<(DateTime<Utc>, Action)> {
+    let mut next = next_action(machine, policy);
     if let Some(sweep) = sweep_at
         && machine.state_name() == StateName::Connected
         && next.is_none_or(|(at, _)| sweep < at)
@@ -23,7 +34,7 @@ pub fn next_for(
     }
     let key = machine.key();
     let planner = &shared.planners[key.provider.as_str()];
-    let (at, action) = with_refresh_slot(machine, next?, planner, &shared.policy(), shared.clock.now());
+    let (at, action) = with_refresh_slot(machine, next?, planner, policy, now);
     let calls_provider = !matches!(action, Action::ExpireFlow | Action::ExpireToken);
     let paused = shared.gates.get(key.provider.as_str()).and_then(|g| g.paused_until());
     Some(match paused {

@@ -4,10 +4,14 @@
 
 use super::DEBOUNCE;
 use crate::config::{Config, ConfigError};
+use crate::providers::Profile;
+use authkeeper_state::{ConnKey, Machine};
 use notify_debouncer_mini::notify::{RecommendedWatcher, RecursiveMode};
 use notify_debouncer_mini::{DebounceEventResult, Debouncer, new_debouncer};
+use std::collections::BTreeMap;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
+use std::sync::Arc;
 use tokio::sync::mpsc;
 use tracing::error;
 
@@ -69,4 +73,75 @@ pub fn watch(path: &Path) -> Watch {
         }
     };
     Watch { _watcher: watcher, changes }
+}
+
+/// Each of `machines`' declared profile, found by walking them and `profiles` together in key
+/// order (the store's order; machines in another are sorted first); a declared profile without
+/// a machine gets a new one, added at the end.
+pub(super) fn declared_profiles(
+    machines: &mut Vec<(Machine, Option<u64>)>,
+    profiles: &BTreeMap<ConnKey, Arc<Profile>>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Vec<Option<Arc<Profile>>> {
+    if !machines.is_sorted_by(|a, b| a.0.key() <= b.0.key()) {
+        machines.sort_by(|a, b| a.0.key().cmp(b.0.key()));
+    }
+    let mut declared = Vec::with_capacity(machines.len().max(profiles.len()));
+    let (mut new, mut new_declared) = (Vec::new(), Vec::new());
+    let mut profiles = profiles.iter().peekable();
+    for (machine, _) in machines.iter() {
+        let key = machine.key();
+        while let Some((k, p)) = profiles.next_if(|(k, _)| *k < key) {
+            new.push((Machine::new(k.clone(), now), None));
+            new_declared.push(Some(p.clone()));
+        }
+        declared.push(profiles.next_if(|(k, _)| *k == key).map(|(_, p)| p.clone()));
+    }
+    for (k, p) in profiles {
+        new.push((Machine::new(k.clone(), now), None));
+        new_declared.push(Some(p.clone()));
+    }
+    machines.extend(new);
+    declared.extend(new_declared);
+    declared
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn each_machine_gets_its_declared_profile_and_a_declared_one_without_a_machine_is_made() {
+        let cfg = Config::parse(
+            r#"{"trakt": {"client_id": "c", "client_secret": "s", "instances":
+                {"TRAKT-P01": {}, "TRAKT-P03": {"client_id": "d"}}}}"#,
+        )
+        .unwrap();
+        let now = chrono::Utc::now();
+        let key = |p: &str| ConnKey::new("trakt", p);
+        // Out of key order, as a store sorting its keys as text could give them.
+        let mut machines =
+            vec![(Machine::new(key("TRAKT-P02"), now), Some(7)), (Machine::new(key("TRAKT-P01"), now), None)];
+        let declared = declared_profiles(&mut machines, &cfg.profiles, now);
+        let got: Vec<_> = machines
+            .iter()
+            .zip(&declared)
+            .filter(|(m, _)| m.0.key().provider == "trakt")
+            .map(|((m, settings), p)| {
+                (m.key().profile.to_string(), *settings, p.as_ref().map(|p| p.block["client_id"].clone()))
+            })
+            .collect();
+        let d = |s: &str| Some(serde_json::json!(s));
+        assert_eq!(
+            got,
+            [
+                ("TRAKT-P01".into(), None, d("c")),
+                ("TRAKT-P02".into(), Some(7), None),
+                ("TRAKT-P03".into(), None, d("d")),
+                ("default".into(), None, d("c")),
+            ]
+        );
+        assert_eq!(machines.len(), declared.len());
+    }
 }

@@ -11,6 +11,7 @@ mod edits;
 mod first_read;
 mod persist;
 
+use first_read::declared_profiles;
 pub use first_read::{Read, Stamp, Watch, read, stamp, watch};
 use persist::SharedBytes;
 
@@ -20,7 +21,6 @@ use crate::config::{self, Change, Config, ConfigError, credential_digest};
 use crate::providers::{self, Adapter, Profile};
 use crate::wire::WireEvent;
 use authkeeper_state::{ConnKey, Machine, ProfileState, Stored};
-use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,7 +70,7 @@ pub struct ConfigOwner {
     /// not a new error.
     rejected: Option<String>,
     /// Per-profile provider state (stable device ids), as saved.
-    states: HashMap<ConnKey, Arc<ProfileState>>,
+    states: crate::limits::FastMap<ConnKey, Arc<ProfileState>>,
     /// Provider state made since the last save; saved before any adapter that uses it acts.
     unsaved: Vec<(ConnKey, ProfileState)>,
     schedules: Schedules,
@@ -88,10 +88,7 @@ impl ConfigOwner {
     ) -> anyhow::Result<Self> {
         // Each stored machine, with the digest of the settings a config declared it with.
         let stored_declared = stored.iter().any(|s| s.settings.is_some());
-        // The machines stay where they are; only their keys are sorted and looked up.
         let mut machines: Vec<(Machine, Option<u64>)> = stored.into_iter().map(|s| (s.machine, s.settings)).collect();
-        let mut index: BTreeMap<ConnKey, usize> =
-            machines.iter().enumerate().map(|(i, (m, _))| (m.key().clone(), i)).collect();
         let (config, text, rejected, warning) = match first {
             Read::Good(config, text) => (*config, Some(text), None, None),
             other => {
@@ -142,31 +139,24 @@ impl ConfigOwner {
         };
         owner.schedules.apply(&owner.config.settings, &owner.shared).await;
 
-        let now = owner.shared.clock.now();
-        for key in owner.config.profiles.keys() {
-            if !index.contains_key(key) {
-                index.insert(key.clone(), machines.len());
-                machines.push((Machine::new(key.clone(), now), None));
-            }
-        }
-        drop(index);
+        let declared = declared_profiles(&mut machines, &owner.config.profiles, owner.shared.clock.now());
         let mut gone = Vec::new();
         let mut slots = Vec::new();
         let mut rows = Vec::new();
         let mut bytes = SharedBytes::default();
-        for (machine, declared) in machines {
+        for ((machine, declared), profile) in machines.into_iter().zip(declared) {
             let key = machine.key().clone();
-            let (profile, warning) = match owner.config.profile(&key) {
+            let (profile, warning) = match profile {
                 Some(p) if good => {
                     // Keep its settings in the store if they are not what the store holds.
-                    let b = bytes.of(p);
-                    if declared != Some(authkeeper_state::store::settings_digest(&b)) {
+                    let (b, digest) = bytes.with_digest(&p);
+                    if declared != Some(digest) {
                         rows.push((key.clone(), Some(b)));
                     }
-                    (p.clone(), None)
+                    (p, None)
                 }
-                Some(p) if declared.is_some() => (p.clone(), warning.clone()),
-                Some(p) => (p.clone(), None), // a default the empty config declares
+                Some(p) if declared.is_some() => (p, warning.clone()),
+                Some(p) => (p, None), // a default the empty config declares
                 None if declared.is_some() && good => {
                     // Declared by the last good config, not by this one: removed below (a
                     // removal calls no provider, so its provider's defaults do).
@@ -198,7 +188,8 @@ impl ConfigOwner {
                 },
             };
             let adapter = owner.adapter(&key, &profile);
-            slots.push((machine, adapter, warning));
+            // On the heap at once (a machine is 320 bytes), not moved through one more vector.
+            slots.push((Arc::new(machine), adapter, warning));
         }
         owner.save_states().await;
         owner.shared.add_connections(slots);
@@ -207,7 +198,12 @@ impl ConfigOwner {
         }
         owner.write_settings(rows);
         if good {
-            let keys: Vec<ConnKey> = owner.config.profiles.keys().cloned().collect();
+            // Only the profiles whose block holds a credential have one to import.
+            let now = owner.shared.clock.now();
+            let keys: Vec<ConnKey> = (owner.config.profiles.iter())
+                .filter(|(_, p)| p.provider.import(p, now).is_some())
+                .map(|(k, _)| k.clone())
+                .collect();
             for key in keys {
                 owner.import(&key).await;
             }

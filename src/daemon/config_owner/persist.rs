@@ -76,18 +76,24 @@ impl ConfigOwner {
     }
 }
 
-/// A profile's stored form, made once for the many profiles that share one `Profile`.
+/// A profile's stored form and its digest, made once for the many profiles that share one
+/// `Profile`.
 #[derive(Default)]
-pub(super) struct SharedBytes(Option<(*const Profile, Arc<[u8]>)>);
+pub(super) struct SharedBytes(Option<(*const Profile, Arc<[u8]>, u64)>);
 
 impl SharedBytes {
     pub(super) fn of(&mut self, profile: &Arc<Profile>) -> Arc<[u8]> {
+        self.with_digest(profile).0
+    }
+
+    pub(super) fn with_digest(&mut self, profile: &Arc<Profile>) -> (Arc<[u8]>, u64) {
         match &self.0 {
-            Some((ptr, bytes)) if std::ptr::eq(*ptr, Arc::as_ptr(profile)) => bytes.clone(),
+            Some((ptr, bytes, digest)) if std::ptr::eq(*ptr, Arc::as_ptr(profile)) => (bytes.clone(), *digest),
             _ => {
                 let bytes: Arc<[u8]> = Arc::from(profile.to_stored());
-                self.0 = Some((Arc::as_ptr(profile), bytes.clone()));
-                bytes
+                let digest = authkeeper_state::store::settings_digest(&bytes);
+                self.0 = Some((Arc::as_ptr(profile), bytes.clone(), digest));
+                (bytes, digest)
             }
         }
     }
