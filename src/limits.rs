@@ -7,6 +7,7 @@ use crate::clock::Clock;
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 
 /// A map hashed with foldhash (seeded per process): the planner's and the deadline queue's
 /// maps hold one entry per connection, and SipHash was a tenth of filling them at start-up.
@@ -348,45 +349,48 @@ pub struct RefreshPlanner {
 
 struct Plan {
     slot_us: i64,
-    /// Taken slots as merged runs: first slot → one past the last.
-    runs: std::collections::BTreeMap<i64, i64>,
+    runs: Runs,
     /// Each account's slot and the time it wanted; its name kept inline (no allocation each).
     held: FastMap<compact_str::CompactString, (i64, DateTime<Utc>)>,
 }
 
-impl Plan {
+/// Taken slots as merged runs: first slot → one past the last.
+#[derive(Default)]
+struct Runs(std::collections::BTreeMap<i64, i64>);
+
+impl Runs {
     fn take(&mut self, slot: i64) {
         let mut start = slot;
         let mut end = slot + 1;
-        if let Some((&s, &e)) = self.runs.range(..slot).next_back()
+        if let Some((&s, &e)) = self.0.range(..slot).next_back()
             && e == slot
         {
             start = s;
-            self.runs.remove(&s);
+            self.0.remove(&s);
         }
-        if let Some(e) = self.runs.remove(&(slot + 1)) {
+        if let Some(e) = self.0.remove(&(slot + 1)) {
             end = e;
         }
-        self.runs.insert(start, end);
+        self.0.insert(start, end);
     }
 
     fn free(&mut self, slot: i64) {
-        let Some((&s, &e)) = self.runs.range(..=slot).next_back() else { return };
+        let Some((&s, &e)) = self.0.range(..=slot).next_back() else { return };
         if slot >= e {
             return;
         }
-        self.runs.remove(&s);
+        self.0.remove(&s);
         if s < slot {
-            self.runs.insert(s, slot);
+            self.0.insert(s, slot);
         }
         if slot + 1 < e {
-            self.runs.insert(slot + 1, e);
+            self.0.insert(slot + 1, e);
         }
     }
 
     /// The latest free slot at or before `slot`, if one is at or after `floor`.
     fn latest_free(&self, slot: i64, floor: i64) -> Option<i64> {
-        let candidate = match self.runs.range(..=slot).next_back() {
+        let candidate = match self.0.range(..=slot).next_back() {
             Some((&s, &e)) if slot < e => s - 1,
             _ => slot,
         };
@@ -395,7 +399,7 @@ impl Plan {
 
     /// The earliest free slot at or after `slot`.
     fn earliest_free(&self, slot: i64) -> i64 {
-        match self.runs.range(..=slot).next_back() {
+        match self.0.range(..=slot).next_back() {
             Some((_, &e)) if slot < e => e,
             _ => slot,
         }
@@ -432,19 +436,20 @@ impl RefreshPlanner {
     /// which means "due"), so a deadline planned once stays put.
     pub fn plan(&self, account: &str, want: DateTime<Utc>, now: DateTime<Utc>) -> DateTime<Utc> {
         let mut plan = self.inner.lock().unwrap();
-        if let Some((slot, wanted)) = plan.held.get(account)
-            && *wanted == want
-        {
-            return DateTime::from_timestamp_micros(*slot * plan.slot_us).unwrap_or(want);
+        let Plan { slot_us, runs, held } = &mut *plan;
+        let held = held.entry(account.into());
+        if let Entry::Occupied(held) = &held {
+            let (slot, wanted) = *held.get();
+            if wanted == want {
+                return DateTime::from_timestamp_micros(slot * *slot_us).unwrap_or(want);
+            }
+            runs.free(slot);
         }
-        if let Some((slot, _)) = plan.held.remove(account) {
-            plan.free(slot);
-        }
-        let (want_slot, now_slot) = (want.timestamp_micros() / plan.slot_us, now.timestamp_micros() / plan.slot_us);
-        let slot = plan.latest_free(want_slot, now_slot).unwrap_or_else(|| plan.earliest_free(want_slot.max(now_slot)));
-        plan.take(slot);
-        plan.held.insert(account.into(), (slot, want));
-        DateTime::from_timestamp_micros(slot * plan.slot_us).unwrap_or(want)
+        let (want_slot, now_slot) = (want.timestamp_micros() / *slot_us, now.timestamp_micros() / *slot_us);
+        let slot = runs.latest_free(want_slot, now_slot).unwrap_or_else(|| runs.earliest_free(want_slot.max(now_slot)));
+        runs.take(slot);
+        held.insert_entry((slot, want));
+        DateTime::from_timestamp_micros(slot * *slot_us).unwrap_or(want)
     }
 
     /// Room for `more` accounts (start-up), so the plan is not rebuilt as it grows.
@@ -456,7 +461,7 @@ impl RefreshPlanner {
     pub fn release(&self, account: &str) {
         let mut plan = self.inner.lock().unwrap();
         if let Some((slot, _)) = plan.held.remove(account) {
-            plan.free(slot);
+            plan.runs.free(slot);
         }
     }
 }

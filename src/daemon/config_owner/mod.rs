@@ -141,7 +141,7 @@ impl ConfigOwner {
 
         let declared = declared_profiles(&mut machines, &owner.config.profiles, owner.shared.clock.now());
         let mut gone = Vec::new();
-        let mut slots = Vec::new();
+        let mut slots = Vec::with_capacity(machines.len());
         let mut rows = Vec::new();
         let mut bytes = SharedBytes::default();
         for ((machine, declared), profile) in machines.into_iter().zip(declared) {
