@@ -18,6 +18,7 @@ mod owners;
 mod pg;
 mod pg_refresh;
 mod process;
+mod scheduler;
 mod startup;
 mod storm;
 mod tokens;
@@ -188,6 +189,10 @@ enum Scenario {
         /// Seconds to watch the idle daemon
         #[arg(long, default_value_t = 60)]
         idle_secs: u64,
+        /// Daemon starts, each against a bare read of the rows just before it (the median
+        /// ratio is reported)
+        #[arg(long, default_value_t = 5)]
+        starts: usize,
     },
 }
 
@@ -275,105 +280,6 @@ async fn config_reload(profiles: usize, rounds: usize) -> anyhow::Result<()> {
 }
 
 /// Resident set size of this process, in KiB.
-async fn scheduler(n: usize, idle_secs: u64) -> anyhow::Result<()> {
-    use authkeeper::daemon::Deadlines;
-    use authkeeper::limits::RefreshPlanner;
-    use authkeeper_state::schedule::next_action;
-    use authkeeper_state::{Policy, Store};
-    use chrono::{TimeDelta, Utc};
-
-    let dir = tempfile::tempdir()?;
-    let db = dir.path().join("bench.redb");
-    let now = Utc::now();
-    let policy = Policy { validate_every: TimeDelta::days(7), ..Policy::default() };
-    drop(process::populate(&db, n, now)?);
-    println!("scheduler: {n} connected connections in {}", db.display());
-
-    // Rebuild on restart, against a bare read of the same rows, alternating, median of 5.
-    let store = Store::open(&db)?;
-    let (mut base, mut ours) = (Vec::new(), Vec::new());
-    for _ in 0..5 {
-        let t = Instant::now();
-        let (rows, _) = store.scan_rows()?;
-        base.push(t.elapsed());
-        assert_eq!(rows as usize, n);
-        let t = Instant::now();
-        let deadlines = Deadlines::default();
-        let planner = RefreshPlanner::new(8.0);
-        for m in store.load_all()?.into_iter().map(|s| s.machine) {
-            let next = next_action(&m, &policy).map(|(at, action)| match action {
-                authkeeper_state::Action::Refresh => planner.plan(m.key().profile.as_str(), at, now),
-                _ => at,
-            });
-            deadlines.set(m.key(), next);
-        }
-        ours.push(t.elapsed());
-        assert_eq!(deadlines.stats().deadlines, n);
-    }
-    let (base, ours) = (median(base), median(ours));
-    println!("  baseline  read {n} rows from redb            {:>8.1} ms (median of 5)", ms(base));
-    println!("  rebuild   load, decode, schedule every one  {:>8.1} ms", ms(ours));
-    println!("  ratio     {:.2} × baseline", ours.as_secs_f64() / base.as_secs_f64());
-    let baseline = base;
-
-    // Memory of the deadline queue (and refresh plan) alone.
-    let machines: Vec<_> = store.load_all()?.into_iter().map(|s| s.machine).collect();
-    let plans: Vec<_> = machines.iter().map(|m| (m.key().clone(), next_action(m, &policy))).collect();
-    drop(machines);
-    let before = live_bytes();
-    let deadlines = Deadlines::default();
-    let planner = RefreshPlanner::new(8.0);
-    for (key, next) in &plans {
-        let at = next.map(|(at, a)| {
-            if a == authkeeper_state::Action::Refresh { planner.plan(key.profile.as_str(), at, now) } else { at }
-        });
-        deadlines.set(key, at);
-    }
-    let grown = live_bytes().saturating_sub(before);
-    println!(
-        "  memory    deadline queue + refresh plan: {} KiB for {n} connections ({} bytes each, live heap)",
-        grown / 1024,
-        grown / n
-    );
-    drop((deadlines, planner, plans));
-
-    // An idle daemon holding all of them: how often does its scheduler wake in a minute?
-    std::fs::write(dir.path().join("config.json"), process::config(n).to_string())?;
-    let paths = Paths {
-        config: dir.path().join("config.json"),
-        state_dir: dir.path().join("state"),
-        socket: dir.path().join("s.sock"),
-    };
-    let mut opts = daemon::Options::new(paths, Arc::new(SystemClock));
-    opts.store = Some(Arc::new(store));
-    let t = Instant::now();
-    let running = daemon::start(opts).await?;
-    let ready = t.elapsed();
-    println!(
-        "  daemon    ready with {} connections in {:.0} ms = {:.1} × the baseline read (target ≤ 4)",
-        n + 1,
-        ms(ready),
-        ready.as_secs_f64() / baseline.as_secs_f64()
-    );
-    let client = Client::new(&running.socket);
-    let health: Value = client.get("/v1/health").await?;
-    let (w0, i0) =
-        (health["scheduler"]["wakes"].as_u64().unwrap_or(0), health["scheduler"]["idle_wakes"].as_u64().unwrap_or(0));
-    tokio::time::sleep(Duration::from_secs(idle_secs)).await;
-    let health: Value = client.get("/v1/health").await?;
-    let (w1, i1) =
-        (health["scheduler"]["wakes"].as_u64().unwrap_or(0), health["scheduler"]["idle_wakes"].as_u64().unwrap_or(0));
-    let minutes = idle_secs as f64 / 60.0;
-    println!(
-        "  idle      {:.1} wakeups a minute with nothing due (target ≤ 1); {:.1} a minute for due work; next deadline {}",
-        (i1 - i0) as f64 / minutes,
-        ((w1 - w0) - (i1 - i0)) as f64 / minutes,
-        health["scheduler"]["next"]
-    );
-    running.stop().await?;
-    Ok(())
-}
-
 async fn commits(
     connections: usize,
     each: usize,
@@ -553,7 +459,9 @@ fn ms(d: Duration) -> f64 {
 async fn main() -> anyhow::Result<()> {
     match Args::parse().scenario {
         Scenario::ConfigReload { profiles, rounds } => config_reload(profiles, rounds).await,
-        Scenario::Scheduler { connections, idle_secs } => scheduler(connections, idle_secs).await,
+        Scenario::Scheduler { connections, idle_secs, starts } => {
+            scheduler::scheduler(connections, idle_secs, starts).await
+        }
         Scenario::Commits { connections, each, baseline, rounds, postgres } => {
             commits(connections, each, baseline, rounds, postgres).await
         }
