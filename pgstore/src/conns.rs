@@ -4,7 +4,7 @@ use crate::{Answer, Inner, pool, sql};
 use authkeeper_state::history::{HISTORY_LIMIT, trim_at};
 use authkeeper_state::machine::StateName;
 use authkeeper_state::sealed_store::{open_value, seal_value};
-use authkeeper_state::store::settings_digest;
+use authkeeper_state::store::declared_digest;
 use authkeeper_state::{Commit, Sealer, StoreError, Stored, Transition, records};
 use futures_util::{TryStreamExt, pin_mut};
 use std::collections::HashMap;
@@ -224,7 +224,7 @@ pub(crate) async fn load_all(inner: &Inner) -> Answer<Vec<Stored>> {
             None => None,
         };
         let settings = match row.get::<_, Option<&[u8]>>(3) {
-            Some(s) => Some(settings_digest(&open_value(sealer, "settings", key, s)?)),
+            Some(s) => Some(declared_digest(&open_value(sealer, "settings", key, s)?)),
             None => None,
         };
         let record = open_value(sealer, "connections", key, row.get(1))?;

@@ -94,12 +94,42 @@ pub enum StoreError {
     Backend(Box<dyn std::error::Error + Send + Sync>),
 }
 
-/// A stored connection: its machine and a digest of the settings a config last declared it
-/// with (`None`: no config declared it; such connections are never touched by config changes).
+/// A stored connection: its machine and a digest ([`declared_digest`]) of the settings a config
+/// last declared it with (`None`: no config declared it; such connections are never touched by
+/// config changes).
 /// The settings themselves are read with [`crate::ConnectionStore::settings`], when they are needed.
 pub struct Stored {
     pub machine: Machine,
     pub settings: Option<u64>,
+}
+
+type Rows<'a> = std::iter::Peekable<redb::Range<'a, &'static str, &'static [u8]>>;
+
+/// The row `rows` holds for `key`, passing the rows before it: `rows` and the keys asked for
+/// are both in key order.
+fn row_for<'a>(rows: &mut Rows<'a>, key: &str) -> Result<Option<redb::AccessGuard<'a, &'static [u8]>>, StoreError> {
+    loop {
+        let order = match rows.peek() {
+            None => return Ok(None),
+            Some(Ok((k, _))) => k.value().cmp(key),
+            Some(Err(_)) => std::cmp::Ordering::Less, // taken below, to return its error
+        };
+        if order == std::cmp::Ordering::Greater {
+            return Ok(None);
+        }
+        let (_, v) = rows.next().expect("peeked").map_err(db)?;
+        if order == std::cmp::Ordering::Equal {
+            return Ok(Some(v));
+        }
+    }
+}
+
+/// A digest of a profile's declared settings, to tell in this process whether a config
+/// declares what the store holds without keeping the settings in memory. Never stored: a
+/// digest that must agree across processes or releases is [`settings_digest`]'s.
+pub fn declared_digest(bytes: &[u8]) -> u64 {
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::with_seed(0).hash_one(bytes)
 }
 
 /// A stable digest of stored settings (FNV-1a), to tell whether they changed without keeping
@@ -319,28 +349,18 @@ impl Store {
         let flows = txn.open_table(FLOWS).map_err(db)?;
         let settings = txn.open_table(SETTINGS).map_err(db)?;
         let mut out = Vec::with_capacity(conns.len().map_err(db)? as usize);
-        // Both tables are in key order: walk the settings alongside instead of a lookup each.
-        let mut settings = settings.iter().map_err(db)?.peekable();
+        // The tables are all in key order: the settings and flows are walked alongside the
+        // connections instead of looked up for each.
+        let (mut settings, mut flows) = (settings.iter().map_err(db)?.peekable(), flows.iter().map_err(db)?.peekable());
         for row in conns.iter().map_err(db)? {
             let (key, value) = row.map_err(db)?;
             let key = key.value();
-            let mut declared = None;
-            loop {
-                let order = match settings.peek() {
-                    None => break,
-                    Some(Ok((k, _))) => k.value().cmp(key),
-                    Some(Err(_)) => std::cmp::Ordering::Less, // taken below, to return its error
-                };
-                if order == std::cmp::Ordering::Greater {
-                    break;
-                }
-                let (_, v) = settings.next().expect("peeked").map_err(db)?;
-                if order == std::cmp::Ordering::Equal {
-                    declared = Some(settings_digest(&self.open_row(SETTINGS, key, v.value())?));
-                }
-            }
+            let declared = match row_for(&mut settings, key)? {
+                Some(v) => Some(declared_digest(&self.open_row(SETTINGS, key, v.value())?)),
+                None => None,
+            };
             let corrupt = |source| StoreError::Corrupt { key: key.to_owned(), source };
-            let flow = match flows.get(key).map_err(db)? {
+            let flow = match row_for(&mut flows, key)? {
                 Some(f) => Some(records::decode_flow(&self.open_row(FLOWS, key, f.value())?).map_err(corrupt)?),
                 None => None,
             };

@@ -91,7 +91,7 @@ impl SharedBytes {
             Some((ptr, bytes, digest)) if std::ptr::eq(*ptr, Arc::as_ptr(profile)) => (bytes.clone(), *digest),
             _ => {
                 let bytes: Arc<[u8]> = Arc::from(profile.to_stored());
-                let digest = authkeeper_state::store::settings_digest(&bytes);
+                let digest = authkeeper_state::store::declared_digest(&bytes);
                 self.0 = Some((Arc::as_ptr(profile), bytes.clone(), digest));
                 (bytes, digest)
             }
