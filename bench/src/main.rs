@@ -189,8 +189,8 @@ enum Scenario {
         /// Seconds to watch the idle daemon
         #[arg(long, default_value_t = 60)]
         idle_secs: u64,
-        /// Daemon starts, each against a bare read of the rows just before it (the median
-        /// ratio is reported)
+        /// Restarts of the daemon on the store after its first start (their median is
+        /// reported against the baseline read)
         #[arg(long, default_value_t = 5)]
         starts: usize,
     },

@@ -75,35 +75,59 @@ pub fn watch(path: &Path) -> Watch {
     Watch { _watcher: watcher, changes }
 }
 
+/// Machines to add, each with the settings digest it was stored with.
+pub(super) type Machines = Vec<(Machine, Option<u64>)>;
+
 /// Each of `machines`' declared profile, found by walking them and `profiles` together in key
-/// order (the store's order; machines in another are sorted first); a declared profile without
-/// a machine gets a new one, added at the end.
+/// order (the store's order; machines in another are sorted first), then a new machine for
+/// each declared profile that has none, with its profile.
 pub(super) fn declared_profiles(
-    machines: &mut Vec<(Machine, Option<u64>)>,
+    machines: &mut Machines,
     profiles: &BTreeMap<ConnKey, Arc<Profile>>,
     now: chrono::DateTime<chrono::Utc>,
-) -> Vec<Option<Arc<Profile>>> {
-    if !machines.is_sorted_by(|a, b| a.0.key() <= b.0.key()) {
-        machines.sort_by(|a, b| a.0.key().cmp(b.0.key()));
+) -> (Vec<Option<Arc<Profile>>>, Machines) {
+    if let Some(found) = walk(machines, profiles, now) {
+        return found;
     }
+    machines.sort_by(|a, b| a.0.key().cmp(b.0.key()));
+    walk(machines, profiles, now).expect("sorted")
+}
+
+/// [`declared_profiles`], or `None` if `machines` are not in key order.
+fn walk(
+    machines: &Machines,
+    profiles: &BTreeMap<ConnKey, Arc<Profile>>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<(Vec<Option<Arc<Profile>>>, Machines)> {
     let mut declared = Vec::with_capacity(machines.len().max(profiles.len()));
-    let (mut new, mut new_declared) = (Vec::new(), Vec::new());
+    let mut new = Vec::new();
     let mut profiles = profiles.iter().peekable();
-    for (machine, _) in machines.iter() {
+    let mut last: Option<&ConnKey> = None;
+    for (machine, _) in machines {
         let key = machine.key();
-        while let Some((k, p)) = profiles.next_if(|(k, _)| *k < key) {
-            new.push((Machine::new(k.clone(), now), None));
-            new_declared.push(Some(p.clone()));
+        if last.is_some_and(|last| last > key) {
+            return None;
         }
-        declared.push(profiles.next_if(|(k, _)| *k == key).map(|(_, p)| p.clone()));
+        last = Some(key);
+        // One comparison a step: the keys sit in different places in memory.
+        let mut found = None;
+        while let Some((k, p)) = profiles.peek() {
+            match (*k).cmp(key) {
+                std::cmp::Ordering::Less => new.push(((Machine::new((*k).clone(), now), None), (*p).clone())),
+                std::cmp::Ordering::Equal => found = Some((*p).clone()),
+                std::cmp::Ordering::Greater => break,
+            }
+            profiles.next();
+            if found.is_some() {
+                break;
+            }
+        }
+        declared.push(found);
     }
-    for (k, p) in profiles {
-        new.push((Machine::new(k.clone(), now), None));
-        new_declared.push(Some(p.clone()));
-    }
-    machines.extend(new);
-    declared.extend(new_declared);
-    declared
+    new.extend(profiles.map(|(k, p)| ((Machine::new(k.clone(), now), None), p.clone())));
+    let (new, new_declared): (Machines, Vec<_>) = new.into_iter().unzip();
+    declared.extend(new_declared.into_iter().map(Some));
+    Some((declared, new))
 }
 
 #[cfg(test)]
@@ -123,7 +147,8 @@ mod tests {
         // Out of key order, as a store sorting its keys as text could give them.
         let mut machines =
             vec![(Machine::new(key("TRAKT-P02"), now), Some(7)), (Machine::new(key("TRAKT-P01"), now), None)];
-        let declared = declared_profiles(&mut machines, &cfg.profiles, now);
+        let (declared, new) = declared_profiles(&mut machines, &cfg.profiles, now);
+        machines.extend(new);
         let got: Vec<_> = machines
             .iter()
             .zip(&declared)

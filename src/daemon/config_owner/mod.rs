@@ -139,12 +139,12 @@ impl ConfigOwner {
         };
         owner.schedules.apply(&owner.config.settings, &owner.shared).await;
 
-        let declared = declared_profiles(&mut machines, &owner.config.profiles, owner.shared.clock.now());
+        let (declared, new) = declared_profiles(&mut machines, &owner.config.profiles, owner.shared.clock.now());
         let mut gone = Vec::new();
-        let mut slots = Vec::with_capacity(machines.len());
+        let mut slots = Vec::with_capacity(machines.len() + new.len());
         let mut rows = Vec::new();
         let mut bytes = SharedBytes::default();
-        for ((machine, declared), profile) in machines.into_iter().zip(declared) {
+        for ((machine, declared), profile) in machines.into_iter().chain(new).zip(declared) {
             let key = machine.key().clone();
             let (profile, warning) = match profile {
                 Some(p) if good => {
