@@ -8,11 +8,11 @@ use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::sync::{Arc, Mutex};
 
 /// A map hashed with foldhash (seeded per process): the planner's and the deadline queue's
 /// maps hold one entry per connection, and SipHash was a tenth of filling them at start-up.
 pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-use std::sync::{Arc, Mutex};
 
 /// `count` calls per `per_secs` seconds, with bursts up to `count`.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]

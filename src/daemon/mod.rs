@@ -262,9 +262,12 @@ impl Shared {
         let (mut resumed, mut none) = (Vec::new(), Vec::new());
         let mut slots = Vec::with_capacity(added.len());
         let (policy, now) = (self.policy(), self.clock.now());
+        // Room in each provider's refresh plan for the connections that can refresh.
         let mut per_provider = crate::limits::FastMap::<&str, usize>::default();
         for (machine, ..) in &added {
-            *per_provider.entry(machine.key().provider.as_str()).or_default() += 1;
+            if machine.connection().grant.as_ref().is_some_and(|g| g.refresh_token.is_some()) {
+                *per_provider.entry(machine.key().provider.as_str()).or_default() += 1;
+            }
         }
         for (provider, n) in per_provider {
             self.planners.get(provider).inspect(|p| p.reserve(n));
