@@ -132,8 +132,9 @@ pub fn declared_digest(bytes: &[u8]) -> u64 {
     foldhash::fast::FixedState::with_seed(0).hash_one(bytes)
 }
 
-/// A stable digest of stored settings (FNV-1a), to tell whether they changed without keeping
-/// them in memory.
+/// A digest (FNV-1a) that every daemon and release computes alike: it picks lease shares and
+/// history limits, so it must not change. Settings compared within one process use the faster
+/// [`declared_digest`].
 pub fn settings_digest(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }

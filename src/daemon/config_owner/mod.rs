@@ -200,12 +200,11 @@ impl ConfigOwner {
         if good {
             // Only the profiles whose block holds a credential have one to import.
             let now = owner.shared.clock.now();
-            let keys: Vec<ConnKey> = (owner.config.profiles.iter())
-                .filter(|(_, p)| p.provider.import(p, now).is_some())
-                .map(|(k, _)| k.clone())
+            let grants: Vec<_> = (owner.config.profiles.iter())
+                .filter_map(|(k, p)| Some((k.clone(), p.provider.import(p, now)?)))
                 .collect();
-            for key in keys {
-                owner.import(&key).await;
+            for (key, grant) in grants {
+                owner.import_grant(&key, grant).await;
             }
         }
         owner.note_profiles();
@@ -442,9 +441,14 @@ impl ConfigOwner {
     /// already has, or last read or wrote), supply it to the connection. True if it did.
     async fn import(&mut self, key: &ConnKey) -> bool {
         let Some(profile) = self.config.profile(key) else { return false };
-        let Some(grant) = profile.provider.import(profile, self.shared.clock.now()) else {
-            return false;
-        };
+        match profile.provider.import(profile, self.shared.clock.now()) {
+            Some(grant) => self.import_grant(key, grant).await,
+            None => false,
+        }
+    }
+
+    /// [`Self::import`] of `grant`, the credential the file holds for `key`.
+    async fn import_grant(&mut self, key: &ConnKey, grant: authkeeper_state::Grant) -> bool {
         let digest = credential_digest(Some(&grant));
         let store = self.shared.store.clone();
         let k = key.clone();
