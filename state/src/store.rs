@@ -15,12 +15,14 @@ use crate::machine::StateName;
 use crate::machine::{ConnKey, Machine, Transition};
 use crate::records::{self, RecordError};
 use crate::seal::{SealError, Sealer};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
+
+mod load;
 
 /// `provider/profile` → the connection's [`HistoryRef`], then its record (state and data,
 /// flow excluded).
@@ -101,27 +103,6 @@ pub enum StoreError {
 pub struct Stored {
     pub machine: Machine,
     pub settings: Option<u64>,
-}
-
-type Rows<'a> = std::iter::Peekable<redb::Range<'a, &'static str, &'static [u8]>>;
-
-/// The row `rows` holds for `key`, passing the rows before it: `rows` and the keys asked for
-/// are both in key order.
-fn row_for<'a>(rows: &mut Rows<'a>, key: &str) -> Result<Option<redb::AccessGuard<'a, &'static [u8]>>, StoreError> {
-    loop {
-        let order = match rows.peek() {
-            None => return Ok(None),
-            Some(Ok((k, _))) => k.value().cmp(key),
-            Some(Err(_)) => std::cmp::Ordering::Less, // taken below, to return its error
-        };
-        if order == std::cmp::Ordering::Greater {
-            return Ok(None);
-        }
-        let (_, v) = rows.next().expect("peeked").map_err(db)?;
-        if order == std::cmp::Ordering::Equal {
-            return Ok(Some(v));
-        }
-    }
 }
 
 /// A digest of a profile's declared settings, to tell in this process whether a config
@@ -341,36 +322,6 @@ impl Store {
         }
         txn.commit().map_err(db)?;
         Ok(())
-    }
-
-    /// Every stored connection, with its pending flow and declared settings.
-    pub fn load_all(&self) -> Result<Vec<Stored>, StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let conns = txn.open_table(CONNECTIONS).map_err(db)?;
-        let flows = txn.open_table(FLOWS).map_err(db)?;
-        let settings = txn.open_table(SETTINGS).map_err(db)?;
-        let mut out = Vec::with_capacity(conns.len().map_err(db)? as usize);
-        // The tables are all in key order: the settings and flows are walked alongside the
-        // connections instead of looked up for each.
-        let (mut settings, mut flows) = (settings.iter().map_err(db)?.peekable(), flows.iter().map_err(db)?.peekable());
-        for row in conns.iter().map_err(db)? {
-            let (key, value) = row.map_err(db)?;
-            let key = key.value();
-            let declared = match row_for(&mut settings, key)? {
-                Some(v) => Some(declared_digest(&self.open_row(SETTINGS, key, v.value())?)),
-                None => None,
-            };
-            let corrupt = |source| StoreError::Corrupt { key: key.to_owned(), source };
-            let flow = match row_for(&mut flows, key)? {
-                Some(f) => Some(records::decode_flow(&self.open_row(FLOWS, key, f.value())?).map_err(corrupt)?),
-                None => None,
-            };
-            let (_, record) = HistoryRef::split(key, value.value())?;
-            let value = self.open_row(CONNECTIONS, key, record)?;
-            let machine = records::decode_connection(key, &value, flow).map_err(corrupt)?;
-            out.push(Stored { machine, settings: declared });
-        }
-        Ok(out)
     }
 
     /// Drop a removed connection's state and flow; its history stays.

@@ -314,3 +314,45 @@ fn connections_committing_together_keep_their_own_history_and_a_forgotten_one_co
     assert_eq!((h[5].to, h[6].from), (StateName::Disconnected, StateName::Disconnected));
     assert_eq!(store.history(all[4].key()).unwrap().len(), 6, "its neighbour is untouched");
 }
+
+#[test]
+fn a_large_store_is_read_from_both_ends_once_each_with_its_own_flow_and_settings() {
+    // Above the size read by two threads, and not a whole number of their claims.
+    let n = 9_001;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("authkeeper.redb");
+    let key = |i: usize| ConnKey::new("trakt", format!("TRAKT-P{i:05}"));
+    {
+        let store = Store::open(&path).unwrap();
+        let batch: Vec<Commit> = (0..n)
+            .map(|i| {
+                let mut m = Machine::new(key(i), Utc::now());
+                match i % 3 {
+                    0 => step(&mut m, Event::ConnectRequested { flow: flow() }),
+                    _ => step(&mut m, Event::CredentialsSupplied { grant: Grant::bearer(format!("a{i}"), Utc::now()) }),
+                }
+            })
+            .collect();
+        store.commit(&batch).unwrap();
+        // Every fifth declared by a config, with settings naming it.
+        let rows: Vec<_> =
+            (0..n).step_by(5).map(|i| (key(i), Some(std::sync::Arc::from(key(i).to_string().into_bytes())))).collect();
+        store.set_settings(&rows).unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    let all = store.load_all().unwrap();
+    let keys: Vec<ConnKey> = all.iter().map(|s| s.machine.key().clone()).collect();
+    assert_eq!(keys, (0..n).map(key).collect::<Vec<_>>(), "each once, in key order");
+    for (i, s) in all.iter().enumerate() {
+        let m = &s.machine;
+        match i % 3 {
+            0 => assert_eq!(m.pending_flow().unwrap().secret("device_code").unwrap().expose(), "dev-code"),
+            _ => {
+                assert!(m.connection().flow.is_none(), "{} has no flow", m.key());
+                assert_eq!(m.connection().grant.as_ref().unwrap().access_token.expose(), format!("a{i}"));
+            }
+        }
+        let declared = (i % 5 == 0).then(|| authkeeper_state::store::declared_digest(key(i).to_string().as_bytes()));
+        assert_eq!(s.settings, declared, "{}'s settings", m.key());
+    }
+}
