@@ -11,6 +11,7 @@ use authkeeper_state::ConnKey;
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::Serialize;
 use std::collections::BTreeSet;
+use std::collections::hash_map::Entry;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
@@ -23,6 +24,18 @@ pub const MAX_AWAKE: usize = 512;
 struct Inner {
     queue: BTreeSet<(DateTime<Utc>, ConnKey)>,
     at: FastMap<ConnKey, DateTime<Utc>>,
+    /// Fills under way (see [`Deadlines::begin_fill`]), and the connections whose deadline was
+    /// set since the first began: theirs is newer than what a fill computed.
+    fills: usize,
+    touched: FastMap<ConnKey, ()>,
+}
+
+impl Inner {
+    fn touch(&mut self, key: &ConnKey) {
+        if self.fills > 0 {
+            self.touched.insert(key.clone(), ());
+        }
+    }
 }
 
 pub struct Deadlines {
@@ -33,6 +46,8 @@ pub struct Deadlines {
     idle_wakes: AtomicU64,
     /// One permit for each woken connection, held until it has done what was due.
     awake: Arc<Semaphore>,
+    /// Connections still waiting for their first deadline from a fill.
+    unscheduled: watch::Sender<usize>,
 }
 
 impl Default for Deadlines {
@@ -43,6 +58,7 @@ impl Default for Deadlines {
             wakes: AtomicU64::new(0),
             idle_wakes: AtomicU64::new(0),
             awake: Arc::new(Semaphore::new(MAX_AWAKE)),
+            unscheduled: watch::Sender::new(0),
         }
     }
 }
@@ -59,12 +75,16 @@ pub struct Stats {
     pub wakes: u64,
     /// Wakes that found nothing due (the once-a-minute re-check, or a clock that moved back).
     pub idle_wakes: u64,
+    /// Connections not given their first deadline yet (a large start schedules them after
+    /// the daemon is ready).
+    pub unscheduled: usize,
 }
 
 impl Deadlines {
     /// Set (or with `None`, clear) `key`'s deadline.
     pub fn set(&self, key: &ConnKey, at: Option<DateTime<Utc>>) {
         let mut inner = self.inner.lock().unwrap();
+        inner.touch(key);
         if inner.at.get(key) == at.as_ref() {
             return;
         }
@@ -81,31 +101,86 @@ impl Deadlines {
         }
     }
 
-    /// Set the deadlines of connections that have none yet (start-up): filled in one go.
+    /// Set the deadlines of connections that have none yet: the queue is built apart and
+    /// merged in one go. While a fill is under way, a connection whose deadline was set since
+    /// it began keeps that one.
     pub fn set_many(&self, deadlines: Vec<(ConnKey, DateTime<Utc>)>) {
+        self.merge(deadlines, false);
+    }
+
+    fn merge(&self, deadlines: Vec<(ConnKey, DateTime<Utc>)>, filling: bool) {
+        let earliest = deadlines.iter().map(|(_, at)| *at).min();
+        let mut at = FastMap::with_capacity_and_hasher(deadlines.len(), Default::default());
+        let mut queue = Vec::with_capacity(deadlines.len());
+        for (key, t) in deadlines {
+            at.insert(key.clone(), t);
+            queue.push((t, key));
+        }
+        let mut fresh = Inner { queue: queue.into_iter().collect(), at, ..Inner::default() };
         let mut inner = self.inner.lock().unwrap();
         let first = inner.queue.first().map(|(at, _)| *at);
-        let earliest = deadlines.iter().map(|(_, at)| *at).min();
-        if inner.queue.is_empty() {
-            inner.at.reserve(deadlines.len());
-            let mut queue = Vec::with_capacity(deadlines.len());
-            for (key, at) in deadlines {
-                inner.at.insert(key.clone(), at);
-                queue.push((at, key));
-            }
-            inner.queue = queue.into_iter().collect();
-        } else {
-            for (key, at) in deadlines {
-                if let Some(old) = inner.at.insert(key.clone(), at) {
-                    inner.queue.remove(&(old, key.clone()));
-                }
-                inner.queue.insert((at, key));
+        for key in inner.touched.keys() {
+            if let Some(t) = fresh.at.remove(key) {
+                fresh.queue.remove(&(t, key.clone()));
             }
         }
+        // Newer than what another fill computed (a fill's own connections are in no other).
+        if inner.fills > 0 && !filling {
+            inner.touched.extend(fresh.at.keys().map(|k| (k.clone(), ())));
+        }
+        // The smaller goes into the larger (at start-up the queue is empty); the new deadline
+        // wins where a connection has both.
+        let old =
+            Inner { queue: std::mem::take(&mut inner.queue), at: std::mem::take(&mut inner.at), ..Inner::default() };
+        let (old_is_larger, (mut into, from)) = match old.queue.len() > fresh.queue.len() {
+            true => (true, (old, fresh)),
+            false => (false, (fresh, old)),
+        };
+        for (t, key) in from.queue {
+            match into.at.entry(key.clone()) {
+                Entry::Vacant(e) => {
+                    e.insert(t);
+                    into.queue.insert((t, key));
+                }
+                Entry::Occupied(mut e) if old_is_larger => {
+                    let replaced = e.insert(t);
+                    into.queue.remove(&(replaced, key.clone()));
+                    into.queue.insert((t, key));
+                }
+                Entry::Occupied(_) => {}
+            }
+        }
+        (inner.queue, inner.at) = (into.queue, into.at);
         drop(inner);
         if earliest.is_some_and(|e| first.is_none_or(|f| e < f)) {
             self.earlier.notify_one();
         }
+    }
+
+    /// `n` connections are about to be scheduled in the background: until [`Deadlines::fill`]
+    /// ends it, a deadline set for any connection is newer than the one the fill computed.
+    pub fn begin_fill(&self, n: usize) {
+        self.inner.lock().unwrap().fills += 1;
+        self.unscheduled.send_modify(|u| *u += n);
+    }
+
+    /// End a fill begun for `n` connections with the deadlines it computed: set, except where a
+    /// newer one was set meanwhile.
+    pub fn fill(&self, n: usize, deadlines: Vec<(ConnKey, DateTime<Utc>)>) {
+        self.merge(deadlines, true);
+        let mut inner = self.inner.lock().unwrap();
+        inner.fills -= 1;
+        if inner.fills == 0 {
+            inner.touched = FastMap::default();
+        }
+        drop(inner);
+        self.unscheduled.send_modify(|u| *u -= n);
+    }
+
+    /// Once every connection has its first deadline (no fill under way).
+    pub async fn scheduled(&self) {
+        let mut unscheduled = self.unscheduled.subscribe();
+        let _ = unscheduled.wait_for(|u| *u == 0).await;
     }
 
     pub fn stats(&self) -> Stats {
@@ -115,6 +190,7 @@ impl Deadlines {
             next: inner.queue.first().map(|(at, _)| *at),
             wakes: self.wakes.load(Ordering::Relaxed),
             idle_wakes: self.idle_wakes.load(Ordering::Relaxed),
+            unscheduled: *self.unscheduled.borrow(),
         }
     }
 
@@ -204,5 +280,53 @@ mod tests {
         assert_eq!(due, keys[..2]);
         assert_eq!(next, Some(t + TimeDelta::seconds(2)), "the third is still due, and next");
         assert_eq!(d.take_due(t + TimeDelta::minutes(1), 10).0, keys[2..]);
+    }
+
+    #[tokio::test]
+    async fn a_deadline_set_while_a_fill_runs_is_kept_over_the_one_the_fill_computed() {
+        let d = Deadlines::default();
+        let t = Utc::now();
+        let key = |p: &str| ConnKey::new("trakt", p);
+        let at = |s: i64| t + TimeDelta::seconds(s);
+        d.set(&key("OLD"), Some(at(30)));
+        d.begin_fill(3);
+        assert_eq!(d.stats().unscheduled, 3);
+        // Set by their tasks while the fill computed: A to a retry, C to nothing at all.
+        d.set(&key("A"), Some(at(5)));
+        d.set(&key("C"), None);
+        d.fill(3, vec![(key("A"), at(100)), (key("B"), at(50)), (key("C"), at(7))]);
+        d.scheduled().await;
+        let stats = d.stats();
+        assert_eq!((stats.deadlines, stats.unscheduled), (3, 0), "OLD, A and B; C has none");
+        let (due, next) = d.take_due(at(60), MAX_AWAKE);
+        assert_eq!(due, [key("A"), key("OLD"), key("B")], "A's own deadline, not the fill's");
+        assert_eq!(next, None);
+        // After the fill, a deadline set is a deadline set: nothing is remembered.
+        d.set_many(vec![(key("D"), at(1))]);
+        d.set(&key("D"), Some(at(2)));
+        assert_eq!(d.take_due(at(60), MAX_AWAKE).0, [key("D")]);
+    }
+
+    #[test]
+    fn many_deadlines_merge_into_a_queue_in_time_order_either_way_round() {
+        let t = Utc::now();
+        let keys: Vec<ConnKey> = (0..6).map(|i| ConnKey::new("trakt", format!("P{i}"))).collect();
+        for first in [1, 5] {
+            let d = Deadlines::default();
+            let mut expected: Vec<(DateTime<Utc>, ConnKey)> = Vec::new();
+            let (before, after) = keys.split_at(first);
+            for (i, k) in before.iter().enumerate() {
+                d.set(k, Some(t + TimeDelta::seconds(10 * i as i64)));
+                expected.push((t + TimeDelta::seconds(10 * i as i64), k.clone()));
+            }
+            let many: Vec<_> =
+                after.iter().enumerate().map(|(i, k)| (k.clone(), t + TimeDelta::seconds(i as i64 * 7 + 3))).collect();
+            expected.extend(many.iter().map(|(k, at)| (*at, k.clone())));
+            d.set_many(many);
+            expected.sort();
+            let (due, next) = d.take_due(t + TimeDelta::days(1), MAX_AWAKE);
+            assert_eq!(due, expected.into_iter().map(|(_, k)| k).collect::<Vec<_>>(), "{first} set one by one");
+            assert_eq!(next, None);
+        }
     }
 }

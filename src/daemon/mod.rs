@@ -47,7 +47,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::task::TaskTracker;
-use tracing::info;
+use tracing::{debug, info};
 
 /// Who holds a connection's machine.
 pub enum Owner {
@@ -102,6 +102,9 @@ pub struct Shared {
     pub write_backs: WriteBacks,
     pub events: broadcast::Sender<WireEvent>,
     pub conns: RwLock<BTreeMap<ConnKey, Slot>>,
+    /// Connections added this many at a time or more get their first deadlines in the
+    /// background (see [`Options::schedule_later_from`]).
+    schedule_later_from: usize,
     pub config: RwLock<ConfigHealth>,
     pub config_tx: mpsc::Sender<ConfigCommand>,
     pub shutdown: watch::Receiver<bool>,
@@ -255,40 +258,23 @@ impl Shared {
         self.add_connections(vec![(Arc::new(machine), adapter, warning)]);
     }
 
-    /// [`Shared::add_connection`] for many at once (start-up): one lock of the read view, and
-    /// the deadline queue filled in one go.
+    /// [`Shared::add_connection`] for many at once (start-up): one lock of the read view. Their
+    /// deadlines are set in one go, in the background when there are many: the connections
+    /// are readable at once, and nothing is due in the fraction of a second it takes.
     pub(crate) fn add_connections(self: &Arc<Self>, added: Vec<(Arc<Machine>, Adapter, Option<Arc<str>>)>) {
-        let mut deadlines = Vec::with_capacity(added.len());
-        let (mut resumed, mut none) = (Vec::new(), Vec::new());
+        let mut resumed = Vec::new();
+        let mut scheduled = Vec::with_capacity(added.len());
         let mut slots = Vec::with_capacity(added.len());
-        let (policy, now) = (self.policy(), self.clock.now());
-        // Room in each provider's refresh plan for the connections that can refresh.
-        let mut per_provider = crate::limits::FastMap::<&str, usize>::default();
-        for (machine, ..) in &added {
-            if machine.connection().grant.as_ref().is_some_and(|g| g.refresh_token.is_some()) {
-                *per_provider.entry(machine.key().provider.as_str()).or_default() += 1;
-            }
-        }
-        for (provider, n) in per_provider {
-            self.planners.get(provider).inspect(|p| p.reserve(n));
-        }
         for (machine, adapter, warning) in added {
             let key = machine.key().clone();
             if let Some(state) = machine.pending_flow().and_then(|f| f.secret("state")) {
                 self.callbacks.insert(state.expose(), &key);
             }
-            // Another daemon's (a shared store): not scheduled here.
-            if !self.owns(&key) {
-                none.push(key.clone());
             // A resumed flow is scheduled by its `Resume`, which waits one interval first: a
             // deadline set here could poll before that, too soon after the last daemon's poll.
-            } else if machine.pending_flow().is_some() {
-                resumed.push(key.clone());
-            } else {
-                match next::next_at(&machine, None, self, &policy, now) {
-                    Some((at, _)) => deadlines.push((key.clone(), at)),
-                    None => none.push(key.clone()),
-                }
+            match machine.pending_flow().is_some() && self.owns(&key) {
+                true => resumed.push(key.clone()),
+                false => scheduled.push(machine.clone()),
             }
             let owner = Owner::Asleep(Dormant { sweep_at: None });
             slots.push((key, Slot { committed: machine, adapter, warning, owner }));
@@ -300,13 +286,54 @@ impl Shared {
                 false => conns.extend(slots),
             }
         }
-        for key in none.iter().chain(&resumed) {
+        for key in &resumed {
             self.deadlines.set(key, None);
         }
-        self.deadlines.set_many(deadlines);
+        match scheduled.len() >= self.schedule_later_from {
+            true => {
+                self.deadlines.begin_fill(scheduled.len());
+                let shared = self.clone();
+                tokio::task::spawn_blocking(move || {
+                    let n = scheduled.len();
+                    let deadlines = shared.first_deadlines(scheduled, true);
+                    shared.deadlines.fill(n, deadlines);
+                    debug!(connections = n, "every connection has its first deadline");
+                });
+            }
+            false => {
+                let deadlines = self.first_deadlines(scheduled, false);
+                self.deadlines.set_many(deadlines);
+            }
+        }
         for key in resumed {
             let _ = self.try_send(&key, Command::Resume);
         }
+    }
+
+    /// When each of `machines` acts first. Those with nothing to do, or another daemon's (a
+    /// shared store), get no deadline: cleared at once unless `filling`, when they have none.
+    fn first_deadlines(&self, machines: Vec<Arc<Machine>>, filling: bool) -> Vec<(ConnKey, DateTime<Utc>)> {
+        // Room in each provider's refresh plan for the connections that can refresh.
+        let mut per_provider = crate::limits::FastMap::<&str, usize>::default();
+        for machine in &machines {
+            if machine.connection().grant.as_ref().is_some_and(|g| g.refresh_token.is_some()) {
+                *per_provider.entry(machine.key().provider.as_str()).or_default() += 1;
+            }
+        }
+        for (provider, n) in per_provider {
+            self.planners.get(provider).inspect(|p| p.reserve(n));
+        }
+        let (policy, now) = (self.policy(), self.clock.now());
+        let mut deadlines = Vec::with_capacity(machines.len());
+        for machine in machines {
+            let key = machine.key();
+            match self.owns(key).then(|| next::next_at(&machine, None, self, &policy, now)).flatten() {
+                Some((at, _)) => deadlines.push((key.clone(), at)),
+                None if !filling => self.deadlines.set(key, None),
+                None => {}
+            }
+        }
+        deadlines
     }
 }
 
@@ -320,11 +347,18 @@ pub struct Options {
     pub secrets: Option<authkeeper_state::Sealer>,
     /// This daemon's membership of a store shared with other daemons.
     pub leases: Option<Arc<Leases>>,
+    /// Connections added this many at once or more (a start on a large store) get their first
+    /// deadlines in the background, after the daemon is ready;
+    /// [`Deadlines::scheduled`] tells when they all have one.
+    pub schedule_later_from: usize,
 }
+
+/// The default of [`Options::schedule_later_from`].
+pub const SCHEDULE_LATER_FROM: usize = 10_000;
 
 impl Options {
     pub fn new(paths: Paths, clock: Arc<dyn Clock>) -> Self {
-        Self { paths, clock, store: None, secrets: None, leases: None }
+        Self { paths, clock, store: None, secrets: None, leases: None, schedule_later_from: SCHEDULE_LATER_FROM }
     }
 }
 
@@ -403,7 +437,7 @@ pub async fn run(opts: Options, shutdown: impl std::future::Future<Output = ()>)
 }
 
 pub async fn start(opts: Options) -> anyhow::Result<Running> {
-    let Options { paths, clock, store, secrets, leases } = opts;
+    let Options { paths, clock, store, secrets, leases, schedule_later_from } = opts;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -422,7 +456,19 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
             anyhow::anyhow!("cannot open {}{hint}: {e}", db_path.display())
         })?),
     };
-    let stored = store.load_all().context("cannot load connections")?;
+    // The config is read and parsed while the store loads: both are needed before any
+    // connection gets its slot. Watched from later on; what changed since `read_as` is read again.
+    let (stored, read_as, first_read) = std::thread::scope(|scope| {
+        let loading = std::thread::Builder::new()
+            .name("authkeeper-load".into())
+            .spawn_scoped(scope, || store.load_all())
+            .context("cannot start a thread to load the store")?;
+        let read_as = config_owner::stamp(&paths.config);
+        let first_read = config_owner::read(&paths.config);
+        let stored = loading.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        anyhow::Ok((stored, read_as, first_read))
+    })?;
+    let stored = stored.context("cannot load connections")?;
     let profile_states = store.profile_states().context("cannot load provider state")?;
     if let Some(leases) = &leases {
         let held = leases
@@ -447,6 +493,7 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
         leases: leases.clone(),
         fatal: tokio::sync::Notify::new(),
         conns: RwLock::new(BTreeMap::new()),
+        schedule_later_from,
         config: RwLock::new(ConfigHealth::default()),
         config_tx,
         shutdown: shutdown.clone(),
@@ -492,8 +539,6 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
     };
     // Subscribed before any connection can move, so the hooks see every transition.
     let hook_events = shared.events.subscribe();
-    let read_as = config_owner::stamp(&paths.config);
-    let first_read = config_owner::read(&paths.config);
     let owner = ConfigOwner::start(paths.config.clone(), first_read, shared.clone(), stored, profile_states).await?;
     let limits = owner.request_limits();
     let web = match owner.web() {
@@ -502,7 +547,6 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
     };
     let (drain_hooks, drain) = watch::channel(false);
     let hooks = crate::hooks::spawn(&shared, hook_events, shutdown.clone(), drain);
-    // Watched from now on; what changed since `read_as` is read again.
     let config_file = config_owner::watch(&paths.config);
     let owner = tokio::spawn(owner.run(config_file, read_as, config_rx, shutdown.clone()));
     let socket_path = socket.path().to_owned();

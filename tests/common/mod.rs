@@ -411,7 +411,10 @@ pub async fn start_with(
     };
     let mut opts = authkeeper::daemon::Options::new(paths, clock);
     opts.store = Some(store);
-    authkeeper::daemon::start(opts).await.unwrap()
+    let running = authkeeper::daemon::start(opts).await.unwrap();
+    // A large start gives its connections their first deadlines after it is ready.
+    running.shared().deadlines.scheduled().await;
+    running
 }
 
 /// Replace `path` the way most editors save: write a temporary file beside it, rename it over.
