@@ -388,8 +388,9 @@ async fn scale(sizes: &[usize]) -> anyhow::Result<()> {
     tokio::time::sleep(settle).await;
     let mem0 = empty.memory();
     drop(empty);
-    println!("  {:>7} | {:>10} | {:>10} {:>14}", "N", "cold start", "idle RSS", "above empty");
-    println!("  {:>7} | {:>8.0}ms | {:>7} KiB {:>14}", 0, ms(cold0), mem0.rss_kib, "");
+    println!("  cold start: a restart, until every connection has its deadline (answering, in brackets, is sooner)");
+    println!("  {:>7} | {:>18} | {:>10} {:>14}", "N", "cold start", "idle RSS", "above empty");
+    println!("  {:>7} | {:>16.0}ms | {:>7} KiB {:>14}", 0, ms(cold0), mem0.rss_kib, "");
     let mut colds = Vec::new();
     let mut last = None;
     for &n in sizes {
@@ -405,7 +406,7 @@ async fn scale(sizes: &[usize]) -> anyhow::Result<()> {
         println!("  {n:>7} | first start {:.0} ms, {first_rss} KiB while it stores the settings", ms(first_cold));
         let mut daemon = process::Server::daemon(&binary, dir.path())?;
         let t = Instant::now();
-        let cold = process::wait_ready(&mut daemon, n, t).await?;
+        let process::Ready { answered, scheduled: cold } = process::wait_answering(&mut daemon, n, t).await?;
         tokio::time::sleep(settle).await;
         let mem = daemon.memory();
         let above = mem.rss_kib.saturating_sub(mem0.rss_kib);
@@ -413,19 +414,21 @@ async fn scale(sizes: &[usize]) -> anyhow::Result<()> {
             serde_json::from_slice(&process::Connection::open(&daemon.socket).await?.get("/v1/health").await?.2)?;
         anyhow::ensure!(health["connections"]["busy"] == 0, "idle means no task runs: {health}");
         println!(
-            "  {n:>7} | {:>8.0}ms | {:>7} KiB {:>7} B/conn",
+            "  {n:>7} | {:>6.0}ms ({:>5.0}ms) | {:>7} KiB {:>7} B/conn",
             ms(cold),
+            ms(answered),
             mem.rss_kib,
             above * 1024 / n.max(1) as u64
         );
-        colds.push((n, cold, mem.rss_kib));
+        colds.push((n, cold, answered, mem.rss_kib));
         last = Some((n, daemon, dir, mem));
     }
-    if let [(n0, c0, r0), .., (n1, c1, r1)] = colds[..] {
+    if let [(n0, c0, a0, r0), .., (n1, c1, a1, r1)] = colds[..] {
         println!(
-            "  cold start grows {:.2}× for {:.0}× the connections (target ≤ 12×)",
+            "  cold start grows {:.2}× for {:.0}× the connections (target ≤ 12×); answering {:.2}×",
             c1.as_secs_f64() / c0.as_secs_f64(),
-            n1 as f64 / n0 as f64
+            n1 as f64 / n0 as f64,
+            a1.as_secs_f64() / a0.as_secs_f64()
         );
         println!(
             "  each connection from {n0} to {n1} adds {} B of RSS (target ≤ 2048)",

@@ -343,14 +343,28 @@ pub async fn load(socket: &Path, path: &str, clients: usize, length: Duration, e
 
 /// Poll `/v1/health` until it answers with at least `deadlines` scheduled; the time it took.
 pub async fn wait_ready(server: &mut Server, deadlines: usize, since: Instant) -> anyhow::Result<Duration> {
+    Ok(wait_answering(server, deadlines, since).await?.scheduled)
+}
+
+/// When a started daemon first answered, and when it held at least `deadlines` deadlines.
+pub struct Ready {
+    pub answered: Duration,
+    pub scheduled: Duration,
+}
+
+/// Wait until the daemon answers `/v1/health` and its scheduler holds `deadlines` deadlines (a
+/// large start sets them in the background after it answers).
+pub async fn wait_answering(server: &mut Server, deadlines: usize, since: Instant) -> anyhow::Result<Ready> {
     server.wait_listening().await?;
     let mut c = Connection::open(&server.socket).await?;
+    let mut answered = None;
     loop {
         let (status, _, body) = c.get("/v1/health").await?;
         if status == 200 {
+            let answered = *answered.get_or_insert_with(|| since.elapsed());
             let health: Value = serde_json::from_slice(&body)?;
             if health["scheduler"]["deadlines"].as_u64().unwrap_or(0) as usize >= deadlines {
-                return Ok(since.elapsed());
+                return Ok(Ready { answered, scheduled: since.elapsed() });
             }
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
