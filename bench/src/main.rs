@@ -23,32 +23,40 @@ mod startup;
 mod storm;
 mod tokens;
 
-/// The system allocator, counting the bytes live, so that a structure's memory is measured
-/// exactly rather than read off RSS (which freed memory that is reused hides).
+/// The system allocator, counting the bytes allocated and freed while [`live_growth`] runs,
+/// so that a structure's memory is measured exactly rather than read off RSS (which freed
+/// memory that is reused hides). Outside it nothing is counted: a counter every thread updates
+/// on every allocation would slow the daemon's parallel start-up down in this process.
 struct Counting;
 
-static LIVE_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static COUNTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static LIVE_BYTES: std::sync::atomic::AtomicIsize = std::sync::atomic::AtomicIsize::new(0);
+
+fn count(bytes: isize) {
+    if COUNTING.load(std::sync::atomic::Ordering::Relaxed) {
+        LIVE_BYTES.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 
 // SAFETY: every call is passed to `System` unchanged; the counter has no effect on allocation.
 unsafe impl std::alloc::GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
         let p = unsafe { std::alloc::System.alloc(layout) };
         if !p.is_null() {
-            LIVE_BYTES.fetch_add(layout.size(), std::sync::atomic::Ordering::Relaxed);
+            count(layout.size() as isize);
         }
         p
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
         unsafe { std::alloc::System.dealloc(ptr, layout) };
-        LIVE_BYTES.fetch_sub(layout.size(), std::sync::atomic::Ordering::Relaxed);
+        count(-(layout.size() as isize));
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
         let p = unsafe { std::alloc::System.realloc(ptr, layout, new_size) };
         if !p.is_null() {
-            LIVE_BYTES.fetch_add(new_size, std::sync::atomic::Ordering::Relaxed);
-            LIVE_BYTES.fetch_sub(layout.size(), std::sync::atomic::Ordering::Relaxed);
+            count(new_size as isize - layout.size() as isize);
         }
         p
     }
@@ -57,8 +65,14 @@ unsafe impl std::alloc::GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-fn live_bytes() -> usize {
-    LIVE_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+/// What `make` returns, and the bytes it left allocated (what it allocated, less what it freed).
+fn live_growth<T>(make: impl FnOnce() -> T) -> (T, isize) {
+    use std::sync::atomic::Ordering::SeqCst;
+    LIVE_BYTES.store(0, SeqCst);
+    COUNTING.store(true, SeqCst);
+    let made = make();
+    COUNTING.store(false, SeqCst);
+    (made, LIVE_BYTES.load(SeqCst))
 }
 
 #[derive(Parser)]

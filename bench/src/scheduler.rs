@@ -2,7 +2,7 @@
 //! rows, the deadline queue's memory, daemon starts and restarts against that read, and the
 //! scheduler's wakeups in an idle minute.
 
-use crate::{live_bytes, median, ms, process};
+use crate::{live_growth, median, ms, process};
 use authkeeper::client::Client;
 use authkeeper::clock::SystemClock;
 use authkeeper::config::Paths;
@@ -56,22 +56,24 @@ pub async fn scheduler(n: usize, idle_secs: u64, starts: usize) -> anyhow::Resul
     let machines: Vec<_> = store.load_all()?.into_iter().map(|s| s.machine).collect();
     let plans: Vec<_> = machines.iter().map(|m| (m.key().clone(), next_action(m, &policy))).collect();
     drop(machines);
-    let before = live_bytes();
-    let deadlines = Deadlines::default();
-    let planner = RefreshPlanner::new(8.0);
-    for (key, next) in &plans {
-        let at = next.map(|(at, a)| {
-            if a == authkeeper_state::Action::Refresh { planner.plan(key.profile.as_str(), at, now) } else { at }
-        });
-        deadlines.set(key, at);
-    }
-    let grown = live_bytes().saturating_sub(before);
+    let (made, grown) = live_growth(|| {
+        let deadlines = Deadlines::default();
+        let planner = RefreshPlanner::new(8.0);
+        for (key, next) in &plans {
+            let at = next.map(|(at, a)| {
+                if a == authkeeper_state::Action::Refresh { planner.plan(key.profile.as_str(), at, now) } else { at }
+            });
+            deadlines.set(key, at);
+        }
+        (deadlines, planner)
+    });
+    let grown = grown.max(0) as usize;
     println!(
         "  memory    deadline queue + refresh plan: {} KiB for {n} connections ({} bytes each, live heap)",
         grown / 1024,
         grown / n
     );
-    drop((deadlines, planner, plans));
+    drop((made, plans));
 
     // An idle daemon holding all of them: how often does its scheduler wake in a minute?
     std::fs::write(dir.path().join("config.json"), process::config(n).to_string())?;
