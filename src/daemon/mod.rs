@@ -279,6 +279,11 @@ impl Shared {
             let owner = Owner::Asleep(Dormant { sweep_at: None });
             slots.push((key, Slot { committed: machine, adapter, warning, owner }));
         }
+        // Begun before any of them can be reached, so that any deadline set for one is newer.
+        let later = scheduled.len() >= self.schedule_later_from;
+        if later {
+            self.deadlines.begin_fill(scheduled.len());
+        }
         {
             let mut conns = self.conns.write().unwrap();
             match conns.is_empty() {
@@ -289,9 +294,8 @@ impl Shared {
         for key in &resumed {
             self.deadlines.set(key, None);
         }
-        match scheduled.len() >= self.schedule_later_from {
+        match later {
             true => {
-                self.deadlines.begin_fill(scheduled.len());
                 let shared = self.clone();
                 tokio::task::spawn_blocking(move || {
                     let n = scheduled.len();
