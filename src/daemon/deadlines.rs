@@ -157,26 +157,42 @@ impl Deadlines {
         }
     }
 
-    /// `n` connections are about to be scheduled in the background: until [`Deadlines::fill`]
-    /// ends it, a deadline set for any connection is newer than the one the fill computed.
-    pub fn begin_fill(&self, n: usize) {
+    /// `n` connections are about to be scheduled in the background: until the fill ends, a
+    /// deadline set for any connection is newer than the one the fill computed.
+    pub fn begin_fill(self: &Arc<Self>, n: usize) -> Fill {
         self.inner.lock().unwrap().fills += 1;
         self.unscheduled.send_modify(|u| *u += n);
+        Fill { deadlines: self.clone(), n }
     }
+}
 
-    /// End a fill begun for `n` connections with the deadlines it computed: set, except where a
-    /// newer one was set meanwhile.
-    pub fn fill(&self, n: usize, deadlines: Vec<(ConnKey, DateTime<Utc>)>) {
-        self.merge(deadlines, true);
-        let mut inner = self.inner.lock().unwrap();
+/// A fill under way ([`Deadlines::begin_fill`]). It ends when dropped, with the deadlines given
+/// to [`Fill::finish`] or, if the work that computed them did not finish, none.
+pub struct Fill {
+    deadlines: Arc<Deadlines>,
+    n: usize,
+}
+
+impl Fill {
+    /// Set the deadlines the fill computed, except where a newer one was set meanwhile.
+    pub fn finish(self, deadlines: Vec<(ConnKey, DateTime<Utc>)>) {
+        self.deadlines.merge(deadlines, true);
+    }
+}
+
+impl Drop for Fill {
+    fn drop(&mut self) {
+        let mut inner = self.deadlines.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         inner.fills -= 1;
         if inner.fills == 0 {
             inner.touched = FastMap::default();
         }
         drop(inner);
-        self.unscheduled.send_modify(|u| *u -= n);
+        self.deadlines.unscheduled.send_modify(|u| *u -= self.n);
     }
+}
 
+impl Deadlines {
     /// Once every connection has its first deadline (no fill under way).
     pub async fn scheduled(&self) {
         let mut unscheduled = self.unscheduled.subscribe();
@@ -284,17 +300,20 @@ mod tests {
 
     #[tokio::test]
     async fn a_deadline_set_while_a_fill_runs_is_kept_over_the_one_the_fill_computed() {
-        let d = Deadlines::default();
+        let d = Arc::new(Deadlines::default());
         let t = Utc::now();
         let key = |p: &str| ConnKey::new("trakt", p);
         let at = |s: i64| t + TimeDelta::seconds(s);
         d.set(&key("OLD"), Some(at(30)));
-        d.begin_fill(3);
+        // A fill whose work failed ends all the same: nothing waits on it, nothing is kept.
+        drop(d.begin_fill(2));
+        d.scheduled().await;
+        let fill = d.begin_fill(3);
         assert_eq!(d.stats().unscheduled, 3);
         // Set by their tasks while the fill computed: A to a retry, C to nothing at all.
         d.set(&key("A"), Some(at(5)));
         d.set(&key("C"), None);
-        d.fill(3, vec![(key("A"), at(100)), (key("B"), at(50)), (key("C"), at(7))]);
+        fill.finish(vec![(key("A"), at(100)), (key("B"), at(50)), (key("C"), at(7))]);
         d.scheduled().await;
         let stats = d.stats();
         assert_eq!((stats.deadlines, stats.unscheduled), (3, 0), "OLD, A and B; C has none");

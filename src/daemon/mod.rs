@@ -280,10 +280,7 @@ impl Shared {
             slots.push((key, Slot { committed: machine, adapter, warning, owner }));
         }
         // Begun before any of them can be reached, so that any deadline set for one is newer.
-        let later = scheduled.len() >= self.schedule_later_from;
-        if later {
-            self.deadlines.begin_fill(scheduled.len());
-        }
+        let later = (scheduled.len() >= self.schedule_later_from).then(|| self.deadlines.begin_fill(scheduled.len()));
         {
             let mut conns = self.conns.write().unwrap();
             match conns.is_empty() {
@@ -295,16 +292,15 @@ impl Shared {
             self.deadlines.set(key, None);
         }
         match later {
-            true => {
+            Some(fill) => {
                 let shared = self.clone();
                 tokio::task::spawn_blocking(move || {
                     let n = scheduled.len();
-                    let deadlines = shared.first_deadlines(scheduled, true);
-                    shared.deadlines.fill(n, deadlines);
+                    fill.finish(shared.first_deadlines(scheduled, true));
                     debug!(connections = n, "every connection has its first deadline");
                 });
             }
-            false => {
+            None => {
                 let deadlines = self.first_deadlines(scheduled, false);
                 self.deadlines.set_many(deadlines);
             }
