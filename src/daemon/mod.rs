@@ -260,7 +260,7 @@ impl Shared {
 
     /// [`Shared::add_connection`] for many at once (start-up): one lock of the read view. Their
     /// deadlines are set in one go, in the background when there are many: the connections
-    /// are readable at once, and nothing is due in the fraction of a second it takes.
+    /// are readable at once, and one already due is woken a fraction of a second later.
     pub(crate) fn add_connections(self: &Arc<Self>, added: Vec<(Arc<Machine>, Adapter, Option<Arc<str>>)>) {
         let mut resumed = Vec::new();
         let mut scheduled = Vec::with_capacity(added.len());
