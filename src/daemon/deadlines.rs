@@ -10,8 +10,8 @@ use crate::limits::FastMap;
 use authkeeper_state::ConnKey;
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::Serialize;
-use std::collections::BTreeSet;
 use std::collections::hash_map::Entry;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
@@ -27,13 +27,13 @@ struct Inner {
     /// Fills under way (see [`Deadlines::begin_fill`]), and the connections whose deadline was
     /// set since the first began: theirs is newer than what a fill computed.
     fills: usize,
-    touched: FastMap<ConnKey, ()>,
+    touched: HashSet<ConnKey, foldhash::fast::RandomState>,
 }
 
 impl Inner {
     fn touch(&mut self, key: &ConnKey) {
         if self.fills > 0 {
-            self.touched.insert(key.clone(), ());
+            self.touched.insert(key.clone());
         }
     }
 }
@@ -119,14 +119,14 @@ impl Deadlines {
         let mut fresh = Inner { queue: queue.into_iter().collect(), at, ..Inner::default() };
         let mut inner = self.inner.lock().unwrap();
         let first = inner.queue.first().map(|(at, _)| *at);
-        for key in inner.touched.keys() {
+        for key in &inner.touched {
             if let Some(t) = fresh.at.remove(key) {
                 fresh.queue.remove(&(t, key.clone()));
             }
         }
         // Newer than what another fill computed (a fill's own connections are in no other).
         if inner.fills > 0 && !filling {
-            inner.touched.extend(fresh.at.keys().map(|k| (k.clone(), ())));
+            inner.touched.extend(fresh.at.keys().cloned());
         }
         // The smaller goes into the larger (at start-up the queue is empty); the new deadline
         // wins where a connection has both.
@@ -164,35 +164,7 @@ impl Deadlines {
         self.unscheduled.send_modify(|u| *u += n);
         Fill { deadlines: self.clone(), n }
     }
-}
 
-/// A fill under way ([`Deadlines::begin_fill`]). It ends when dropped, with the deadlines given
-/// to [`Fill::finish`] or, if the work that computed them did not finish, none.
-pub struct Fill {
-    deadlines: Arc<Deadlines>,
-    n: usize,
-}
-
-impl Fill {
-    /// Set the deadlines the fill computed, except where a newer one was set meanwhile.
-    pub fn finish(self, deadlines: Vec<(ConnKey, DateTime<Utc>)>) {
-        self.deadlines.merge(deadlines, true);
-    }
-}
-
-impl Drop for Fill {
-    fn drop(&mut self) {
-        let mut inner = self.deadlines.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        inner.fills -= 1;
-        if inner.fills == 0 {
-            inner.touched = FastMap::default();
-        }
-        drop(inner);
-        self.deadlines.unscheduled.send_modify(|u| *u -= self.n);
-    }
-}
-
-impl Deadlines {
     /// Once every connection has its first deadline (no fill under way).
     pub async fn scheduled(&self) {
         let mut unscheduled = self.unscheduled.subscribe();
@@ -261,6 +233,32 @@ impl Deadlines {
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
             }
         }
+    }
+}
+
+/// A fill under way ([`Deadlines::begin_fill`]). It ends when dropped, with the deadlines given
+/// to [`Fill::finish`] or, if the work that computed them did not finish, none.
+pub struct Fill {
+    deadlines: Arc<Deadlines>,
+    n: usize,
+}
+
+impl Fill {
+    /// Set the deadlines the fill computed, except where a newer one was set meanwhile.
+    pub fn finish(self, deadlines: Vec<(ConnKey, DateTime<Utc>)>) {
+        self.deadlines.merge(deadlines, true);
+    }
+}
+
+impl Drop for Fill {
+    fn drop(&mut self) {
+        let mut inner = self.deadlines.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        inner.fills -= 1;
+        if inner.fills == 0 {
+            inner.touched = HashSet::default();
+        }
+        drop(inner);
+        self.deadlines.unscheduled.send_modify(|u| *u -= self.n);
     }
 }
 
