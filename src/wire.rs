@@ -76,7 +76,7 @@ impl ConnectionView {
             since: c.since,
             expires_at: c.grant.as_ref().and_then(|c| c.expires_at),
             validated_at: c.validated_at,
-            account: c.account.as_ref().map(|a| a.name.clone()),
+            account: c.account.as_ref().map(|a| a.name.to_string()),
             last_error: c.last_error.clone(),
             next_attempt_at: next_action(machine, policy).map(|(at, _)| at),
             warnings: Vec::new(),

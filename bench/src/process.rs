@@ -76,7 +76,7 @@ pub fn connected_for(
     };
     let mut m = Machine::new(ConnKey::new("trakt", profile), issued);
     m.handle(&Event::CredentialsSupplied { grant }, issued, policy, 0.0);
-    let account = Account { name: format!("user{i}"), id: None };
+    let account = Account { name: format!("user{i}").into(), id: None };
     let step = m.handle(&Event::Validated { account, grant: None }, issued, policy, 0.0);
     Commit { machine: m, transition: step.transition }
 }

@@ -184,7 +184,7 @@ impl Provider for AniList {
         let messages: Vec<&str> = answer.errors.iter().map(|e| e.message.as_str()).collect();
         if let Some(viewer) = answer.data.and_then(|d| d.viewer).filter(|_| status.is_success()) {
             return Verdict::Valid(Identity {
-                account: Account { name: viewer.name, id: Some(viewer.id.to_string()) },
+                account: Account { name: viewer.name.into(), id: Some(viewer.id.to_string()) },
                 grant: None,
             });
         }

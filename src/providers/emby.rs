@@ -223,7 +223,7 @@ impl Provider for Emby {
                     updated.set_fact("username", user.name.clone());
                     updated.set_fact("server_url", base);
                     let grant = (updated != *grant).then_some(updated);
-                    Verdict::Valid(Identity { account: Account { name: user.name, id: Some(user.id) }, grant })
+                    Verdict::Valid(Identity { account: Account { name: user.name.into(), id: Some(user.id) }, grant })
                 }
                 Err(e) => Verdict::Unknown(e),
             },

@@ -173,7 +173,7 @@ impl Provider for MdbList {
                         updated.set_fact("patron_status", patron.to_string().trim_matches('"'));
                     }
                     let grant = (updated != *grant).then_some(updated);
-                    Verdict::Valid(Identity { account: Account { name, id }, grant })
+                    Verdict::Valid(Identity { account: Account { name: name.into(), id }, grant })
                 }
                 Err(e) => Verdict::Unknown(e),
             },

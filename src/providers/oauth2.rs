@@ -91,8 +91,8 @@ impl TokenBody {
             .or_else(|| jwt_expiry(&self.access_token));
         let mut grant = Grant {
             refresh_token: self.refresh_token.filter(|t| !t.is_empty()).map(Secret::new),
-            token_type: self.token_type.map_or_else(|| "Bearer".into(), |t| normalise_type(&t)),
-            scope: self.scope,
+            token_type: self.token_type.map_or_else(|| "Bearer".into(), |t| normalise_type(&t).into()),
+            scope: self.scope.map(Into::into),
             expires_at,
             ..Grant::bearer(self.access_token, now)
         };

@@ -110,8 +110,8 @@ fn simkl_error(status: StatusCode) -> String {
 
 fn grant(token: Token, now: DateTime<Utc>) -> Grant {
     Grant {
-        token_type: token.token_type.unwrap_or_else(|| "bearer".into()),
-        scope: token.scope,
+        token_type: token.token_type.map_or_else(|| "bearer".into(), Into::into),
+        scope: token.scope.map(Into::into),
         expires_at: token.expires_in.map(|s| now + lifetime(s)),
         ..Grant::bearer(token.access_token, now)
     }
@@ -252,7 +252,7 @@ impl Provider for Simkl {
             StatusCode::OK => match json::<Settings>(resp, LABEL).await {
                 Ok(s) => {
                     let id = s.account.and_then(|a| a.id).map(|id| id.to_string().trim_matches('"').to_owned());
-                    Verdict::Valid(Identity { account: Account { name: s.user.name, id }, grant: None })
+                    Verdict::Valid(Identity { account: Account { name: s.user.name.into(), id }, grant: None })
                 }
                 Err(e) => Verdict::Unknown(e),
             },

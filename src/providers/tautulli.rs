@@ -183,7 +183,7 @@ impl Provider for Tautulli {
         }
         let name = text("pms_name").map_or_else(|| format!("Tautulli at {server}"), |n| format!("Tautulli for {n}"));
         let grant = (updated != *grant).then_some(updated);
-        Verdict::Valid(Identity { account: Account { name, id: None }, grant })
+        Verdict::Valid(Identity { account: Account { name: name.into(), id: None }, grant })
     }
 
     fn token(&self, cx: &Adapter, grant: &Grant, out: &mut Map<String, Value>) {

@@ -263,7 +263,7 @@ impl Provider for Tmdb {
         if http.is_success() && !session {
             let kind = if key.starts_with("eyJ") { "v4 read-access token" } else { "v3 API key" };
             return Verdict::Valid(Identity {
-                account: Account { name: format!("TMDB app ({kind})"), id: None },
+                account: Account { name: compact_str::format_compact!("TMDB app ({kind})"), id: None },
                 grant: None,
             });
         }
@@ -276,7 +276,7 @@ impl Provider for Tmdb {
                     updated.set_fact("account_id", &id);
                     updated.set_fact("username", &name);
                     let grant = (updated != *grant).then_some(updated);
-                    Verdict::Valid(Identity { account: Account { name, id: Some(id) }, grant })
+                    Verdict::Valid(Identity { account: Account { name: name.into(), id: Some(id) }, grant })
                 }
                 Err(e) => Verdict::Unknown(e),
             };

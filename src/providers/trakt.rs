@@ -106,8 +106,8 @@ fn request(cx: &Adapter, method: reqwest::Method, path: &str, client_id: &str) -
 fn grant(body: TokenResponse, now: DateTime<Utc>) -> Grant {
     Grant {
         refresh_token: body.refresh_token.map(Secret::new),
-        token_type: body.token_type.unwrap_or_else(|| "bearer".into()),
-        scope: body.scope,
+        token_type: body.token_type.map_or_else(|| "bearer".into(), Into::into),
+        scope: body.scope.map(Into::into),
         expires_at: body.expires_in.map(|s| now + lifetime(s)),
         ..Grant::bearer(body.access_token, now)
     }
@@ -142,8 +142,8 @@ impl Provider for Trakt {
         let b: &Block = profile.typed();
         Some(Grant {
             refresh_token: nonempty_secret(&b.refresh_token).map(Secret::new),
-            token_type: b.token_type.clone().unwrap_or_else(|| "bearer".into()),
-            scope: b.scope.clone(),
+            token_type: b.token_type.as_deref().unwrap_or("bearer").into(),
+            scope: b.scope.as_deref().map(Into::into),
             expires_at: b.expires_at.and_then(|s| DateTime::from_timestamp(s as i64, 0)),
             ..Grant::bearer(nonempty_secret(&b.access_token)?, now)
         })
@@ -154,8 +154,8 @@ impl Provider for Trakt {
         vec![
             ("access_token", g.map(|g| g.access_token.expose().into())),
             ("refresh_token", g.and_then(|g| g.refresh_token.as_ref()).map(|t| t.expose().into())),
-            ("token_type", g.map(|g| g.token_type.clone().into())),
-            ("scope", g.and_then(|g| g.scope.clone()).map(Into::into)),
+            ("token_type", g.map(|g| g.token_type.as_str().into())),
+            ("scope", g.and_then(|g| g.scope.as_deref()).map(Into::into)),
             ("expires_at", g.and_then(|g| g.expires_at).map(|t| t.timestamp().into())),
         ]
     }
@@ -264,7 +264,7 @@ impl Provider for Trakt {
             StatusCode::OK => match json::<Settings>(resp, LABEL).await {
                 Ok(s) => {
                     let id = s.user.ids.and_then(|i| i.slug);
-                    Verdict::Valid(Identity { account: Account { name: s.user.username, id }, grant: None })
+                    Verdict::Valid(Identity { account: Account { name: s.user.username.into(), id }, grant: None })
                 }
                 Err(e) => Verdict::Unknown(e),
             },

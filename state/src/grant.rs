@@ -8,6 +8,7 @@
 
 use crate::secret::Secret;
 use chrono::{DateTime, Utc};
+use compact_str::CompactString;
 use std::collections::BTreeMap;
 
 /// What a provider handed out. Lifetimes always come from the provider's `expires_in`.
@@ -15,8 +16,8 @@ use std::collections::BTreeMap;
 pub struct Grant {
     pub access_token: Secret,
     pub refresh_token: Option<Secret>,
-    pub token_type: String,
-    pub scope: Option<String>,
+    pub token_type: CompactString,
+    pub scope: Option<CompactString>,
     /// When the daemon received it; with `expires_at` this gives the lifetime.
     pub issued_at: DateTime<Utc>,
     pub expires_at: Option<DateTime<Utc>>,

@@ -29,6 +29,6 @@ impl fmt::Display for ConnKey {
 /// Who the credential belongs to, as the provider's whoami call reports it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Account {
-    pub name: String,
+    pub name: CompactString,
     pub id: Option<String>,
 }

@@ -10,6 +10,7 @@ use crate::grant::{Extras, Grant, PendingFlow, ProfileState};
 use crate::machine::{Account, Cause, ConnKey, Connection, Machine, PendingKind, State, StateName, Transition};
 use crate::secret::Secret;
 use chrono::{DateTime, Utc};
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -38,7 +39,7 @@ struct ConnectionRec {
     retry_refresh: bool,
     since: i64,
     grant: Option<GrantRec>,
-    account: Option<(String, Option<String>)>,
+    account: Option<(CompactString, Option<String>)>,
     validated_at: Option<i64>,
     last_error: Option<String>,
     failures: u32,
@@ -49,8 +50,8 @@ struct ConnectionRec {
 struct GrantRec {
     access_token: String,
     refresh_token: Option<String>,
-    token_type: String,
-    scope: Option<String>,
+    token_type: CompactString,
+    scope: Option<CompactString>,
     issued_at: i64,
     expires_at: Option<i64>,
     secrets: Pairs,
@@ -352,8 +353,8 @@ mod legacy {
         let grant = c.credentials.map(|g| Grant {
             access_token: Secret::new(g.access_token),
             refresh_token: g.refresh_token.map(Secret::new),
-            token_type: g.token_type,
-            scope: g.scope,
+            token_type: g.token_type.into(),
+            scope: g.scope.map(Into::into),
             issued_at: storable(g.issued_at),
             expires_at: g.expires_at.map(storable),
             extras: None,

@@ -348,7 +348,7 @@ pub fn connected_store(
         };
         let mut m = Machine::new(ConnKey::new("trakt", profile(i)), issued);
         m.handle(&Event::CredentialsSupplied { grant }, issued, Policy::default(), 0.0);
-        let account = Account { name: format!("user{i}"), id: None };
+        let account = Account { name: format!("user{i}").into(), id: None };
         let step = m.handle(&Event::Validated { account, grant: None }, issued, Policy::default(), 0.0);
         batch.push(Commit { machine: m, transition: step.transition });
     }

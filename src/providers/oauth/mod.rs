@@ -118,7 +118,7 @@ fn account(claims: &Value) -> Account {
     let name =
         text("preferred_username").or_else(|| text("username")).or_else(|| text("email")).or_else(|| text("name"));
     let id = text("sub");
-    Account { name: name.or_else(|| id.clone()).unwrap_or_else(|| "(unnamed)".into()), id }
+    Account { name: name.or_else(|| id.clone()).map_or_else(|| "(unnamed)".into(), Into::into), id }
 }
 
 #[async_trait]

@@ -292,7 +292,7 @@ impl Provider for Plex {
             match jwt::upgrade(cx, grant, &key, token_client(cx, grant), cx.gate.now()).await {
                 jwt::Upgrade::Done(fresh) => {
                     let name = grant.fact("username").unwrap_or("(Plex account)").to_owned();
-                    let account = Account { name, id: grant.fact("account_id").map(str::to_owned) };
+                    let account = Account { name: name.into(), id: grant.fact("account_id").map(str::to_owned) };
                     return Verdict::Valid(Identity { account, grant: Some(fresh) });
                 }
                 jwt::Upgrade::NoAnswer(e) => return Verdict::Unknown(e),
@@ -347,7 +347,7 @@ impl Provider for Plex {
             }
         }
         let grant = (updated != *grant).then_some(updated);
-        Verdict::Valid(Identity { account: Account { name: user.username, id: Some(id) }, grant })
+        Verdict::Valid(Identity { account: Account { name: user.username.into(), id: Some(id) }, grant })
     }
 
     /// A Plex JWT is refreshed with the device key; a legacy token has no refresh.
