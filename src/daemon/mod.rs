@@ -458,14 +458,14 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
     };
     // The config is read and parsed while the store loads: both are needed before any
     // connection gets its slot. Watched from later on; what changed since `read_as` is read again.
+    // The store is loaded on this thread, whose heap keeps what the daemon keeps.
     let (stored, read_as, first_read) = std::thread::scope(|scope| {
-        let loading = std::thread::Builder::new()
-            .name("authkeeper-load".into())
-            .spawn_scoped(scope, || store.load_all())
-            .context("cannot start a thread to load the store")?;
-        let read_as = config_owner::stamp(&paths.config);
-        let first_read = config_owner::read(&paths.config);
-        let stored = loading.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        let reading = std::thread::Builder::new()
+            .name("authkeeper-config".into())
+            .spawn_scoped(scope, || (config_owner::stamp(&paths.config), config_owner::read(&paths.config)))
+            .context("cannot start a thread to read the config")?;
+        let stored = store.load_all();
+        let (read_as, first_read) = reading.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         anyhow::Ok((stored, read_as, first_read))
     })?;
     let stored = stored.context("cannot load connections")?;

@@ -100,8 +100,10 @@ pub enum StoreError {
 /// last declared it with (`None`: no config declared it; such connections are never touched by
 /// config changes).
 /// The settings themselves are read with [`crate::ConnectionStore::settings`], when they are needed.
+/// The machine is on the heap from the start: the daemon keeps it there, and a start at scale
+/// should not move 100,000 machines of 320 bytes through one vector after another.
 pub struct Stored {
-    pub machine: Machine,
+    pub machine: std::sync::Arc<Machine>,
     pub settings: Option<u64>,
 }
 

@@ -23,8 +23,12 @@ fn open_copy() -> (tempfile::TempDir, Store) {
 fn the_schema_2_store_opens_with_everything_intact() {
     let (dir, store) = open_copy();
     assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
-    let all: BTreeMap<String, Machine> =
-        store.load_all().unwrap().into_iter().map(|s| (s.machine.key().profile.to_string(), s.machine)).collect();
+    let all: BTreeMap<String, Machine> = store
+        .load_all()
+        .unwrap()
+        .into_iter()
+        .map(|s| (s.machine.key().profile.to_string(), std::sync::Arc::unwrap_or_clone(s.machine)))
+        .collect();
     assert_eq!(all.keys().collect::<Vec<_>>(), ["TRAKT-P01", "TRAKT-P02", "TRAKT-P03", "default"]);
 
     // Connected, after a refresh, with an unknown answer waiting for its retry.
@@ -87,8 +91,12 @@ fn the_schema_2_store_opens_with_everything_intact() {
     // The migration rewrote every row: reopening reads the new records the same way.
     drop(store);
     let again = Store::open(&dir.path().join("authkeeper.redb")).unwrap();
-    let reread: BTreeMap<String, Machine> =
-        again.load_all().unwrap().into_iter().map(|s| (s.machine.key().profile.to_string(), s.machine)).collect();
+    let reread: BTreeMap<String, Machine> = again
+        .load_all()
+        .unwrap()
+        .into_iter()
+        .map(|s| (s.machine.key().profile.to_string(), std::sync::Arc::unwrap_or_clone(s.machine)))
+        .collect();
     for (profile, m) in &all {
         assert_eq!(reread[profile].state(), m.state(), "{profile}");
         assert_eq!(reread[profile].connection(), m.connection(), "{profile}");

@@ -170,7 +170,10 @@ impl Run {
     fn load(&self) -> Machine {
         let mut all = self.store.load_all().unwrap();
         assert!(all.len() <= 1);
-        all.pop().map_or_else(|| Machine::new(self.machine.key().clone(), t0()), |s| s.machine)
+        all.pop().map_or_else(
+            || Machine::new(self.machine.key().clone(), t0()),
+            |s| std::sync::Arc::unwrap_or_clone(s.machine),
+        )
     }
 
     fn apply(&mut self, op: &Op, jitter: f64) -> Result<(), TestCaseError> {

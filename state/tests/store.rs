@@ -22,7 +22,7 @@ fn flow() -> PendingFlow {
 }
 
 fn machines(all: Vec<Stored>) -> Vec<Machine> {
-    all.into_iter().map(|s| s.machine).collect()
+    all.into_iter().map(|s| std::sync::Arc::unwrap_or_clone(s.machine)).collect()
 }
 
 fn step(m: &mut Machine, e: Event) -> Commit {
@@ -315,30 +315,40 @@ fn connections_committing_together_keep_their_own_history_and_a_forgotten_one_co
     assert_eq!(store.history(all[4].key()).unwrap().len(), 6, "its neighbour is untouched");
 }
 
+/// Above the size read by one thread and decoded by another, and not a whole number of their batches.
+const LARGE: usize = 9_001;
+
+fn large_key(i: usize) -> ConnKey {
+    ConnKey::new("trakt", format!("TRAKT-P{i:05}"))
+}
+
+/// A store of [`LARGE`] connections, every third with a pending flow, the others connected with
+/// token `a{i}`; every fifth declared by a config, with settings naming it.
+fn large_store(path: &std::path::Path) {
+    let store = Store::open(path).unwrap();
+    let batch: Vec<Commit> = (0..LARGE)
+        .map(|i| {
+            let mut m = Machine::new(large_key(i), Utc::now());
+            match i % 3 {
+                0 => step(&mut m, Event::ConnectRequested { flow: flow() }),
+                _ => step(&mut m, Event::CredentialsSupplied { grant: Grant::bearer(format!("a{i}"), Utc::now()) }),
+            }
+        })
+        .collect();
+    store.commit(&batch).unwrap();
+    let rows: Vec<_> = (0..LARGE)
+        .step_by(5)
+        .map(|i| (large_key(i), Some(std::sync::Arc::from(large_key(i).to_string().into_bytes()))))
+        .collect();
+    store.set_settings(&rows).unwrap();
+}
+
 #[test]
-fn a_large_store_is_read_from_both_ends_once_each_with_its_own_flow_and_settings() {
-    // Above the size read by two threads, and not a whole number of their claims.
-    let n = 9_001;
+fn a_large_store_read_and_decoded_apart_gives_each_connection_once_with_its_own_flow_and_settings() {
+    let (n, key) = (LARGE, large_key);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("authkeeper.redb");
-    let key = |i: usize| ConnKey::new("trakt", format!("TRAKT-P{i:05}"));
-    {
-        let store = Store::open(&path).unwrap();
-        let batch: Vec<Commit> = (0..n)
-            .map(|i| {
-                let mut m = Machine::new(key(i), Utc::now());
-                match i % 3 {
-                    0 => step(&mut m, Event::ConnectRequested { flow: flow() }),
-                    _ => step(&mut m, Event::CredentialsSupplied { grant: Grant::bearer(format!("a{i}"), Utc::now()) }),
-                }
-            })
-            .collect();
-        store.commit(&batch).unwrap();
-        // Every fifth declared by a config, with settings naming it.
-        let rows: Vec<_> =
-            (0..n).step_by(5).map(|i| (key(i), Some(std::sync::Arc::from(key(i).to_string().into_bytes())))).collect();
-        store.set_settings(&rows).unwrap();
-    }
+    large_store(&path);
     let store = Store::open(&path).unwrap();
     let all = store.load_all().unwrap();
     let keys: Vec<ConnKey> = all.iter().map(|s| s.machine.key().clone()).collect();
@@ -354,5 +364,32 @@ fn a_large_store_is_read_from_both_ends_once_each_with_its_own_flow_and_settings
         }
         let declared = (i % 5 == 0).then(|| authkeeper_state::store::declared_digest(key(i).to_string().as_bytes()));
         assert_eq!(s.settings, declared, "{}'s settings", m.key());
+    }
+}
+
+#[test]
+fn an_undecodable_row_in_a_large_store_fails_the_load_naming_it_and_stays_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("authkeeper.redb");
+    large_store(&path);
+    // One row in the middle as no build writes it: a history reference, then format 255.
+    let broken = large_key(4_500).to_string();
+    let garbage = [&[0u8; 12][..], &[255, 1, 2, 3]].concat();
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        let conns: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("connections");
+        txn.open_table(conns).unwrap().insert(broken.as_str(), garbage.as_slice()).unwrap();
+        txn.commit().unwrap();
+    }
+    for _ in 0..2 {
+        let store = Store::open(&path).unwrap();
+        match store.load_all() {
+            Err(StoreError::Corrupt { key, .. }) => assert_eq!(key, broken),
+            Err(other) => panic!("expected the row named as corrupt, got {other}"),
+            Ok(all) => panic!("expected an error, got {} connections", all.len()),
+        }
+        // Nothing was removed: its neighbours and the row itself are as they were.
+        assert_eq!(store.scan_rows().unwrap().0, LARGE as u64);
     }
 }

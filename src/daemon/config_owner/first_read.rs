@@ -76,7 +76,7 @@ pub fn watch(path: &Path) -> Watch {
 }
 
 /// Machines to add, each with the settings digest it was stored with.
-pub(super) type Machines = Vec<(Machine, Option<u64>)>;
+pub(super) type Machines = Vec<(Arc<Machine>, Option<u64>)>;
 
 /// Each of `machines`' declared profile, found by walking them and `profiles` together in key
 /// order (the store's order; machines in another are sorted first), then a new machine for
@@ -113,7 +113,7 @@ fn walk(
         let mut found = None;
         while let Some((k, p)) = profiles.peek() {
             match (*k).cmp(key) {
-                std::cmp::Ordering::Less => new.push(((Machine::new((*k).clone(), now), None), (*p).clone())),
+                std::cmp::Ordering::Less => new.push(((Arc::new(Machine::new((*k).clone(), now)), None), (*p).clone())),
                 std::cmp::Ordering::Equal => found = Some((*p).clone()),
                 std::cmp::Ordering::Greater => break,
             }
@@ -124,7 +124,7 @@ fn walk(
         }
         declared.push(found);
     }
-    new.extend(profiles.map(|(k, p)| ((Machine::new(k.clone(), now), None), p.clone())));
+    new.extend(profiles.map(|(k, p)| ((Arc::new(Machine::new(k.clone(), now)), None), p.clone())));
     let (new, new_declared): (Machines, Vec<_>) = new.into_iter().unzip();
     declared.extend(new_declared.into_iter().map(Some));
     Some((declared, new))
@@ -145,8 +145,10 @@ mod tests {
         let now = chrono::Utc::now();
         let key = |p: &str| ConnKey::new("trakt", p);
         // Out of key order, as a store sorting its keys as text could give them.
-        let mut machines =
-            vec![(Machine::new(key("TRAKT-P02"), now), Some(7)), (Machine::new(key("TRAKT-P01"), now), None)];
+        let mut machines = vec![
+            (Arc::new(Machine::new(key("TRAKT-P02"), now)), Some(7)),
+            (Arc::new(Machine::new(key("TRAKT-P01"), now)), None),
+        ];
         let (declared, new) = declared_profiles(&mut machines, &cfg.profiles, now);
         machines.extend(new);
         let got: Vec<_> = machines

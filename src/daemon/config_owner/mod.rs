@@ -88,7 +88,8 @@ impl ConfigOwner {
     ) -> anyhow::Result<Self> {
         // Each stored machine, with the digest of the settings a config declared it with.
         let stored_declared = stored.iter().any(|s| s.settings.is_some());
-        let mut machines: Vec<(Machine, Option<u64>)> = stored.into_iter().map(|s| (s.machine, s.settings)).collect();
+        let mut machines: Vec<(Arc<Machine>, Option<u64>)> =
+            stored.into_iter().map(|s| (s.machine, s.settings)).collect();
         let (config, text, rejected, warning) = match first {
             Read::Good(config, text) => (*config, Some(text), None, None),
             other => {
@@ -188,8 +189,7 @@ impl ConfigOwner {
                 },
             };
             let adapter = owner.adapter(&key, &profile);
-            // On the heap at once (a machine is 320 bytes), not moved through one more vector.
-            slots.push((Arc::new(machine), adapter, warning));
+            slots.push((machine, adapter, warning));
         }
         owner.save_states().await;
         owner.shared.add_connections(slots);

@@ -1,113 +1,167 @@
 //! Reading every connection at start-up: the connections table with its settings and flows
-//! walked alongside, by two threads from both ends when the store is large.
+//! walked alongside. A large store is read by one thread while another decodes it.
 
 use super::{CONNECTIONS, FLOWS, SETTINGS, Store, StoreError, Stored, db, declared_digest};
 use crate::history::HistoryRef;
 use crate::records;
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
-use std::cmp::Ordering;
-use std::sync::atomic::{self, AtomicU64};
+use std::ops::Range;
+use std::sync::mpsc;
 
 type Row<'a> = Result<(redb::AccessGuard<'a, &'static str>, redb::AccessGuard<'a, &'static [u8]>), redb::StorageError>;
 
 /// The row `rows` holds for `key`, passing the rows before it: `rows` and the keys asked for
-/// are both in key order, `passed` being how a passed key compares to the next one asked for
-/// (`Less` walking forward, `Greater` walking back).
+/// are both in key order.
 fn row_for<'a>(
     rows: &mut std::iter::Peekable<impl Iterator<Item = Row<'a>>>,
     key: &str,
-    passed: Ordering,
 ) -> Result<Option<redb::AccessGuard<'a, &'static [u8]>>, StoreError> {
     loop {
         let order = match rows.peek() {
             None => return Ok(None),
             Some(Ok((k, _))) => k.value().cmp(key),
-            Some(Err(_)) => passed, // taken below, to return its error
+            Some(Err(_)) => std::cmp::Ordering::Less, // taken below, to return its error
         };
-        if order != passed && order != Ordering::Equal {
+        if order.is_gt() {
             return Ok(None);
         }
         let (_, v) = rows.next().expect("peeked").map_err(db)?;
-        if order == Ordering::Equal {
+        if order.is_eq() {
             return Ok(Some(v));
         }
     }
 }
 
-/// Rows of a store of this many connections or more are read by two threads, one from each
-/// end of the tables.
-const LOAD_APART_FROM: u64 = 8192;
-/// Rows a thread claims at a time, before reading them: together the two read each row once.
-const CLAIM: u64 = 512;
+type Table = redb::ReadOnlyTable<&'static str, &'static [u8]>;
+/// The connections, settings and flows tables.
+type Tables = (Table, Table, Table);
+
+/// Each connection row of `tables` in key order, with its settings and flow rows if it has
+/// them, given to `row` until it answers `false`.
+fn walk(
+    (conns, settings, flows): &Tables,
+    mut row: impl FnMut(&str, &[u8], [Option<&[u8]>; 2]) -> Result<bool, StoreError>,
+) -> Result<(), StoreError> {
+    let (mut settings, mut flows) = (settings.iter().map_err(db)?.peekable(), flows.iter().map_err(db)?.peekable());
+    for r in conns.iter().map_err(db)? {
+        let (key, value) = r.map_err(db)?;
+        let declared = row_for(&mut settings, key.value())?;
+        let flow = row_for(&mut flows, key.value())?;
+        if !row(key.value(), value.value(), [declared.as_ref().map(|v| v.value()), flow.as_ref().map(|v| v.value())])? {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// A store of this many connections or more is read by one thread and decoded by another.
+const DECODE_APART_FROM: usize = 8192;
+/// Rows handed from the reader to the decoder at a time.
+const BATCH: usize = 512;
+
+/// Rows copied out of the tables for the decoder, into one buffer.
+struct Batch {
+    bytes: Vec<u8>,
+    rows: Vec<Copied>,
+}
+
+/// Where a row's key and values sit in its batch's buffer.
+struct Copied {
+    key: Range<usize>,
+    value: Range<usize>,
+    declared: Option<Range<usize>>,
+    flow: Option<Range<usize>>,
+}
+
+impl Batch {
+    fn new() -> Self {
+        Self { bytes: Vec::with_capacity(BATCH * 256), rows: Vec::with_capacity(BATCH) }
+    }
+
+    fn push(&mut self, key: &str, value: &[u8], [declared, flow]: [Option<&[u8]>; 2]) {
+        let mut copy = |v: &[u8]| {
+            self.bytes.extend_from_slice(v);
+            self.bytes.len() - v.len()..self.bytes.len()
+        };
+        let (key, value) = (copy(key.as_bytes()), copy(value));
+        let (declared, flow) = (declared.map(&mut copy), flow.map(&mut copy));
+        self.rows.push(Copied { key, value, declared, flow });
+    }
+
+    /// Each row as [`walk`] gave it.
+    fn rows(&self) -> impl Iterator<Item = (&str, &[u8], [Option<&[u8]>; 2])> {
+        self.rows.iter().map(|r| {
+            let key = std::str::from_utf8(&self.bytes[r.key.clone()]).expect("copied from a str");
+            let value = |v: &Option<Range<usize>>| v.clone().map(|v| &self.bytes[v]);
+            (key, &self.bytes[r.value.clone()], [value(&r.declared), value(&r.flow)])
+        })
+    }
+}
 
 impl Store {
-    /// Every stored connection, with its pending flow and declared settings.
+    /// Every stored connection, with its pending flow and declared settings, in key order.
     pub fn load_all(&self) -> Result<Vec<Stored>, StoreError> {
         let txn = self.db.begin_read().map_err(db)?;
         let tables = [CONNECTIONS, SETTINGS, FLOWS].map(|t| txn.open_table(t));
         let [conns, settings, flows] = tables.map(|t| t.map_err(db));
-        let (conns, settings, flows) = (conns?, settings?, flows?);
-        let total = conns.len().map_err(db)?;
-        let claimed = AtomicU64::new(0);
-        // Decoding is most of the work, so a large store is read from both ends at once; each
-        // end claims rows as it goes, so the two never read the same row.
-        let walk = |back: bool| -> Result<Vec<Stored>, StoreError> {
-            let (c, s, f) = (conns.iter().map_err(db)?, settings.iter().map_err(db)?, flows.iter().map_err(db)?);
-            match back {
-                false => self.load_rows(c, s, f, Ordering::Less, &claimed, total),
-                true => self.load_rows(c.rev(), s.rev(), f.rev(), Ordering::Greater, &claimed, total),
-            }
-        };
-        if total < LOAD_APART_FROM {
-            return walk(false);
+        let tables = (conns?, settings?, flows?);
+        let total = tables.0.len().map_err(db)? as usize;
+        let mut out = Vec::with_capacity(total);
+        if total < DECODE_APART_FROM {
+            walk(&tables, |key, value, values| {
+                out.push(self.decode(key, value, values)?);
+                Ok(true)
+            })?;
+            return Ok(out);
         }
-        let (front, back) = std::thread::scope(|scope| {
-            let back = std::thread::Builder::new()
-                .name("authkeeper-load".into())
-                .spawn_scoped(scope, || walk(true))
-                .expect("a thread to read the store");
-            (walk(false), back.join().expect("the store's reader does not panic"))
-        });
-        let mut out = front?;
-        out.extend(back?.into_iter().rev());
-        Ok(out)
+        // Walking the tables (redb's page reads) is about half the work and decoding the rest, so
+        // a large store's rows are copied out in batches by another thread while this one
+        // decodes them. This one is the caller's: what it decodes is kept, on the caller's heap.
+        std::thread::scope(|scope| {
+            let (batches, decoder_gets) = mpsc::sync_channel::<Batch>(8);
+            let tables = &tables;
+            let reader = std::thread::Builder::new()
+                .name("authkeeper-read".into())
+                .spawn_scoped(scope, move || {
+                    let mut batch = Batch::new();
+                    walk(tables, |key, value, values| {
+                        batch.push(key, value, values);
+                        // Stopped once the decoder has (on an error, which it returns).
+                        Ok(batch.rows.len() < BATCH
+                            || batches.send(std::mem::replace(&mut batch, Batch::new())).is_ok())
+                    })?;
+                    let _ = batches.send(batch);
+                    Ok(())
+                })
+                .map_err(|e| StoreError::Backend(Box::new(e)))?;
+            let decoded = (|| {
+                for batch in decoder_gets {
+                    for (key, value, values) in batch.rows() {
+                        out.push(self.decode(key, value, values)?);
+                    }
+                }
+                Ok(())
+            })();
+            let read = reader.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            read.and(decoded).map(|()| out)
+        })
     }
 
-    /// The connections of rows `conns` yields (with their settings' digest and their flow,
-    /// walked alongside), as many as this walk claims of `total`.
-    fn load_rows<'a>(
-        &self,
-        mut conns: impl Iterator<Item = Row<'a>>,
-        settings: impl Iterator<Item = Row<'a>>,
-        flows: impl Iterator<Item = Row<'a>>,
-        passed: Ordering,
-        claimed: &AtomicU64,
-        total: u64,
-    ) -> Result<Vec<Stored>, StoreError> {
-        let (mut settings, mut flows) = (settings.peekable(), flows.peekable());
-        let mut out = Vec::with_capacity(total as usize);
-        loop {
-            let first = claimed.fetch_add(CLAIM, atomic::Ordering::Relaxed);
-            if first >= total {
-                return Ok(out);
-            }
-            for row in conns.by_ref().take(CLAIM.min(total - first) as usize) {
-                let (key, value) = row.map_err(db)?;
-                let key = key.value();
-                let declared = match row_for(&mut settings, key, passed)? {
-                    Some(v) => Some(declared_digest(&self.open_row(SETTINGS, key, v.value())?)),
-                    None => None,
-                };
-                let corrupt = |source| StoreError::Corrupt { key: key.to_owned(), source };
-                let flow = match row_for(&mut flows, key, passed)? {
-                    Some(f) => Some(records::decode_flow(&self.open_row(FLOWS, key, f.value())?).map_err(corrupt)?),
-                    None => None,
-                };
-                let (_, record) = HistoryRef::split(key, value.value())?;
-                let value = self.open_row(CONNECTIONS, key, record)?;
-                let machine = records::decode_connection(key, &value, flow).map_err(corrupt)?;
-                out.push(Stored { machine, settings: declared });
-            }
-        }
+    /// One connection from its row's values: its connection record, then its settings and its
+    /// flow if it has them.
+    fn decode(&self, key: &str, value: &[u8], [declared, flow]: [Option<&[u8]>; 2]) -> Result<Stored, StoreError> {
+        let declared = match declared {
+            Some(v) => Some(declared_digest(&self.open_row(SETTINGS, key, v)?)),
+            None => None,
+        };
+        let corrupt = |source| StoreError::Corrupt { key: key.to_owned(), source };
+        let flow = match flow {
+            Some(f) => Some(records::decode_flow(&self.open_row(FLOWS, key, f)?).map_err(corrupt)?),
+            None => None,
+        };
+        let (_, record) = HistoryRef::split(key, value)?;
+        let value = self.open_row(CONNECTIONS, key, record)?;
+        let machine = records::decode_connection(key, &value, flow).map_err(corrupt)?;
+        Ok(Stored { machine: machine.into(), settings: declared })
     }
 }
