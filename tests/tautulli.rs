@@ -100,7 +100,7 @@ async fn a_success_envelope_under_an_error_status_is_no_verdict() {
         state: Arc::default(),
         http: http_client(std::time::Duration::from_secs(2)),
         gate: Arc::new(Gate::new(Arc::new(SystemClock), limits)),
-        account: "tautulli/default".into(),
+        account: authkeeper_state::ConnKey::new("tautulli", "default"),
         public_url: Arc::default(),
         metrics: Arc::default(),
     };

@@ -19,7 +19,7 @@ fn adapter(block: Value, url: &str) -> Adapter {
         state: Arc::default(),
         http: http_client(Duration::from_secs(2)),
         gate: open_gate(),
-        account: "trakt/default".into(),
+        account: authkeeper_state::ConnKey::new("trakt", "default"),
         public_url: Arc::default(),
         metrics: Arc::default(),
     }

@@ -459,14 +459,20 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
     // The config is read and parsed while the store loads: both are needed before any
     // connection gets its slot. Watched from later on; what changed since `read_as` is read again.
     // The store is loaded on this thread, whose heap keeps what the daemon keeps.
-    let (stored, read_as, first_read) = std::thread::scope(|scope| {
+    let (stored, read_as, first_read, http) = std::thread::scope(|scope| {
         let reading = std::thread::Builder::new()
             .name("authkeeper-config".into())
-            .spawn_scoped(scope, || (config_owner::stamp(&paths.config), config_owner::read(&paths.config)))
+            .spawn_scoped(scope, || {
+                let read_as = config_owner::stamp(&paths.config);
+                let read = config_owner::read(&paths.config);
+                // Its provider client too: loading the system's CA roots takes milliseconds.
+                let http = providers::http_client(read.http_timeout());
+                (read_as, read, http)
+            })
             .context("cannot start a thread to read the config")?;
         let stored = store.load_all();
-        let (read_as, first_read) = reading.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        anyhow::Ok((stored, read_as, first_read))
+        let (read_as, first_read, http) = reading.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        anyhow::Ok((stored, read_as, first_read, http))
     })?;
     let stored = stored.context("cannot load connections")?;
     let profile_states = store.profile_states().context("cannot load provider state")?;
@@ -539,7 +545,8 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
     };
     // Subscribed before any connection can move, so the hooks see every transition.
     let hook_events = shared.events.subscribe();
-    let owner = ConfigOwner::start(paths.config.clone(), first_read, shared.clone(), stored, profile_states).await?;
+    let owner =
+        ConfigOwner::start(paths.config.clone(), first_read, http, shared.clone(), stored, profile_states).await?;
     let limits = owner.request_limits();
     let web = match owner.web() {
         Some(settings) => Some(crate::web::serve(&settings, shared.clone(), limits, shutdown.clone()).await?),

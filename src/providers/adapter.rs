@@ -5,7 +5,7 @@ use super::{Begun, FlowError, Identity, Input, Poll, Provider, Verdict, transpor
 use crate::limits::{Gate, Kind};
 use crate::metrics::{Endpoint, Metrics, Outcome};
 use crate::web::{CallbackQuery, PublicUrl};
-use authkeeper_state::{Grant, PendingFlow, ProfileState};
+use authkeeper_state::{ConnKey, Grant, PendingFlow, ProfileState};
 use chrono::{DateTime, TimeDelta, Utc};
 use reqwest::{RequestBuilder, Response, StatusCode};
 use serde_json::{Map, Value, json};
@@ -121,8 +121,8 @@ pub struct Adapter {
     pub state: Arc<ProfileState>,
     pub http: reqwest::Client,
     pub gate: Arc<Gate>,
-    /// Whose per-account limits a call counts against: the connection's key.
-    pub account: Arc<str>,
+    /// Whose per-account limits a call counts against: the connection's.
+    pub account: ConnKey,
     /// The web listener's public URL in force, shared by every adapter.
     pub public_url: Arc<PublicUrl>,
     /// Where each call's endpoint class, outcome and latency are counted.
@@ -177,7 +177,7 @@ impl Adapter {
                 until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
             )));
         }
-        self.gate.acquire(&self.account, kind).await.map_err(|e| Unsent::NotSent(e.to_string()))?;
+        self.gate.acquire(&self.account.to_string(), kind).await.map_err(|e| Unsent::NotSent(e.to_string()))?;
         let resp = match req.send().await {
             Ok(resp) => resp,
             Err(e) if e.is_connect() || e.is_builder() => return Err(Unsent::NotSent(transport_error(e))),

@@ -33,6 +33,17 @@ pub fn read(path: &Path) -> Read {
     }
 }
 
+impl Read {
+    /// The timeout of provider calls under this read: the file's, or the default when it
+    /// does not load (the settings stored from the last good config hold no timeout).
+    pub fn http_timeout(&self) -> std::time::Duration {
+        match self {
+            Read::Good(config, _) => config.settings.http_timeout(),
+            _ => crate::config::Settings::default().http_timeout(),
+        }
+    }
+}
+
 /// The file's modification time and size, to tell whether it changed (`None`: unreadable).
 pub type Stamp = Option<(std::time::SystemTime, u64)>;
 

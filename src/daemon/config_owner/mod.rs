@@ -82,6 +82,7 @@ impl ConfigOwner {
     pub async fn start(
         path: PathBuf,
         first: Read,
+        http: reqwest::Client,
         shared: Arc<Shared>,
         stored: Vec<Stored>,
         states: Vec<(ConnKey, ProfileState)>,
@@ -120,7 +121,6 @@ impl ConfigOwner {
             shared.metrics.serve_on_web(web.metrics);
         }
         shared.configure_limits(&config.settings);
-        let http = providers::http_client(config.settings.http_timeout());
         let schedules = Schedules::new().await;
         let states = states.into_iter().map(|(k, s)| (k, Arc::new(s))).collect();
         let mut owner = Self {
@@ -493,7 +493,7 @@ impl ConfigOwner {
             state,
             http: self.http.clone(),
             gate: self.shared.gates[key.provider.as_str()].clone(),
-            account: key.to_string().into(),
+            account: key.clone(),
             public_url: self.shared.public_url.clone(),
             metrics: self.shared.metrics.clone(),
         }
