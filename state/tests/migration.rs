@@ -19,16 +19,17 @@ fn open_copy() -> (tempfile::TempDir, Store) {
     (dir, store)
 }
 
+/// Every stored machine, by its profile.
+fn by_profile(store: &Store) -> BTreeMap<String, Machine> {
+    let all = store.load_all().unwrap().into_iter();
+    all.map(|s| (s.machine.key().profile.to_string(), std::sync::Arc::unwrap_or_clone(s.machine))).collect()
+}
+
 #[test]
 fn the_schema_2_store_opens_with_everything_intact() {
     let (dir, store) = open_copy();
     assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
-    let all: BTreeMap<String, Machine> = store
-        .load_all()
-        .unwrap()
-        .into_iter()
-        .map(|s| (s.machine.key().profile.to_string(), std::sync::Arc::unwrap_or_clone(s.machine)))
-        .collect();
+    let all = by_profile(&store);
     assert_eq!(all.keys().collect::<Vec<_>>(), ["TRAKT-P01", "TRAKT-P02", "TRAKT-P03", "default"]);
 
     // Connected, after a refresh, with an unknown answer waiting for its retry.
@@ -91,12 +92,7 @@ fn the_schema_2_store_opens_with_everything_intact() {
     // The migration rewrote every row: reopening reads the new records the same way.
     drop(store);
     let again = Store::open(&dir.path().join("authkeeper.redb")).unwrap();
-    let reread: BTreeMap<String, Machine> = again
-        .load_all()
-        .unwrap()
-        .into_iter()
-        .map(|s| (s.machine.key().profile.to_string(), std::sync::Arc::unwrap_or_clone(s.machine)))
-        .collect();
+    let reread = by_profile(&again);
     for (profile, m) in &all {
         assert_eq!(reread[profile].state(), m.state(), "{profile}");
         assert_eq!(reread[profile].connection(), m.connection(), "{profile}");
