@@ -238,9 +238,12 @@ impl Config {
             web.check().map_err(ConfigError::Invalid)?;
         }
         settings.store.check().map_err(ConfigError::Invalid)?;
-        // Gathered, then sorted once (a file keeps its instances in order, nearly always).
+        // Gathered, then sorted once: in key order already when the file keeps each block's
+        // instances in order, as it nearly always does, so that sorting only checks.
         let mut listed = Vec::new();
-        for &provider in providers::REGISTRY {
+        let mut by_name = providers::REGISTRY.to_vec();
+        by_name.sort_by_key(|p| p.manifest().name);
+        for provider in by_name {
             let raw = top.get(provider.manifest().block).filter(|r| r.get() != "null");
             parse_block(text, raw.copied(), provider, &settings, &mut listed)?;
         }
@@ -316,9 +319,9 @@ fn parse_block(
         Profile::new(provider, block, base_url.clone()).map(|p| Arc::new(p.allowing_insecure_http(allowed)))
     };
     let default = new(base.clone()).map_err(typed_error)?;
-    if !m.named_profiles {
-        profiles.push((ConnKey::new(m.name, "default"), default.clone()));
-    }
+    // Added after the instances, where it sorts among them.
+    let own_default = (!m.named_profiles).then(|| (ConnKey::new(m.name, "default"), default.clone()));
+    let from = profiles.len();
     // A credential in the base block is the default profile's own: profiles inherit the app's
     // settings, never its login.
     let inherited = if m.credential_keys.iter().any(|k| base.contains_key(*k)) {
@@ -349,6 +352,10 @@ fn parse_block(
             last.clone()
         };
         profiles.push((ConnKey::new(m.name, id), profile));
+    }
+    if let Some(own_default) = own_default {
+        let at = from + profiles[from..].partition_point(|(k, _)| k.profile.as_str() < "default");
+        profiles.insert(at, own_default);
     }
     Ok(())
 }

@@ -40,7 +40,35 @@ impl<'de> Visitor<'de> for EntriesVisitor {
     }
 }
 
-type Seen<'de> = HashSet<Key<'de>, foldhash::fast::RandomState>;
+/// The keys of one object met so far. While they come in increasing order (as a file written
+/// from a sorted map has them) none can repeat an earlier one, so they are only kept; the first
+/// key out of order puts them all in a hash set, which checks every key after it.
+#[derive(Default)]
+struct Seen<'de> {
+    in_order: Vec<Key<'de>>,
+    hashed: Option<HashSet<Key<'de>, foldhash::fast::RandomState>>,
+}
+
+impl<'de> Seen<'de> {
+    /// False if `key` was met before.
+    fn insert(&mut self, key: Key<'de>) -> bool {
+        if let Some(hashed) = &mut self.hashed {
+            return hashed.insert(key);
+        }
+        match self.in_order.last() {
+            Some(last) if *last >= key => {
+                let mut hashed: HashSet<_, _> = self.in_order.drain(..).collect();
+                let new = hashed.insert(key);
+                self.hashed = Some(hashed);
+                new
+            }
+            _ => {
+                self.in_order.push(key);
+                true
+            }
+        }
+    }
+}
 
 /// Check `text`, whose top-level sections named by `known` are the daemon's.
 pub fn check(text: &str, known: &dyn Fn(&str) -> bool) -> Result<(), serde_json::Error> {
@@ -143,6 +171,22 @@ mod tests {
         assert_eq!(e.line(), 2);
         let nested = r#"{"trakt": {"instances": {"TRAKT-P01": {}, "TRAKT-P01": {"access_token": "x"}}}}"#;
         assert!(check(nested, &ours).unwrap_err().to_string().contains("\"TRAKT-P01\" appears twice"));
+        for (keys, twice) in [
+            ("\"P1\": 1, \"P2\": 2, \"P2\": 3", Some("P2")),
+            ("\"P2\": 1, \"P1\": 2, \"P3\": 3, \"P2\": 4", Some("P2")),
+            ("\"P1\": 1, \"P3\": 2, \"P1\": 3", Some("P1")),
+            ("\"P1\": 1, \"P2\": 2, \"P3\": 3", None),
+            ("\"P3\": 1, \"P2\": 2, \"P1\": 3", None),
+        ] {
+            let text = format!("{{\"trakt\": {{\"instances\": {{{keys}}}}}}}");
+            match (check(&text, &ours), twice) {
+                (Ok(()), None) => {}
+                (Err(e), Some(key)) => {
+                    assert!(e.to_string().contains(&format!("\"{key}\" appears twice")), "{text}: {e}")
+                }
+                (got, _) => panic!("{text}: {got:?}"),
+            }
+        }
         let listed = r#"{"authkeeper": {"schedules": [{"a": 1}, {"a": 2}]}}"#;
         assert!(check(listed, &ours).is_ok(), "the same key in two objects is fine");
     }
