@@ -229,7 +229,7 @@ pub(crate) async fn load_all(inner: &Inner) -> Answer<Vec<Stored>> {
         };
         let record = open_value(sealer, "connections", key, row.get(1))?;
         let machine = records::decode_connection(key, &record, flow).map_err(corrupt)?;
-        out.push(Stored { machine: machine.into(), settings });
+        out.push(Stored { key: machine.key().clone(), machine: machine.into(), settings });
     }
     Ok(out)
 }

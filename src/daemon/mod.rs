@@ -69,6 +69,11 @@ pub struct Slot {
 }
 
 impl Slot {
+    /// A slot for `machine` with no task: the next command starts one.
+    pub fn asleep(machine: Arc<Machine>, adapter: Adapter, warning: Option<Arc<str>>) -> Self {
+        Self { committed: machine, adapter, warning, owner: Owner::Asleep(Dormant { sweep_at: None }) }
+    }
+
     pub fn view(&self, policy: &Policy, now: DateTime<Utc>) -> ConnectionView {
         ConnectionView::with_warnings(&self.committed, policy, self.warnings(now))
     }
@@ -255,29 +260,27 @@ impl Shared {
     /// Give `machine` a slot in the read view and its first deadline. It starts asleep: a
     /// task runs only when a command or a deadline comes.
     pub(crate) fn add_connection(self: &Arc<Self>, machine: Machine, adapter: Adapter, warning: Option<Arc<str>>) {
-        self.add_connections(vec![(Arc::new(machine), adapter, warning)]);
+        self.add_connections(vec![(machine.key().clone(), Slot::asleep(Arc::new(machine), adapter, warning))]);
     }
 
     /// [`Shared::add_connection`] for many at once (start-up): one lock of the read view. Their
     /// deadlines are set in one go, in the background when there are many: the connections
     /// are readable at once, and one already due is woken a fraction of a second later.
-    pub(crate) fn add_connections(self: &Arc<Self>, added: Vec<(Arc<Machine>, Adapter, Option<Arc<str>>)>) {
+    /// The slots go into the read view as they are (at 100,000 connections, each copy of
+    /// them is a few milliseconds).
+    pub(crate) fn add_connections(self: &Arc<Self>, slots: Vec<(ConnKey, Slot)>) {
         let mut resumed = Vec::new();
-        let mut scheduled = Vec::with_capacity(added.len());
-        let mut slots = Vec::with_capacity(added.len());
-        for (machine, adapter, warning) in added {
-            let key = machine.key().clone();
+        let mut scheduled = Vec::with_capacity(slots.len());
+        for (key, Slot { committed: machine, .. }) in &slots {
             if let Some(state) = machine.pending_flow().and_then(|f| f.secret("state")) {
-                self.callbacks.insert(state.expose(), &key);
+                self.callbacks.insert(state.expose(), key);
             }
             // A resumed flow is scheduled by its `Resume`, which waits one interval first: a
             // deadline set here could poll before that, too soon after the last daemon's poll.
-            match machine.pending_flow().is_some() && self.owns(&key) {
+            match machine.pending_flow().is_some() && self.owns(key) {
                 true => resumed.push(key.clone()),
                 false => scheduled.push(machine.clone()),
             }
-            let owner = Owner::Asleep(Dormant { sweep_at: None });
-            slots.push((key, Slot { committed: machine, adapter, warning, owner }));
         }
         // Begun before any of them can be reached, so that any deadline set for one is newer.
         let later = (scheduled.len() >= self.schedule_later_from).then(|| self.deadlines.begin_fill(scheduled.len()));

@@ -103,6 +103,9 @@ pub enum StoreError {
 /// The machine is on the heap from the start: the daemon keeps it there, and a start at scale
 /// should not move 100,000 machines of 320 bytes through one vector after another.
 pub struct Stored {
+    /// The machine's key, copied beside it: matching 100,000 connections to their profiles
+    /// then reads one vector in order instead of 100,000 machines scattered over the heap.
+    pub key: crate::ConnKey,
     pub machine: std::sync::Arc<Machine>,
     pub settings: Option<u64>,
 }

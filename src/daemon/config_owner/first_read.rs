@@ -5,7 +5,7 @@
 use super::DEBOUNCE;
 use crate::config::{Config, ConfigError};
 use crate::providers::Profile;
-use authkeeper_state::{ConnKey, Machine};
+use authkeeper_state::{ConnKey, Machine, Stored};
 use notify_debouncer_mini::notify::{RecommendedWatcher, RecursiveMode};
 use notify_debouncer_mini::{DebounceEventResult, Debouncer, new_debouncer};
 use std::collections::BTreeMap;
@@ -86,8 +86,8 @@ pub fn watch(path: &Path) -> Watch {
     Watch { _watcher: watcher, changes }
 }
 
-/// Machines to add, each with the settings digest it was stored with.
-pub(super) type Machines = Vec<(Arc<Machine>, Option<u64>)>;
+/// Machines to add, each with its key and the settings digest it was stored with.
+pub(super) type Machines = Vec<Stored>;
 
 /// Each of `machines`' declared profile, found by walking them and `profiles` together in key
 /// order (the store's order; machines in another are sorted first), then a new machine for
@@ -100,7 +100,7 @@ pub(super) fn declared_profiles(
     if let Some(found) = walk(machines, profiles, now) {
         return found;
     }
-    machines.sort_by(|a, b| a.0.key().cmp(b.0.key()));
+    machines.sort_by(|a, b| a.key.cmp(&b.key));
     walk(machines, profiles, now).expect("sorted")
 }
 
@@ -114,8 +114,7 @@ fn walk(
     let mut new = Vec::new();
     let mut profiles = profiles.iter().peekable();
     let mut last: Option<&ConnKey> = None;
-    for (machine, _) in machines {
-        let key = machine.key();
+    for Stored { key, .. } in machines {
         if last.is_some_and(|last| last > key) {
             return None;
         }
@@ -124,7 +123,7 @@ fn walk(
         let mut found = None;
         while let Some((k, p)) = profiles.peek() {
             match (*k).cmp(key) {
-                std::cmp::Ordering::Less => new.push(((Arc::new(Machine::new((*k).clone(), now)), None), (*p).clone())),
+                std::cmp::Ordering::Less => new.push((made(k, now), (*p).clone())),
                 std::cmp::Ordering::Equal => found = Some((*p).clone()),
                 std::cmp::Ordering::Greater => break,
             }
@@ -135,10 +134,15 @@ fn walk(
         }
         declared.push(found);
     }
-    new.extend(profiles.map(|(k, p)| ((Arc::new(Machine::new(k.clone(), now)), None), p.clone())));
+    new.extend(profiles.map(|(k, p)| (made(k, now), p.clone())));
     let (new, new_declared): (Machines, Vec<_>) = new.into_iter().unzip();
     declared.extend(new_declared.into_iter().map(Some));
     Some((declared, new))
+}
+
+/// A new machine for a declared profile that has none.
+fn made(key: &ConnKey, now: chrono::DateTime<chrono::Utc>) -> Stored {
+    Stored { key: key.clone(), machine: Arc::new(Machine::new(key.clone(), now)), settings: None }
 }
 
 #[cfg(test)]
@@ -156,19 +160,15 @@ mod tests {
         let now = chrono::Utc::now();
         let key = |p: &str| ConnKey::new("trakt", p);
         // Out of key order, as a store sorting its keys as text could give them.
-        let mut machines = vec![
-            (Arc::new(Machine::new(key("TRAKT-P02"), now)), Some(7)),
-            (Arc::new(Machine::new(key("TRAKT-P01"), now)), None),
-        ];
+        let stored = |p: &str, settings| Stored { settings, ..made(&key(p), now) };
+        let mut machines = vec![stored("TRAKT-P02", Some(7)), stored("TRAKT-P01", None)];
         let (declared, new) = declared_profiles(&mut machines, &cfg.profiles, now);
         machines.extend(new);
         let got: Vec<_> = machines
             .iter()
             .zip(&declared)
-            .filter(|(m, _)| m.0.key().provider == "trakt")
-            .map(|((m, settings), p)| {
-                (m.key().profile.to_string(), *settings, p.as_ref().map(|p| p.block["client_id"].clone()))
-            })
+            .filter(|(m, _)| m.key.provider == "trakt" && m.machine.key() == &m.key)
+            .map(|(m, p)| (m.key.profile.to_string(), m.settings, p.as_ref().map(|p| p.block["client_id"].clone())))
             .collect();
         let d = |s: &str| Some(serde_json::json!(s));
         assert_eq!(

@@ -16,7 +16,7 @@ pub use first_read::{Read, Stamp, Watch, read, stamp, watch};
 use persist::SharedBytes;
 
 use super::schedules::Schedules;
-use super::{Command, DaemonError, Shared};
+use super::{Command, DaemonError, Shared, Slot};
 use crate::config::{self, Change, Config, ConfigError, credential_digest};
 use crate::providers::{self, Adapter, Profile};
 use crate::wire::WireEvent;
@@ -89,8 +89,7 @@ impl ConfigOwner {
     ) -> anyhow::Result<Self> {
         // Each stored machine, with the digest of the settings a config declared it with.
         let stored_declared = stored.iter().any(|s| s.settings.is_some());
-        let mut machines: Vec<(Arc<Machine>, Option<u64>)> =
-            stored.into_iter().map(|s| (s.machine, s.settings)).collect();
+        let mut machines = stored;
         let (config, text, rejected, warning) = match first {
             Read::Good(config, text) => (*config, Some(text), None, None),
             other => {
@@ -145,8 +144,7 @@ impl ConfigOwner {
         let mut slots = Vec::with_capacity(machines.len() + new.len());
         let mut rows = Vec::new();
         let mut bytes = SharedBytes::default();
-        for ((machine, declared), profile) in machines.into_iter().chain(new).zip(declared) {
-            let key = machine.key().clone();
+        for (Stored { key, machine, settings: declared }, profile) in machines.into_iter().chain(new).zip(declared) {
             let (profile, warning) = match profile {
                 Some(p) if good => {
                     // Keep its settings in the store if they are not what the store holds.
@@ -189,7 +187,7 @@ impl ConfigOwner {
                 },
             };
             let adapter = owner.adapter(&key, &profile);
-            slots.push((machine, adapter, warning));
+            slots.push((key, Slot::asleep(machine, adapter, warning)));
         }
         owner.save_states().await;
         owner.shared.add_connections(slots);
@@ -207,7 +205,6 @@ impl ConfigOwner {
                 owner.import_grant(&key, grant).await;
             }
         }
-        owner.note_profiles();
         Ok(owner)
     }
 
@@ -253,6 +250,9 @@ impl ConfigOwner {
         mut commands: mpsc::Receiver<ConfigCommand>,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        // The profile numbers the config uses, recorded once the socket serves: allocating a
+        // number (through this task) counts the config's own anyway.
+        self.note_profiles();
         // The file was read before the watch began: an edit made in between is seen now.
         if stamp(&self.path) != read_as {
             self.reload().await;

@@ -162,6 +162,6 @@ impl Store {
         let (_, record) = HistoryRef::split(key, value)?;
         let value = self.open_row(CONNECTIONS, key, record)?;
         let machine = records::decode_connection(key, &value, flow).map_err(corrupt)?;
-        Ok(Stored { machine: machine.into(), settings: declared })
+        Ok(Stored { key: machine.key().clone(), machine: machine.into(), settings: declared })
     }
 }
