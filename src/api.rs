@@ -279,19 +279,23 @@ async fn token(State(shared): App, Path((provider, profile)): Key) -> Response {
 }
 
 /// The hot path of every consumer: the committed machine is read under the read lock and its
-/// grant written straight into the answer.
-fn token_answer(shared: &Shared, provider: &str, profile: &str) -> Response {
+/// grant written straight into the answer's bytes. Not connected, the error answer.
+fn token_json(shared: &Shared, provider: &str, profile: &str) -> Result<Bytes, ApiError> {
+    thread_local! {
+        /// Where this worker writes answers before they are copied out at their exact size.
+        static ANSWER: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(512));
+    }
     let now = shared.clock.now();
     let owner = authkeeper_state::is_owner_id(profile);
     let answer = match shared.lookup(provider, profile, |s| {
         let c = s.committed.connection();
         let live = s.committed.state_name() == StateName::Connected;
         match c.grant.as_ref().filter(|g| live && g.expires_at.is_none_or(|at| at > now)) {
-            Some(grant) => {
-                let mut body = Vec::with_capacity(512);
-                let answer = s.adapter.token(grant, c.account.as_ref().map(|a| a.name.as_str()));
-                Ok(serde_json::to_writer(&mut body, &answer).map(|()| body))
-            }
+            Some(grant) => Ok(ANSWER.with_borrow_mut(|buf| {
+                buf.clear();
+                let account = c.account.as_ref().map(|a| a.name.as_str());
+                s.adapter.write_token(grant, account, buf).map(|()| Bytes::copy_from_slice(buf))
+            })),
             None => Err(Box::new(s.view(&shared.policy(), now))),
         }
     }) {
@@ -300,17 +304,26 @@ fn token_answer(shared: &Shared, provider: &str, profile: &str) -> Response {
             let machine = authkeeper_state::Machine::new(ConnKey::new(provider, profile), now);
             Err(Box::new(ConnectionView::of(&machine, &shared.policy())))
         }
-        Err(e) => return ApiError::from(e).into_response(),
+        Err(e) => return Err(ApiError::from(e)),
         Ok(answer) => answer,
     };
     match answer {
-        Ok(Ok(body)) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
-        Ok(Err(e)) => ApiError::internal(e.to_string()).into_response(),
+        Ok(Ok(json)) => Ok(json),
+        Ok(Err(e)) => Err(ApiError::internal(e.to_string())),
         Err(view) if owner => {
             let message = shared.login_message(provider);
-            ApiError::from(DaemonError::LoginFirst { view, message }).into_response()
+            Err(ApiError::from(DaemonError::LoginFirst { view, message }))
         }
-        Err(view) => ApiError::from(DaemonError::NotConnected(view)).into_response(),
+        Err(view) => Err(ApiError::from(DaemonError::NotConnected(view))),
+    }
+}
+
+fn token_answer(shared: &Shared, provider: &str, profile: &str) -> Response {
+    match token_json(shared, provider, profile) {
+        Ok(json) => {
+            ([(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"))], json).into_response()
+        }
+        Err(e) => e.into_response(),
     }
 }
 

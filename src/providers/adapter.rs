@@ -300,62 +300,9 @@ impl Adapter {
         self.counted(Endpoint::Revoke, self.provider().revoke(self, grant), outcome).await
     }
 
-    /// A consumer's token answer: the grant's token and expiry, and what the provider adds.
-    pub fn token<'a>(&self, grant: &'a Grant, account: Option<&'a str>) -> TokenAnswer<'a> {
-        let mut extras = Map::new();
-        self.provider().token(self, grant, &mut extras);
-        TokenAnswer { grant, account, extras }
-    }
-}
-
-/// What `GET …/token` answers: `access_token`, `token_type`, `expires_at`, `scope` and `account`
-/// from the grant, then what the provider adds (which cannot replace those five). Written
-/// straight from the grant: the token lookup is every consumer's hot path.
-pub struct TokenAnswer<'a> {
-    grant: &'a Grant,
-    account: Option<&'a str>,
-    extras: Map<String, Value>,
-}
-
-impl TokenAnswer<'_> {
-    const FIELDS: [&'static str; 5] = ["access_token", "token_type", "expires_at", "scope", "account"];
-}
-
-impl serde::Serialize for TokenAnswer<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let extras = self.extras.iter().filter(|(k, _)| !Self::FIELDS.contains(&k.as_str()));
-        let mut map = s.serialize_map(None)?;
-        map.serialize_entry("access_token", self.grant.access_token.expose())?;
-        map.serialize_entry("token_type", &self.grant.token_type)?;
-        // The text chrono's `Serialize` writes, made in one go: through serde it is written a
-        // character at a time.
-        map.serialize_entry("expires_at", &self.grant.expires_at.map(rfc3339))?;
-        map.serialize_entry("scope", &self.grant.scope)?;
-        map.serialize_entry("account", &self.account)?;
-        for (k, v) in extras {
-            map.serialize_entry(k, v)?;
-        }
-        map.end()
-    }
-}
-
-/// A time as chrono's `Serialize` writes it (RFC 3339, UTC as `Z`, as many fraction digits as
-/// it needs in threes).
-fn rfc3339(at: DateTime<Utc>) -> String {
-    at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn token_times_read_as_chrono_writes_them() {
-        let whole = DateTime::from_timestamp(1_796_000_000, 0).unwrap();
-        for nanos in [0, 120_000_000, 123_456_000, 123_456_789, 1] {
-            let at = whole + TimeDelta::nanoseconds(nanos);
-            assert_eq!(json!(rfc3339(at)), json!(at), "{nanos} ns");
-        }
+    /// A consumer's token answer, written into `out` as JSON: the grant's token and expiry,
+    /// and what the provider adds.
+    pub fn write_token(&self, grant: &Grant, account: Option<&str>, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        super::token_answer::write(self, grant, account, out)
     }
 }

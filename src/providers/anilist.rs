@@ -5,8 +5,8 @@
 
 use super::answer::{json, status_error};
 use super::{
-    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, jwt_expiry,
-    lifetime, nonempty, nonempty_secret, oauth_code,
+    Adapter, Begun, Extras, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict,
+    jwt_expiry, lifetime, nonempty, nonempty_secret, oauth_code,
 };
 use crate::limits::{Kind, Limits};
 use crate::web::CallbackQuery;
@@ -15,7 +15,7 @@ use authkeeper_state::{Account, Grant, PendingFlow, Secret};
 use chrono::{DateTime, Utc};
 use reqwest::StatusCode;
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use std::sync::LazyLock;
 
 pub struct AniList;
@@ -199,5 +199,5 @@ impl Provider for AniList {
         }
     }
 
-    fn token(&self, _cx: &Adapter, _grant: &Grant, _out: &mut Map<String, Value>) {}
+    fn token(&self, _cx: &Adapter, _grant: &Grant, _out: &mut Extras) {}
 }

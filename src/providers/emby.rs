@@ -5,7 +5,7 @@
 
 use super::answer::{json, status_error};
 use super::{
-    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Profile, Provider, Verdict, nonempty,
+    Adapter, Begun, Extras, FlowError, FlowManifest, Identity, Input, Manifest, Profile, Provider, Verdict, nonempty,
     nonempty_secret,
 };
 use crate::limits::Kind;
@@ -14,7 +14,7 @@ use authkeeper_state::{Account, Grant, ProfileState};
 use chrono::{DateTime, Utc};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use std::sync::LazyLock;
 
 pub struct Emby;
@@ -243,10 +243,10 @@ impl Provider for Emby {
         if resp.status().is_success() { Ok(()) } else { Err(status_error(LABEL, resp.status())) }
     }
 
-    fn token(&self, cx: &Adapter, grant: &Grant, out: &mut Map<String, Value>) {
-        out.insert("server_url".into(), json!(api(cx, grant).ok()));
-        out.insert("user_id".into(), json!(grant.fact("user_id")));
-        out.insert("device_id".into(), device_id(cx, Some(grant)).into());
-        out.insert("authorization".into(), json!({"header": "X-Emby-Token", "value": grant.access_token.expose()}));
+    fn token(&self, cx: &Adapter, grant: &Grant, out: &mut Extras) {
+        out.put("server_url", api(cx, grant).ok());
+        out.put("user_id", grant.fact("user_id"));
+        out.put("device_id", device_id(cx, Some(grant)));
+        out.put("authorization", json!({"header": "X-Emby-Token", "value": grant.access_token.expose()}));
     }
 }

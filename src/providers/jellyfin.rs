@@ -5,8 +5,8 @@
 
 use super::answer::json;
 use super::{
-    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, nonempty,
-    nonempty_secret,
+    Adapter, Begun, Extras, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict,
+    nonempty, nonempty_secret,
 };
 use crate::limits::Kind;
 use async_trait::async_trait;
@@ -14,7 +14,7 @@ use authkeeper_state::{Account, Grant, PendingFlow, ProfileState, Secret};
 use chrono::{DateTime, TimeDelta, Utc};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
@@ -327,12 +327,12 @@ impl Provider for Jellyfin {
         if resp.status().is_success() { Ok(()) } else { Err(unknown_status(resp.status())) }
     }
 
-    fn token(&self, cx: &Adapter, grant: &Grant, out: &mut Map<String, Value>) {
+    fn token(&self, cx: &Adapter, grant: &Grant, out: &mut Extras) {
         let device = grant.fact("device_id").unwrap_or_else(|| device_id(cx));
-        out.insert("server_url".into(), json!(server(cx).ok().or_else(|| grant.fact("server_url").map(Into::into))));
-        out.insert("user_id".into(), json!(grant.fact("user_id")));
-        out.insert("device_id".into(), device.into());
+        out.put("server_url", server(cx).ok().or_else(|| grant.fact("server_url").map(Into::into)));
+        out.put("user_id", grant.fact("user_id"));
+        out.put("device_id", device);
         let value = authorization(device, Some(grant.access_token.expose()));
-        out.insert("authorization".into(), json!({"header": "Authorization", "value": value}));
+        out.put("authorization", json!({"header": "Authorization", "value": value}));
     }
 }

@@ -4,8 +4,8 @@
 use super::answer::{json, status_error};
 use super::oauth2::{Client, ClientAuth};
 use super::{
-    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, nonempty,
-    nonempty_secret,
+    Adapter, Begun, Extras, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict,
+    nonempty, nonempty_secret,
 };
 use crate::limits::Kind;
 use async_trait::async_trait;
@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::sync::LazyLock;
 
 pub struct MdbList;
@@ -206,5 +206,5 @@ impl Provider for MdbList {
         client.revoke(cx, &endpoint, token.expose()).await
     }
 
-    fn token(&self, _cx: &Adapter, _grant: &Grant, _out: &mut Map<String, Value>) {}
+    fn token(&self, _cx: &Adapter, _grant: &Grant, _out: &mut Extras) {}
 }

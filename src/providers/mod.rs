@@ -11,9 +11,11 @@ pub(crate) mod answer;
 mod http;
 pub mod oauth2;
 pub mod oauth_code;
+mod token_answer;
 
 pub use adapter::{Adapter, Profile, Unsent};
 pub use http::{http_client, install_crypto, transport_error};
+pub use token_answer::Extras;
 
 use crate::limits::Limits;
 use crate::web::CallbackQuery;
@@ -225,7 +227,7 @@ pub trait Provider: Send + Sync + 'static {
 
     /// What a consumer needs besides `access_token`, `token_type`, `expires_at`, `scope` and
     /// `account` (which `out` cannot replace).
-    fn token(&self, cx: &Adapter, grant: &Grant, out: &mut Map<String, Value>);
+    fn token(&self, cx: &Adapter, grant: &Grant, out: &mut Extras);
 }
 
 /// `check` for a provider whose block deserializes as `T`.

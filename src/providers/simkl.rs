@@ -4,8 +4,8 @@
 
 use super::answer::{json, status_error};
 use super::{
-    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, lifetime,
-    nonempty, nonempty_secret, oauth_code, poll_interval,
+    Adapter, Begun, Extras, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict,
+    lifetime, nonempty, nonempty_secret, oauth_code, poll_interval,
 };
 use crate::limits::{Kind, Limits, Rate};
 use crate::web::CallbackQuery;
@@ -14,7 +14,7 @@ use authkeeper_state::{Account, Grant, PendingFlow, Secret};
 use chrono::{DateTime, Utc};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
@@ -261,9 +261,9 @@ impl Provider for Simkl {
         }
     }
 
-    fn token(&self, cx: &Adapter, _grant: &Grant, out: &mut Map<String, Value>) {
+    fn token(&self, cx: &Adapter, _grant: &Grant, out: &mut Extras) {
         if let Ok(id) = client_id(cx) {
-            out.insert("client_id".into(), id.into());
+            out.put("client_id", id);
         }
     }
 }

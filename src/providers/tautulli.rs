@@ -5,7 +5,7 @@
 
 use super::answer::{BodyError, read_json, status_error};
 use super::{
-    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Profile, Provider, Verdict, nonempty,
+    Adapter, Begun, Extras, FlowError, FlowManifest, Identity, Input, Manifest, Profile, Provider, Verdict, nonempty,
     nonempty_secret,
 };
 use crate::limits::Kind;
@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use authkeeper_state::{Account, Grant, Secret};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 use std::sync::LazyLock;
 
 pub struct Tautulli;
@@ -186,7 +186,7 @@ impl Provider for Tautulli {
         Verdict::Valid(Identity { account: Account { name: name.into(), id: None }, grant })
     }
 
-    fn token(&self, cx: &Adapter, grant: &Grant, out: &mut Map<String, Value>) {
-        out.insert("server_url".into(), json!(server(cx, Some(grant)).ok()));
+    fn token(&self, cx: &Adapter, grant: &Grant, out: &mut Extras) {
+        out.put("server_url", server(cx, Some(grant)).ok());
     }
 }

@@ -6,7 +6,7 @@
 
 use super::answer::{json, status_error};
 use super::{
-    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict,
+    Adapter, Begun, Extras, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict,
     nonempty_secret,
 };
 use crate::limits::Kind;
@@ -16,7 +16,7 @@ use authkeeper_state::{Account, Grant, PendingFlow, Secret};
 use chrono::{DateTime, NaiveDateTime, TimeDelta, Utc};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
@@ -301,10 +301,10 @@ impl Provider for Tmdb {
         if resp.status().is_success() { Ok(()) } else { Err(status_error(LABEL, resp.status())) }
     }
 
-    fn token(&self, _cx: &Adapter, grant: &Grant, out: &mut Map<String, Value>) {
-        out.insert("api_key".into(), grant_key(grant).into());
+    fn token(&self, _cx: &Adapter, grant: &Grant, out: &mut Extras) {
+        out.put("api_key", grant_key(grant));
         if grant.token_type == "session" {
-            out.insert("session_id".into(), grant.access_token.expose().into());
+            out.put("session_id", grant.access_token.expose());
         }
     }
 }

@@ -2,8 +2,8 @@
 
 use super::answer::json;
 use super::{
-    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, lifetime,
-    nonempty, nonempty_secret, oauth_code, poll_interval,
+    Adapter, Begun, Extras, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict,
+    lifetime, nonempty, nonempty_secret, oauth_code, poll_interval,
 };
 use crate::limits::{Kind, Limits, Rate};
 use crate::web::CallbackQuery;
@@ -12,7 +12,7 @@ use authkeeper_state::{Account, Grant, PendingFlow, Secret};
 use chrono::{DateTime, Utc};
 use reqwest::{RequestBuilder, StatusCode};
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
@@ -315,10 +315,10 @@ impl Provider for Trakt {
         if resp.status().is_success() { Ok(()) } else { Err(unknown_status(resp.status())) }
     }
 
-    fn token(&self, cx: &Adapter, _grant: &Grant, out: &mut Map<String, Value>) {
+    fn token(&self, cx: &Adapter, _grant: &Grant, out: &mut Extras) {
         let block: &Block = cx.profile.typed();
         if let Some(id) = nonempty(&block.client_id) {
-            out.insert("client_id".into(), id.into());
+            out.put("client_id", id);
         }
     }
 }

@@ -7,8 +7,8 @@ mod discovery;
 
 use super::oauth2::{Client, ClientAuth};
 use super::{
-    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, jwt_expiry,
-    nonempty, nonempty_secret, oauth_code,
+    Adapter, Begun, Extras, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict,
+    jwt_expiry, nonempty, nonempty_secret, oauth_code,
 };
 use crate::limits::Kind;
 use crate::web::CallbackQuery;
@@ -18,7 +18,7 @@ use chrono::{DateTime, Utc};
 use discovery::Metadata;
 use reqwest::StatusCode;
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
@@ -285,9 +285,9 @@ impl Provider for OAuth {
         client.revoke(cx, &endpoint, grant.access_token.expose()).await
     }
 
-    fn token(&self, _cx: &Adapter, grant: &Grant, out: &mut Map<String, Value>) {
+    fn token(&self, _cx: &Adapter, grant: &Grant, out: &mut Extras) {
         if let Some(id_token) = grant.secret("id_token") {
-            out.insert("id_token".into(), id_token.expose().into());
+            out.put("id_token", id_token.expose());
         }
     }
 }

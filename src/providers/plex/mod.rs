@@ -4,8 +4,8 @@
 //! carries an `X-Plex-Client-Identifier` that is stable per profile.
 
 use super::{
-    Adapter, Begun, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict, nonempty,
-    nonempty_secret,
+    Adapter, Begun, Extras, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict,
+    nonempty, nonempty_secret,
 };
 use crate::limits::Kind;
 use crate::providers::answer::json;
@@ -14,7 +14,7 @@ use authkeeper_state::{Account, Grant, PendingFlow, ProfileState, Secret};
 use chrono::{DateTime, Utc};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
@@ -367,8 +367,8 @@ impl Provider for Plex {
         if resp.status().is_success() { Ok(()) } else { Err(unknown_status(resp.status())) }
     }
 
-    fn token(&self, cx: &Adapter, grant: &Grant, out: &mut Map<String, Value>) {
-        out.insert("client_identifier".into(), token_client(cx, grant).into());
+    fn token(&self, cx: &Adapter, grant: &Grant, out: &mut Extras) {
+        out.put("client_identifier", token_client(cx, grant));
         let server = grant.fact("machine_id").map(|machine_id| {
             json!({
                 "name": grant.fact("server_name"),
@@ -377,6 +377,6 @@ impl Provider for Plex {
                 "access_token": grant.secret("server_token").map(|t| t.expose()),
             })
         });
-        out.insert("server".into(), server.unwrap_or(Value::Null));
+        out.put("server", server);
     }
 }
