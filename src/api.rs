@@ -374,6 +374,14 @@ impl tower::Service<axum::extract::Request> for Socket {
     }
 }
 
+/// A token lookup by plain ids, answered before its (empty) body is read and without the router.
+impl crate::serve::Quick for Socket {
+    fn quick(&self, method: &axum::http::Method, path: &str) -> Option<Result<Bytes, Response>> {
+        let (provider, profile) = token_path(path).filter(|_| method == axum::http::Method::GET)?;
+        Some(token_json(&self.shared, provider, profile).map_err(IntoResponse::into_response))
+    }
+}
+
 /// `POST /v1/links {"provider", "owner" | "profile"}` → 201 `{"url", "expires_at"}`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
