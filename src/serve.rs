@@ -10,9 +10,12 @@ use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::{Either, Full};
 use hyper::body::Body as _;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
-use std::time::Duration;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 use tower::ServiceExt;
 
 /// The largest request body either listener takes (a connect body is a few hundred bytes).
@@ -165,7 +168,7 @@ where
             }
         });
         let mut builder = hyper::server::conn::http1::Builder::new();
-        builder.timer(TokioTimer::new()).header_read_timeout(limits.timeout);
+        builder.timer(HeadTimer::default()).header_read_timeout(limits.timeout);
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(io), service));
         connections.spawn(async move {
             if let Err(e) = connection.await {
@@ -185,6 +188,58 @@ where
     }
     Ok(())
 }
+
+/// One connection's timer for hyper's header read timeout. hyper asks for a new timer for
+/// every request's head and drops it once the head is in: with tokio's timer, an entry into
+/// the timer wheel and out again, under the wheel's lock, on every request. Here a connection
+/// keeps one tokio sleep across its requests; a head's timer only carries its deadline, and the
+/// sleep is moved on when it fires before that deadline (on a busy connection, once per time
+/// limit). A head still has exactly the time limit to arrive.
+#[derive(Clone, Default)]
+struct HeadTimer(Arc<Mutex<Option<Pin<Box<tokio::time::Sleep>>>>>);
+
+impl hyper::rt::Timer for HeadTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        self.sleep_until(self.now() + duration)
+    }
+
+    /// Tokio's clock, which tests may pause.
+    fn now(&self) -> Instant {
+        tokio::time::Instant::now().into()
+    }
+
+    fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(HeadSleep { sleep: self.0.clone(), deadline: deadline.into() })
+    }
+}
+
+struct HeadSleep {
+    sleep: Arc<Mutex<Option<Pin<Box<tokio::time::Sleep>>>>>,
+    deadline: tokio::time::Instant,
+}
+
+impl Future for HeadSleep {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let deadline = self.deadline;
+        let mut shared = self.sleep.lock().unwrap_or_else(PoisonError::into_inner);
+        let sleep = shared.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if sleep.deadline() > deadline {
+            sleep.as_mut().reset(deadline);
+        }
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) if tokio::time::Instant::now() < deadline => {
+                // An earlier head's deadline: wait on for this one's.
+                sleep.as_mut().reset(deadline);
+                sleep.as_mut().poll(cx)
+            }
+            polled => polled,
+        }
+    }
+}
+
+impl hyper::rt::Sleep for HeadSleep {}
 
 /// An error answer of the socket's shape for a refused request.
 pub fn json_refusal(e: RequestError) -> Response {

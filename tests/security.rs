@@ -131,6 +131,17 @@ async fn request_size_and_time_limits_hold_on_the_socket() {
     assert!(!answer.contains("200 OK"), "{answer}");
     assert!(took < std::time::Duration::from_secs(5), "cut off after about 1 s, took {took:?}");
 
+    // On a kept-alive connection every head has the limit again: two requests are answered,
+    // the third's headers never end, and the connection is closed. One left idle after an
+    // answer is closed after the limit too.
+    let health = "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n";
+    let (answer, took) = stalled_unix(&h, &format!("{health}{health}GET /v1/health HTTP/1.1\r\nHost")).await;
+    assert_eq!(answer.matches("HTTP/1.1 200 OK").count(), 2, "{answer}");
+    assert!(took < std::time::Duration::from_secs(5), "cut off after about 1 s, took {took:?}");
+    let (answer, took) = stalled_unix(&h, health).await;
+    assert_eq!(answer.matches("HTTP/1.1 200 OK").count(), 1, "{answer}");
+    assert!(took < std::time::Duration::from_secs(5), "closed after about 1 s, took {took:?}");
+
     // A body that never finishes: 408, and again nothing happened.
     let head = "POST /v1/connections/trakt/default/connect HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"fl";
     let (answer, took) = stalled_unix(&h, head).await;
