@@ -145,6 +145,10 @@ enum Scenario {
         rounds: usize,
         #[arg(long, value_delimiter = ',', default_value = "1,8,32,128")]
         clients: Vec<usize>,
+        /// Another build of `authkeeper` (an earlier commit's, say) to run in every round after
+        /// this one, against the same baseline
+        #[arg(long, value_name = "BINARY")]
+        compare: Option<std::path::PathBuf>,
     },
     /// Cold start and resident memory of the daemon with 0, 10,000 and 100,000 connections, and
     /// the memory `GET /v1/connections` costs at the largest size
@@ -485,8 +489,8 @@ async fn main() -> anyhow::Result<()> {
         Scenario::PgScale { sizes } => pg::scale(&sizes).await,
         Scenario::PgShared { connections } => pg::shared(connections).await,
         Scenario::PgRefresh { connections } => pg_refresh::refresh(connections).await,
-        Scenario::Tokens { secs, rounds, clients } => {
-            tokens::tokens(Duration::from_secs_f64(secs), rounds, &clients).await
+        Scenario::Tokens { secs, rounds, clients, compare } => {
+            tokens::tokens(Duration::from_secs_f64(secs), rounds, &clients, compare.as_deref()).await
         }
         Scenario::Scale { sizes } => scale(&sizes).await,
         Scenario::Startup => startup::startup().await,
