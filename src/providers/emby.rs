@@ -244,9 +244,9 @@ impl Provider for Emby {
     }
 
     fn token(&self, cx: &Adapter, grant: &Grant, out: &mut Extras) {
+        out.put("authorization", json!({"header": "X-Emby-Token", "value": grant.access_token.expose()}));
+        out.put("device_id", device_id(cx, Some(grant)));
         out.put("server_url", api(cx, grant).ok());
         out.put("user_id", grant.fact("user_id"));
-        out.put("device_id", device_id(cx, Some(grant)));
-        out.put("authorization", json!({"header": "X-Emby-Token", "value": grant.access_token.expose()}));
     }
 }

@@ -329,10 +329,10 @@ impl Provider for Jellyfin {
 
     fn token(&self, cx: &Adapter, grant: &Grant, out: &mut Extras) {
         let device = grant.fact("device_id").unwrap_or_else(|| device_id(cx));
-        out.put("server_url", server(cx).ok().or_else(|| grant.fact("server_url").map(Into::into)));
-        out.put("user_id", grant.fact("user_id"));
-        out.put("device_id", device);
         let value = authorization(device, Some(grant.access_token.expose()));
         out.put("authorization", json!({"header": "Authorization", "value": value}));
+        out.put("device_id", device);
+        out.put("server_url", server(cx).ok().or_else(|| grant.fact("server_url").map(Into::into)));
+        out.put("user_id", grant.fact("user_id"));
     }
 }

@@ -226,7 +226,8 @@ pub trait Provider: Send + Sync + 'static {
     }
 
     /// What a consumer needs besides `access_token`, `token_type`, `expires_at`, `scope` and
-    /// `account` (which `out` cannot replace).
+    /// `account` (which `out` cannot replace), in the order written: by name, as answers have
+    /// always listed them.
     fn token(&self, cx: &Adapter, grant: &Grant, out: &mut Extras);
 }
 
