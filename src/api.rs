@@ -328,7 +328,8 @@ fn token_answer(shared: &Shared, provider: &str, profile: &str) -> Response {
 }
 
 /// The socket's service: the router, with token lookups by plain ids (no percent-escapes,
-/// which is every id a profile or owner can have unescaped) answered without it. Routing,
+/// which is every id a profile or owner can have unescaped) answered without it, as quick
+/// answers ([`crate::serve::Quick`]). Routing,
 /// path extraction and the router's per-request extensions were two thirds of a lookup's
 /// allocations.
 #[derive(Clone)]
@@ -351,26 +352,18 @@ fn token_path(path: &str) -> Option<(&str, &str)> {
     (plain(provider) && plain(profile)).then_some((provider, profile))
 }
 
+/// Everything but a quick answer goes to the router.
 impl tower::Service<axum::extract::Request> for Socket {
     type Response = Response;
     type Error = std::convert::Infallible;
-    type Future = futures_util::future::Either<
-        std::future::Ready<Result<Response, Self::Error>>,
-        <Router as tower::Service<axum::extract::Request>>::Future,
-    >;
+    type Future = <Router as tower::Service<axum::extract::Request>>::Future;
 
     fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
         std::task::Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: axum::extract::Request) -> Self::Future {
-        use futures_util::future::Either;
-        match token_path(req.uri().path()).filter(|_| req.method() == axum::http::Method::GET) {
-            Some((provider, profile)) => {
-                Either::Left(std::future::ready(Ok(token_answer(&self.shared, provider, profile))))
-            }
-            None => Either::Right(tower::Service::call(&mut self.router, req)),
-        }
+        tower::Service::call(&mut self.router, req)
     }
 }
 
