@@ -90,6 +90,30 @@ async fn a_missing_or_broken_config_at_start_up_changes_no_stored_connection() {
     }
 }
 
+/// Settings edited while the daemon was stopped are stored once it answers (a start compares
+/// them after answering), and before it lets go of the store: a config broken after that
+/// restart would run the connection on the edited settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_edited_while_stopped_are_stored_once_the_daemon_answers() {
+    let h = Harness::new(fast_trakt(), json!({})).await;
+    let access = connected(&h).await;
+    let stored = |h: &Harness| {
+        let store = Store::open(&h.state_dir().join("authkeeper.redb")).unwrap();
+        let all = store.settings().unwrap();
+        let (_, bytes) = all.into_iter().find(|(k, _)| *k == ConnKey::new("trakt", "default")).expect("stored");
+        String::from_utf8(bytes).unwrap()
+    };
+    assert!(!stored(&h).contains("edited while stopped"));
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(h.config_path()).unwrap()).unwrap();
+    config["trakt"]["label"] = json!("edited while stopped");
+    std::fs::write(h.config_path(), config.to_string()).unwrap();
+
+    let daemon = h.start_daemon().await;
+    intact(&h, &access).await;
+    daemon.stop().await;
+    assert!(stored(&h).contains("edited while stopped"), "{}", stored(&h));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_approval_is_on_disk_before_the_validation_call() {
     let h = Harness::new(fast_trakt(), json!({})).await;
@@ -188,6 +212,9 @@ impl ConnectionStore for Flaky {
     }
     fn settings(&self) -> Result<Vec<(ConnKey, Vec<u8>)>, StoreError> {
         self.inner.settings()
+    }
+    fn settings_digests(&self, keys: &[ConnKey]) -> Result<Vec<Option<u64>>, StoreError> {
+        self.inner.settings_digests(keys)
     }
     fn set_settings(&self, rows: &[(ConnKey, Option<Arc<[u8]>>)]) -> Result<(), StoreError> {
         self.inner.set_settings(rows)

@@ -4,7 +4,6 @@ use crate::{Answer, Inner, pool, sql};
 use authkeeper_state::history::{HISTORY_LIMIT, trim_at};
 use authkeeper_state::machine::StateName;
 use authkeeper_state::sealed_store::{open_value, seal_value};
-use authkeeper_state::store::declared_digest;
 use authkeeper_state::{Commit, Sealer, StoreError, Stored, Transition, records};
 use futures_util::{TryStreamExt, pin_mut};
 use std::collections::HashMap;
@@ -198,16 +197,14 @@ async fn trim(tx: &deadpool_postgres::Transaction<'_>, key: &str) -> Answer<()> 
     Ok(())
 }
 
-/// Every connection, with its flow and a digest of its declared settings, in key order; rows
-/// are decoded as they arrive.
+/// Every connection, with its flow, in key order; rows are decoded as they arrive.
 pub(crate) async fn load_all(inner: &Inner) -> Answer<Vec<Stored>> {
     let client = inner.pool.get().await.map_err(pool)?;
     let count: i64 = client.query_one("SELECT count(*) FROM authkeeper.connections", &[]).await.map_err(sql)?.get(0);
     let rows = client
         .query_raw(
-            "SELECT c.key, c.record, f.value, s.value FROM authkeeper.connections c
+            "SELECT c.key, c.record, f.value FROM authkeeper.connections c
              LEFT JOIN authkeeper.flows f ON f.key = c.key
-             LEFT JOIN authkeeper.settings s ON s.key = c.key
              ORDER BY c.key",
             std::iter::empty::<&str>(),
         )
@@ -223,13 +220,9 @@ pub(crate) async fn load_all(inner: &Inner) -> Answer<Vec<Stored>> {
             Some(f) => Some(records::decode_flow(&open_value(sealer, "flows", key, f)?).map_err(corrupt)?),
             None => None,
         };
-        let settings = match row.get::<_, Option<&[u8]>>(3) {
-            Some(s) => Some(declared_digest(&open_value(sealer, "settings", key, s)?)),
-            None => None,
-        };
         let record = open_value(sealer, "connections", key, row.get(1))?;
         let machine = records::decode_connection(key, &record, flow).map_err(corrupt)?;
-        out.push(Stored { key: machine.key().clone(), machine: machine.into(), settings });
+        out.push(Stored { key: machine.key().clone(), machine: machine.into() });
     }
     Ok(out)
 }

@@ -350,6 +350,10 @@ impl ConnectionStore for PgStore {
     fn settings(&self) -> Result<Vec<(ConnKey, Vec<u8>)>, StoreError> {
         self.block(|inner| async move { rows::settings(&inner).await })
     }
+    fn settings_digests(&self, keys: &[ConnKey]) -> Result<Vec<Option<u64>>, StoreError> {
+        let keys: Vec<String> = keys.iter().map(ConnKey::to_string).collect();
+        self.block(|inner| async move { rows::settings_digests(&inner, keys).await })
+    }
     fn set_settings(&self, rows: &[(ConnKey, Option<Arc<[u8]>>)]) -> Result<(), StoreError> {
         let rows = rows::sealed_settings(self.inner.sealer.as_deref(), rows);
         self.block(|inner| async move { rows::set_settings(&inner, rows).await })

@@ -8,7 +8,7 @@ use crate::{Answer, Inner, pool, sql};
 use authkeeper_state::grant::ProfileState;
 use authkeeper_state::links::{self, LinkRecord};
 use authkeeper_state::sealed_store::{open_value, seal_value};
-use authkeeper_state::store::parse_key;
+use authkeeper_state::store::{declared_digest, parse_key};
 use authkeeper_state::{ConnKey, Sealer, StoreError, records};
 use std::sync::Arc;
 
@@ -127,6 +127,21 @@ pub(crate) async fn opened(inner: &Inner, table: &str) -> Answer<Vec<(String, Ve
 
 pub(crate) async fn settings(inner: &Inner) -> Answer<Vec<(ConnKey, Vec<u8>)>> {
     Ok(opened(inner, "settings").await?.into_iter().map(|(k, v)| (parse_key(&k), v)).collect())
+}
+
+/// The digest of the settings stored for each of `keys`, in their order.
+pub(crate) async fn settings_digests(inner: &Inner, keys: Vec<String>) -> Answer<Vec<Option<u64>>> {
+    let client = inner.pool.get().await.map_err(pool)?;
+    let rows =
+        client.query("SELECT key, value FROM authkeeper.settings WHERE key = ANY($1)", &[&keys]).await.map_err(sql)?;
+    let sealer = inner.sealer.as_deref();
+    let mut found = std::collections::HashMap::with_capacity(rows.len());
+    for row in rows {
+        let key: String = row.get(0);
+        let digest = declared_digest(&open_value(sealer, "settings", &key, row.get(1))?);
+        found.insert(key, digest);
+    }
+    Ok(keys.iter().map(|k| found.get(k).copied()).collect())
 }
 
 pub(crate) async fn profile_states(inner: &Inner) -> Answer<Vec<(ConnKey, ProfileState)>> {

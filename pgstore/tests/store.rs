@@ -94,7 +94,8 @@ fn exercise(store: &dyn ConnectionStore) -> Vec<String> {
     for s in &loaded {
         let m = &s.machine;
         let flow = m.connection().flow.as_deref().map(records::encode_flow);
-        seen.push(format!("{} {:?} {:?} {:?}", m.key(), records::encode_connection(m), flow, s.settings));
+        let settings = store.settings_digests(std::slice::from_ref(m.key())).unwrap();
+        seen.push(format!("{} {:?} {:?} {:?}", m.key(), records::encode_connection(m), flow, settings));
     }
     for m in [&machines[0], &machines[1], &machines[39]] {
         let history = store.history(m.key()).unwrap();
@@ -110,6 +111,8 @@ fn exercise(store: &dyn ConnectionStore) -> Vec<String> {
         .unwrap();
     store.set_settings(&[(key("TRAKT-P01"), None)]).unwrap();
     seen.push(format!("settings {:?}", store.settings().unwrap()));
+    let asked = [key("TRAKT-P00"), key("TRAKT-P01"), key("TRAKT-P02")];
+    seen.push(format!("digests {:?} {:?}", store.settings_digests(&asked).unwrap(), store.declared_digests().unwrap()));
     let mut state = ProfileState::default();
     state.secrets.insert("server_token".into(), Secret::new("server-token-1"));
     store.set_profile_states(&[(ConnKey::new("plex", "default"), state.clone())]).unwrap();

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 /// What the daemon needs of a store. Kept narrow so that another backend can take redb's place.
 pub trait ConnectionStore: Send + Sync + 'static {
-    /// Every stored connection, with its pending flow and declared settings.
+    /// Every stored connection, with its pending flow.
     fn load_all(&self) -> Result<Vec<Stored>, StoreError>;
     /// Commit a batch of connections' changes in one durable transaction.
     fn commit(&self, batch: &[Commit]) -> Result<(), StoreError>;
@@ -20,6 +20,13 @@ pub trait ConnectionStore: Send + Sync + 'static {
     fn forget(&self, key: &ConnKey) -> Result<(), StoreError>;
     /// Every declared connection's stored settings.
     fn settings(&self) -> Result<Vec<(ConnKey, Vec<u8>)>, StoreError>;
+    /// The digest ([`crate::store::declared_digest`]) of the settings stored for each of `keys`,
+    /// in their order (`None`: none are).
+    fn settings_digests(&self, keys: &[ConnKey]) -> Result<Vec<Option<u64>>, StoreError>;
+    /// The digest of every declared connection's stored settings.
+    fn declared_digests(&self) -> Result<Vec<(ConnKey, u64)>, StoreError> {
+        Ok(self.settings()?.into_iter().map(|(key, bytes)| (key, crate::store::declared_digest(&bytes))).collect())
+    }
     /// Record (or with `None` clear) the settings connections are declared with.
     fn set_settings(&self, rows: &[(ConnKey, Option<Arc<[u8]>>)]) -> Result<(), StoreError>;
     /// Every profile's provider state.
@@ -77,6 +84,12 @@ impl ConnectionStore for Store {
     }
     fn settings(&self) -> Result<Vec<(ConnKey, Vec<u8>)>, StoreError> {
         Store::settings(self)
+    }
+    fn settings_digests(&self, keys: &[ConnKey]) -> Result<Vec<Option<u64>>, StoreError> {
+        Store::settings_digests(self, keys)
+    }
+    fn declared_digests(&self) -> Result<Vec<(ConnKey, u64)>, StoreError> {
+        Store::declared_digests(self)
     }
     fn set_settings(&self, rows: &[(ConnKey, Option<Arc<[u8]>>)]) -> Result<(), StoreError> {
         Store::set_settings(self, rows)

@@ -96,10 +96,10 @@ pub enum StoreError {
     Backend(Box<dyn std::error::Error + Send + Sync>),
 }
 
-/// A stored connection: its machine and a digest ([`declared_digest`]) of the settings a config
-/// last declared it with (`None`: no config declared it; such connections are never touched by
-/// config changes).
-/// The settings themselves are read with [`crate::ConnectionStore::settings`], when they are needed.
+/// A stored connection: its machine. The settings a config declared it with are asked for
+/// apart ([`crate::ConnectionStore::settings_digests`], [`crate::ConnectionStore::settings`]):
+/// a start reads them for the few connections whose fate depends on them, and compares the
+/// rest once it answers.
 /// The machine is on the heap from the start: the daemon keeps it there, and a start at scale
 /// should not move 100,000 machines of 320 bytes through one vector after another.
 pub struct Stored {
@@ -107,7 +107,6 @@ pub struct Stored {
     /// then reads one vector in order instead of 100,000 machines scattered over the heap.
     pub key: crate::ConnKey,
     pub machine: std::sync::Arc<Machine>,
-    pub settings: Option<u64>,
 }
 
 /// A digest of a profile's declared settings, to tell in this process whether a config
@@ -358,6 +357,35 @@ impl Store {
             out.push((parse_key(k.value()), self.open_row(SETTINGS, k.value(), v.value())?.into_owned()));
         }
         Ok(out)
+    }
+
+    /// The digest ([`declared_digest`]) of every declared connection's stored settings, in
+    /// key order: [`Store::settings`] without keeping the settings.
+    pub fn declared_digests(&self) -> Result<Vec<(ConnKey, u64)>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let table = txn.open_table(SETTINGS).map_err(db)?;
+        let mut out = Vec::with_capacity(redb::ReadableTableMetadata::len(&table).map_err(db)? as usize);
+        for row in table.iter().map_err(db)? {
+            let (k, v) = row.map_err(db)?;
+            out.push((parse_key(k.value()), declared_digest(&self.open_row(SETTINGS, k.value(), v.value())?)));
+        }
+        Ok(out)
+    }
+
+    /// The digest ([`declared_digest`]) of the settings stored for each of `keys`, in their
+    /// order (`None`: none are).
+    pub fn settings_digests(&self, keys: &[ConnKey]) -> Result<Vec<Option<u64>>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let table = txn.open_table(SETTINGS).map_err(db)?;
+        keys.iter()
+            .map(|key| {
+                let key = key.to_string();
+                match table.get(key.as_str()).map_err(db)? {
+                    Some(v) => Ok(Some(declared_digest(&self.open_row(SETTINGS, &key, v.value())?))),
+                    None => Ok(None),
+                }
+            })
+            .collect()
     }
 
     /// Record (or with `None` clear) the settings connections are declared with, durably.

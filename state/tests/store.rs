@@ -344,7 +344,7 @@ fn large_store(path: &std::path::Path) {
 }
 
 #[test]
-fn a_large_store_read_and_decoded_apart_gives_each_connection_once_with_its_own_flow_and_settings() {
+fn a_large_store_read_and_decoded_apart_gives_each_connection_once_with_its_own_flow_and_its_settings_apart() {
     let (n, key) = (LARGE, large_key);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("authkeeper.redb");
@@ -362,9 +362,13 @@ fn a_large_store_read_and_decoded_apart_gives_each_connection_once_with_its_own_
                 assert_eq!(m.connection().grant.as_ref().unwrap().access_token.expose(), format!("a{i}"));
             }
         }
-        let declared = (i % 5 == 0).then(|| authkeeper_state::store::declared_digest(key(i).to_string().as_bytes()));
-        assert_eq!(s.settings, declared, "{}'s settings", m.key());
     }
+    let declared =
+        |i: usize| i.is_multiple_of(5).then(|| authkeeper_state::store::declared_digest(key(i).to_string().as_bytes()));
+    let digests = store.settings_digests(&keys).unwrap();
+    assert_eq!(digests, (0..n).map(declared).collect::<Vec<_>>(), "each key's settings, in the order asked");
+    let every: Vec<_> = (0..n).filter_map(|i| Some((key(i), declared(i)?))).collect();
+    assert_eq!(store.declared_digests().unwrap(), every, "every stored settings' digest, in key order");
 }
 
 #[test]

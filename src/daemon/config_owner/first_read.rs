@@ -86,7 +86,7 @@ pub fn watch(path: &Path) -> Watch {
     Watch { _watcher: watcher, changes }
 }
 
-/// Machines to add, each with its key and the settings digest it was stored with.
+/// Machines to add, each with its key.
 pub(super) type Machines = Vec<Stored>;
 
 /// Each of `machines`' declared profile, found by walking them and `profiles` together in key
@@ -142,7 +142,7 @@ fn walk(
 
 /// A new machine for a declared profile that has none.
 fn made(key: &ConnKey, now: chrono::DateTime<chrono::Utc>) -> Stored {
-    Stored { key: key.clone(), machine: Arc::new(Machine::new(key.clone(), now)), settings: None }
+    Stored { key: key.clone(), machine: Arc::new(Machine::new(key.clone(), now)) }
 }
 
 #[cfg(test)]
@@ -160,24 +160,23 @@ mod tests {
         let now = chrono::Utc::now();
         let key = |p: &str| ConnKey::new("trakt", p);
         // Out of key order, as a store sorting its keys as text could give them.
-        let stored = |p: &str, settings| Stored { settings, ..made(&key(p), now) };
-        let mut machines = vec![stored("TRAKT-P02", Some(7)), stored("TRAKT-P01", None)];
+        let mut machines = vec![made(&key("TRAKT-P02"), now), made(&key("TRAKT-P01"), now)];
         let (declared, new) = declared_profiles(&mut machines, &cfg.profiles, now);
         machines.extend(new);
         let got: Vec<_> = machines
             .iter()
             .zip(&declared)
             .filter(|(m, _)| m.key.provider == "trakt" && m.machine.key() == &m.key)
-            .map(|(m, p)| (m.key.profile.to_string(), m.settings, p.as_ref().map(|p| p.block["client_id"].clone())))
+            .map(|(m, p)| (m.key.profile.to_string(), p.as_ref().map(|p| p.block["client_id"].clone())))
             .collect();
         let d = |s: &str| Some(serde_json::json!(s));
         assert_eq!(
             got,
             [
-                ("TRAKT-P01".into(), None, d("c")),
-                ("TRAKT-P02".into(), Some(7), None),
-                ("TRAKT-P03".into(), None, d("d")),
-                ("default".into(), None, d("c")),
+                ("TRAKT-P01".into(), d("c")),
+                ("TRAKT-P02".into(), None),
+                ("TRAKT-P03".into(), d("d")),
+                ("default".into(), d("c")),
             ]
         );
         assert_eq!(machines.len(), declared.len());

@@ -13,13 +13,13 @@ mod persist;
 
 use first_read::declared_profiles;
 pub use first_read::{Read, Stamp, Watch, read, stamp, watch};
-use persist::SharedBytes;
 
 use super::schedules::Schedules;
 use super::{Command, DaemonError, Shared, Slot};
 use crate::config::{self, Change, Config, ConfigError, credential_digest};
 use crate::providers::{self, Adapter, Profile};
 use crate::wire::WireEvent;
+use anyhow::Context;
 use authkeeper_state::{ConnKey, Machine, ProfileState, Stored};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -87,8 +87,6 @@ impl ConfigOwner {
         stored: Vec<Stored>,
         states: Vec<(ConnKey, ProfileState)>,
     ) -> anyhow::Result<Self> {
-        // Each stored machine, with the digest of the settings a config declared it with.
-        let stored_declared = stored.iter().any(|s| s.settings.is_some());
         let mut machines = stored;
         let (config, text, rejected, warning) = match first {
             Read::Good(config, text) => (*config, Some(text), None, None),
@@ -127,7 +125,7 @@ impl ConfigOwner {
             text,
             config,
             from_store: !good,
-            stored_declared,
+            stored_declared: false,
             settings_write: None,
             unsaved: Vec::new(),
             shared,
@@ -140,23 +138,29 @@ impl ConfigOwner {
         owner.schedules.apply(&owner.config.settings, &owner.shared).await;
 
         let (declared, new) = declared_profiles(&mut machines, &owner.config.profiles, owner.shared.clock.now());
+        // The settings the store holds decide now only the fate of connections the config does
+        // not declare, and of every one when no good config is read. Those of the declared
+        // connections are compared once the daemon answers (`store_declared_settings`).
+        let asked: Vec<_> = (machines.iter().zip(&declared))
+            .filter(|(_, profile)| !good || profile.is_none())
+            .map(|(s, _)| s.key.clone())
+            .collect();
+        let mut found = owner.shared.store.settings_digests(&asked).context("cannot read the stored settings")?;
+        owner.stored_declared = found.iter().any(Option::is_some);
+        found.reverse();
         let mut gone = Vec::new();
         let mut slots = Vec::with_capacity(machines.len() + new.len());
-        let mut rows = Vec::new();
-        let mut bytes = SharedBytes::default();
-        for (Stored { key, machine, settings: declared }, profile) in machines.into_iter().chain(new).zip(declared) {
+        for (Stored { key, machine }, profile) in machines.into_iter().chain(new).zip(declared) {
+            // Taken in the order asked; a new machine (last) has none.
+            let stored = match !good || profile.is_none() {
+                true => found.pop().flatten(),
+                false => None,
+            };
             let (profile, warning) = match profile {
-                Some(p) if good => {
-                    // Keep its settings in the store if they are not what the store holds.
-                    let (b, digest) = bytes.with_digest(&p);
-                    if declared != Some(digest) {
-                        rows.push((key.clone(), Some(b)));
-                    }
-                    (p, None)
-                }
-                Some(p) if declared.is_some() => (p, warning.clone()),
+                Some(p) if good => (p, None),
+                Some(p) if stored.is_some() => (p, warning.clone()),
                 Some(p) => (p, None), // a default the empty config declares
-                None if declared.is_some() && good => {
+                None if stored.is_some() && good => {
                     // Declared by the last good config, not by this one: removed below (a
                     // removal calls no provider, so its provider's defaults do).
                     match owner.owner_profile(&key) {
@@ -194,7 +198,6 @@ impl ConfigOwner {
         for key in gone {
             owner.remove(&key).await;
         }
-        owner.write_settings(rows);
         if good {
             // Only the profiles whose block holds a credential have one to import.
             let now = owner.shared.clock.now();
@@ -253,6 +256,7 @@ impl ConfigOwner {
         // The profile numbers the config uses, recorded once the socket serves: allocating a
         // number (through this task) counts the config's own anyway.
         self.note_profiles();
+        self.store_declared_settings().await;
         // The file was read before the watch began: an edit made in between is seen now.
         if stamp(&self.path) != read_as {
             self.reload().await;
@@ -273,6 +277,10 @@ impl ConfigOwner {
         self.shared.actors.wait().await;
         self.write_back().await;
         self.schedules.stop().await;
+        // The settings being stored are kept before the daemon lets go of the store.
+        if let Some(write) = self.settings_write.take() {
+            let _ = write.await;
+        }
     }
 
     async fn on_command(&mut self, command: ConfigCommand) {

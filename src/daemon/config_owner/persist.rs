@@ -23,6 +23,28 @@ impl ConfigOwner {
         self.write_settings(rows);
     }
 
+    /// Keep in the store the settings of each profile the good config in force declares, where
+    /// it holds other settings or none: at start-up, once the daemon answers.
+    pub(super) async fn store_declared_settings(&mut self) {
+        if self.from_store {
+            return;
+        }
+        let store = self.shared.store.clone();
+        let stored = match tokio::task::spawn_blocking(move || store.declared_digests()).await {
+            Ok(Ok(stored)) => stored.into_iter().collect::<crate::limits::FastMap<_, _>>(),
+            Ok(Err(e)) => return error!(error = %e, "cannot read the stored settings; they are written again"),
+            Err(e) => return error!(error = %e, "reading the stored settings failed"),
+        };
+        let mut bytes = SharedBytes::default();
+        let rows = (self.config.profiles.iter())
+            .filter_map(|(key, profile)| {
+                let (b, digest) = bytes.with_digest(profile);
+                (stored.get(key) != Some(&digest)).then(|| (key.clone(), Some(b)))
+            })
+            .collect();
+        self.write_settings(rows);
+    }
+
     pub(super) fn write_settings(&mut self, rows: Vec<(ConnKey, Option<Arc<[u8]>>)>) {
         if rows.is_empty() {
             return;

@@ -1,7 +1,7 @@
-//! Reading every connection at start-up: the connections table with its settings and flows
-//! walked alongside. A large store is read by one thread while another decodes it.
+//! Reading every connection at start-up: the connections table with its flows walked
+//! alongside. A large store is read by one thread while another decodes it.
 
-use super::{CONNECTIONS, FLOWS, SETTINGS, Store, StoreError, Stored, db, declared_digest};
+use super::{CONNECTIONS, FLOWS, Store, StoreError, Stored, db};
 use crate::history::HistoryRef;
 use crate::records;
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
@@ -33,21 +33,20 @@ fn row_for<'a>(
 }
 
 type Table = redb::ReadOnlyTable<&'static str, &'static [u8]>;
-/// The connections, settings and flows tables.
-type Tables = (Table, Table, Table);
+/// The connections and flows tables.
+type Tables = (Table, Table);
 
-/// Each connection row of `tables` in key order, with its settings and flow rows if it has
-/// them, given to `row` until it answers `false`.
+/// Each connection row of `tables` in key order, with its flow row if it has one, given to
+/// `row` until it answers `false`.
 fn walk(
-    (conns, settings, flows): &Tables,
-    mut row: impl FnMut(&str, &[u8], [Option<&[u8]>; 2]) -> Result<bool, StoreError>,
+    (conns, flows): &Tables,
+    mut row: impl FnMut(&str, &[u8], Option<&[u8]>) -> Result<bool, StoreError>,
 ) -> Result<(), StoreError> {
-    let (mut settings, mut flows) = (settings.iter().map_err(db)?.peekable(), flows.iter().map_err(db)?.peekable());
+    let mut flows = flows.iter().map_err(db)?.peekable();
     for r in conns.iter().map_err(db)? {
         let (key, value) = r.map_err(db)?;
-        let declared = row_for(&mut settings, key.value())?;
         let flow = row_for(&mut flows, key.value())?;
-        if !row(key.value(), value.value(), [declared.as_ref().map(|v| v.value()), flow.as_ref().map(|v| v.value())])? {
+        if !row(key.value(), value.value(), flow.as_ref().map(|v| v.value()))? {
             break;
         }
     }
@@ -69,7 +68,6 @@ struct Batch {
 struct Copied {
     key: Range<usize>,
     value: Range<usize>,
-    declared: Option<Range<usize>>,
     flow: Option<Range<usize>>,
 }
 
@@ -78,38 +76,34 @@ impl Batch {
         Self { bytes: Vec::with_capacity(BATCH * 256), rows: Vec::with_capacity(BATCH) }
     }
 
-    fn push(&mut self, key: &str, value: &[u8], [declared, flow]: [Option<&[u8]>; 2]) {
+    fn push(&mut self, key: &str, value: &[u8], flow: Option<&[u8]>) {
         let mut copy = |v: &[u8]| {
             self.bytes.extend_from_slice(v);
             self.bytes.len() - v.len()..self.bytes.len()
         };
-        let (key, value) = (copy(key.as_bytes()), copy(value));
-        let (declared, flow) = (declared.map(&mut copy), flow.map(&mut copy));
-        self.rows.push(Copied { key, value, declared, flow });
+        let (key, value, flow) = (copy(key.as_bytes()), copy(value), flow.map(&mut copy));
+        self.rows.push(Copied { key, value, flow });
     }
 
     /// Each row as [`walk`] gave it.
-    fn rows(&self) -> impl Iterator<Item = (&str, &[u8], [Option<&[u8]>; 2])> {
+    fn rows(&self) -> impl Iterator<Item = (&str, &[u8], Option<&[u8]>)> {
         self.rows.iter().map(|r| {
             let key = std::str::from_utf8(&self.bytes[r.key.clone()]).expect("copied from a str");
-            let value = |v: &Option<Range<usize>>| v.clone().map(|v| &self.bytes[v]);
-            (key, &self.bytes[r.value.clone()], [value(&r.declared), value(&r.flow)])
+            (key, &self.bytes[r.value.clone()], r.flow.clone().map(|f| &self.bytes[f]))
         })
     }
 }
 
 impl Store {
-    /// Every stored connection, with its pending flow and declared settings, in key order.
+    /// Every stored connection, with its pending flow, in key order.
     pub fn load_all(&self) -> Result<Vec<Stored>, StoreError> {
         let txn = self.db.begin_read().map_err(db)?;
-        let tables = [CONNECTIONS, SETTINGS, FLOWS].map(|t| txn.open_table(t));
-        let [conns, settings, flows] = tables.map(|t| t.map_err(db));
-        let tables = (conns?, settings?, flows?);
+        let tables = (txn.open_table(CONNECTIONS).map_err(db)?, txn.open_table(FLOWS).map_err(db)?);
         let total = tables.0.len().map_err(db)? as usize;
         let mut out = Vec::with_capacity(total);
         if total < DECODE_APART_FROM {
-            walk(&tables, |key, value, values| {
-                out.push(self.decode(key, value, values)?);
+            walk(&tables, |key, value, flow| {
+                out.push(self.decode(key, value, flow)?);
                 Ok(true)
             })?;
             return Ok(out);
@@ -124,8 +118,8 @@ impl Store {
                 .name("authkeeper-read".into())
                 .spawn_scoped(scope, move || {
                     let mut batch = Batch::new();
-                    walk(tables, |key, value, values| {
-                        batch.push(key, value, values);
+                    walk(tables, |key, value, flow| {
+                        batch.push(key, value, flow);
                         // Stopped once the decoder has (on an error, which it returns).
                         Ok(batch.rows.len() < BATCH
                             || batches.send(std::mem::replace(&mut batch, Batch::new())).is_ok())
@@ -136,8 +130,8 @@ impl Store {
                 .map_err(|e| StoreError::Backend(Box::new(e)))?;
             let decoded = (|| {
                 for batch in decoder_gets {
-                    for (key, value, values) in batch.rows() {
-                        out.push(self.decode(key, value, values)?);
+                    for (key, value, flow) in batch.rows() {
+                        out.push(self.decode(key, value, flow)?);
                     }
                 }
                 Ok(())
@@ -147,13 +141,8 @@ impl Store {
         })
     }
 
-    /// One connection from its row's values: its connection record, then its settings and its
-    /// flow if it has them.
-    fn decode(&self, key: &str, value: &[u8], [declared, flow]: [Option<&[u8]>; 2]) -> Result<Stored, StoreError> {
-        let declared = match declared {
-            Some(v) => Some(declared_digest(&self.open_row(SETTINGS, key, v)?)),
-            None => None,
-        };
+    /// One connection from its row's value and its flow's, if it has one.
+    fn decode(&self, key: &str, value: &[u8], flow: Option<&[u8]>) -> Result<Stored, StoreError> {
         let corrupt = |source| StoreError::Corrupt { key: key.to_owned(), source };
         let flow = match flow {
             Some(f) => Some(records::decode_flow(&self.open_row(FLOWS, key, f)?).map_err(corrupt)?),
@@ -162,6 +151,6 @@ impl Store {
         let (_, record) = HistoryRef::split(key, value)?;
         let value = self.open_row(CONNECTIONS, key, record)?;
         let machine = records::decode_connection(key, &value, flow).map_err(corrupt)?;
-        Ok(Stored { key: machine.key().clone(), machine: machine.into(), settings: declared })
+        Ok(Stored { key: machine.key().clone(), machine: machine.into() })
     }
 }
