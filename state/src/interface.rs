@@ -23,10 +23,6 @@ pub trait ConnectionStore: Send + Sync + 'static {
     /// The digest ([`crate::store::declared_digest`]) of the settings stored for each of `keys`,
     /// in their order (`None`: none are).
     fn settings_digests(&self, keys: &[ConnKey]) -> Result<Vec<Option<u64>>, StoreError>;
-    /// The digest of every declared connection's stored settings.
-    fn declared_digests(&self) -> Result<Vec<(ConnKey, u64)>, StoreError> {
-        Ok(self.settings()?.into_iter().map(|(key, bytes)| (key, crate::store::declared_digest(&bytes))).collect())
-    }
     /// Record (or with `None` clear) the settings connections are declared with.
     fn set_settings(&self, rows: &[(ConnKey, Option<Arc<[u8]>>)]) -> Result<(), StoreError>;
     /// Every profile's provider state.
@@ -87,9 +83,6 @@ impl ConnectionStore for Store {
     }
     fn settings_digests(&self, keys: &[ConnKey]) -> Result<Vec<Option<u64>>, StoreError> {
         Store::settings_digests(self, keys)
-    }
-    fn declared_digests(&self) -> Result<Vec<(ConnKey, u64)>, StoreError> {
-        Store::declared_digests(self)
     }
     fn set_settings(&self, rows: &[(ConnKey, Option<Arc<[u8]>>)]) -> Result<(), StoreError> {
         Store::set_settings(self, rows)

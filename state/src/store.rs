@@ -359,19 +359,6 @@ impl Store {
         Ok(out)
     }
 
-    /// The digest ([`declared_digest`]) of every declared connection's stored settings, in
-    /// key order: [`Store::settings`] without keeping the settings.
-    pub fn declared_digests(&self) -> Result<Vec<(ConnKey, u64)>, StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let table = txn.open_table(SETTINGS).map_err(db)?;
-        let mut out = Vec::with_capacity(redb::ReadableTableMetadata::len(&table).map_err(db)? as usize);
-        for row in table.iter().map_err(db)? {
-            let (k, v) = row.map_err(db)?;
-            out.push((parse_key(k.value()), declared_digest(&self.open_row(SETTINGS, k.value(), v.value())?)));
-        }
-        Ok(out)
-    }
-
     /// The digest ([`declared_digest`]) of the settings stored for each of `keys`, in their
     /// order (`None`: none are).
     pub fn settings_digests(&self, keys: &[ConnKey]) -> Result<Vec<Option<u64>>, StoreError> {
