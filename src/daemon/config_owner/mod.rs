@@ -145,15 +145,15 @@ impl ConfigOwner {
             .filter(|(_, profile)| !good || profile.is_none())
             .map(|(s, _)| s.key.clone())
             .collect();
-        let mut found = owner.shared.store.settings_digests(&asked).context("cannot read the stored settings")?;
+        let found = owner.shared.store.settings_digests(&asked).context("cannot read the stored settings")?;
         owner.stored_declared = found.iter().any(Option::is_some);
-        found.reverse();
+        let mut found = found.into_iter();
         let mut gone = Vec::new();
         let mut slots = Vec::with_capacity(machines.len() + new.len());
         for (Stored { key, machine }, profile) in machines.into_iter().chain(new).zip(declared) {
             // Taken in the order asked; a new machine (last) has none.
             let stored = match !good || profile.is_none() {
-                true => found.pop().flatten(),
+                true => found.next().flatten(),
                 false => None,
             };
             let (profile, warning) = match profile {
