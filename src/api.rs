@@ -294,7 +294,7 @@ fn token_json(shared: &Shared, provider: &str, profile: &str) -> Result<Bytes, A
             Some(grant) => Ok(ANSWER.with_borrow_mut(|buf| {
                 buf.clear();
                 let account = c.account.as_ref().map(|a| a.name.as_str());
-                s.adapter.write_token(grant, account, buf).map(|()| Bytes::copy_from_slice(buf))
+                s.setup.write_token(grant, account, buf).map(|()| Bytes::copy_from_slice(buf))
             })),
             None => Err(Box::new(s.view(&shared.policy(), now))),
         }

@@ -82,7 +82,7 @@ async fn the_profiles_server_url_is_used_and_an_unreachable_server_changes_nothi
 async fn a_success_envelope_under_an_error_status_is_no_verdict() {
     use authkeeper::clock::SystemClock;
     use authkeeper::limits::{Gate, Limits};
-    use authkeeper::providers::{Adapter, Profile, Verdict, find, http_client};
+    use authkeeper::providers::{Profile, Reach, Setup, Verdict, find, http_client};
     use std::sync::Arc;
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -95,15 +95,17 @@ async fn a_success_envelope_under_an_error_status_is_no_verdict() {
     tokio::spawn(async move { axum::serve(listener, app).await });
     let block = json!({"server_url": url, "api_key": "k-1"});
     let limits = Limits { per_second: 1e6, burst: 1000, account_reads: None, account_writes: None };
-    let cx = Adapter {
+    let cx = Setup {
         profile: Arc::new(Profile::new(find("tautulli").unwrap(), block.as_object().unwrap().clone(), None).unwrap()),
         state: Arc::default(),
-        http: http_client(std::time::Duration::from_secs(2)),
-        gate: Arc::new(Gate::new(Arc::new(SystemClock), limits)),
-        account: authkeeper_state::ConnKey::new("tautulli", "default"),
-        public_url: Arc::default(),
-        metrics: Arc::default(),
-    };
+        reach: Arc::new(Reach {
+            http: http_client(std::time::Duration::from_secs(2)),
+            gate: Arc::new(Gate::new(Arc::new(SystemClock), limits)),
+            public_url: Arc::default(),
+            metrics: Arc::default(),
+        }),
+    }
+    .bind(&authkeeper_state::ConnKey::new("tautulli", "default"));
     let grant = authkeeper_state::Grant::bearer("k-1", chrono::Utc::now());
     match cx.validate(&grant).await {
         Verdict::Unknown(e) => assert!(e.contains("401"), "{e}"),

@@ -3,7 +3,9 @@
 
 use authkeeper::clock::SystemClock;
 use authkeeper::limits::{Gate, Limits};
-use authkeeper::providers::{Adapter, Begun, FlowError, Input, Poll, Profile, Verdict, find, http_client};
+use authkeeper::providers::{
+    Adapter, Begun, FlowError, Input, Poll, Profile, Reach, Setup, Verdict, find, http_client,
+};
 use authkeeper_fixtures::{Fault, TraktEmulator, TraktOptions};
 use authkeeper_state::{Grant, PendingFlow};
 use chrono::Utc;
@@ -14,15 +16,17 @@ use std::time::Duration;
 /// The adapter of `trakt/default` with `block` as its settings, reaching `url`.
 fn adapter(block: Value, url: &str) -> Adapter {
     let profile = Profile::new(find("trakt").unwrap(), block.as_object().unwrap().clone(), Some(url.into())).unwrap();
-    Adapter {
+    Setup {
         profile: Arc::new(profile),
         state: Arc::default(),
-        http: http_client(Duration::from_secs(2)),
-        gate: open_gate(),
-        account: authkeeper_state::ConnKey::new("trakt", "default"),
-        public_url: Arc::default(),
-        metrics: Arc::default(),
+        reach: Arc::new(Reach {
+            http: http_client(Duration::from_secs(2)),
+            gate: open_gate(),
+            public_url: Arc::default(),
+            metrics: Arc::default(),
+        }),
     }
+    .bind(&authkeeper_state::ConnKey::new("trakt", "default"))
 }
 
 async fn setup(opts: TraktOptions) -> (TraktEmulator, Adapter) {

@@ -27,7 +27,7 @@ impl Shared {
                     unreachable!("matched above")
                 };
                 let machine = Machine::clone(&slot.committed);
-                let actor = Actor::new(machine, slot.adapter.clone(), dormant, self.clone(), inbox);
+                let actor = Actor::new(machine, slot.setup.bind(key), dormant, self.clone(), inbox);
                 self.actors.spawn(actor.run(self.shutdown.clone()));
                 Ok(tx)
             }

@@ -35,7 +35,7 @@ use crate::limits::{Gate, RefreshPlanner};
 /// The share of a provider's global rate that refreshes plan on; the rest is headroom for
 /// validations, polls and user commands.
 pub const REFRESH_SHARE: f64 = 0.8;
-use crate::providers::{self, Adapter};
+use crate::providers::{self, Setup};
 use crate::socket::ControlSocket;
 use crate::web::{Callbacks, PublicUrl};
 use crate::wire::{ConnectionView, WireEvent};
@@ -63,8 +63,8 @@ pub enum Owner {
 pub struct Slot {
     /// The machine as last committed; replaced after each commit.
     pub committed: Arc<Machine>,
-    /// Its provider, with the settings in force (for token payloads).
-    pub adapter: Adapter,
+    /// Its provider setup, with the settings in force (for token payloads).
+    pub setup: Setup,
     /// Why its settings are not the config's (no good config was read), if so.
     pub warning: Option<Arc<str>>,
     pub owner: Owner,
@@ -72,8 +72,8 @@ pub struct Slot {
 
 impl Slot {
     /// A slot for `machine` with no task: the next command starts one.
-    pub fn asleep(machine: Arc<Machine>, adapter: Adapter, warning: Option<Arc<str>>) -> Self {
-        Self { committed: machine, adapter, warning, owner: Owner::Asleep(Dormant { sweep_at: None }) }
+    pub fn asleep(machine: Arc<Machine>, setup: Setup, warning: Option<Arc<str>>) -> Self {
+        Self { committed: machine, setup, warning, owner: Owner::Asleep(Dormant { sweep_at: None }) }
     }
 
     pub fn view(&self, policy: &Policy, now: DateTime<Utc>) -> ConnectionView {
@@ -85,7 +85,7 @@ impl Slot {
     pub fn warnings(&self, now: DateTime<Utc>) -> Vec<String> {
         let mut out: Vec<String> = self.warning.iter().map(|w| w.to_string()).collect();
         if let Some(grant) = &self.committed.connection().grant {
-            out.extend(self.adapter.warnings(grant, now));
+            out.extend(self.setup.warnings(grant, now));
         }
         out
     }
@@ -170,10 +170,10 @@ impl Shared {
         }
     }
 
-    /// Use `adapter` (new settings) for `key`'s reads, and say why if they are not the config's.
-    pub fn set_adapter(&self, key: &ConnKey, adapter: Adapter, warning: Option<Arc<str>>) {
+    /// Use `setup` (new settings) for `key`'s reads, and say why if they are not the config's.
+    pub fn set_setup(&self, key: &ConnKey, setup: Setup, warning: Option<Arc<str>>) {
         if let Some(slot) = self.conns.write().unwrap().get_mut(key) {
-            slot.adapter = adapter;
+            slot.setup = setup;
             slot.warning = warning;
         }
     }
@@ -261,8 +261,8 @@ impl Shared {
 
     /// Give `machine` a slot in the read view and its first deadline. It starts asleep: a
     /// task runs only when a command or a deadline comes.
-    pub(crate) fn add_connection(self: &Arc<Self>, machine: Machine, adapter: Adapter, warning: Option<Arc<str>>) {
-        self.add_connections(vec![(machine.key().clone(), Slot::asleep(Arc::new(machine), adapter, warning))]);
+    pub(crate) fn add_connection(self: &Arc<Self>, machine: Machine, setup: Setup, warning: Option<Arc<str>>) {
+        self.add_connections(vec![(machine.key().clone(), Slot::asleep(Arc::new(machine), setup, warning))]);
     }
 
     /// [`Shared::add_connection`] for many at once (start-up): one lock of the read view. Their

@@ -1,5 +1,5 @@
-//! One connection's view of its provider: the profile's settings, its per-profile state, the
-//! HTTP client and the provider's gate. Cheap to clone (every field is shared).
+//! One connection's view of its provider: the profile's settings, its per-profile state, and
+//! the provider's reach (HTTP client, gate, public URL, metrics). Cheap to clone.
 
 use super::{Begun, FlowError, Identity, Input, Poll, Provider, Verdict, transport_error};
 use crate::limits::{Gate, Kind};
@@ -114,19 +114,39 @@ impl fmt::Debug for Profile {
     }
 }
 
-/// One connection's handle on its provider.
-#[derive(Clone)]
-pub struct Adapter {
-    pub profile: Arc<Profile>,
-    pub state: Arc<ProfileState>,
+/// How a provider's calls go out and are counted: one per provider, shared by its connections.
+pub struct Reach {
     pub http: reqwest::Client,
     pub gate: Arc<Gate>,
-    /// Whose per-account limits a call counts against: the connection's.
-    pub account: ConnKey,
-    /// The web listener's public URL in force, shared by every adapter.
+    /// The web listener's public URL in force, shared by every provider.
     pub public_url: Arc<PublicUrl>,
     /// Where each call's endpoint class, outcome and latency are counted.
     pub metrics: Arc<Metrics>,
+}
+
+/// A connection's provider settings apart from the connection: its profile's settings, its
+/// per-profile state and its provider's reach. What a slot keeps for reads; cheap to clone.
+#[derive(Clone)]
+pub struct Setup {
+    pub profile: Arc<Profile>,
+    pub state: Arc<ProfileState>,
+    pub reach: Arc<Reach>,
+}
+
+/// One connection's handle on its provider: its setup, bound to the connection whose
+/// per-account limits its calls count against.
+#[derive(Clone)]
+pub struct Adapter {
+    pub setup: Setup,
+    pub account: ConnKey,
+}
+
+impl std::ops::Deref for Adapter {
+    type Target = Setup;
+
+    fn deref(&self) -> &Setup {
+        &self.setup
+    }
 }
 
 /// Why a call that must not be repeated blindly failed.
@@ -144,7 +164,20 @@ const MAX_PAUSE_WAIT: TimeDelta = TimeDelta::seconds(10);
 /// Days before the end of a token with no refresh at which the user is told.
 const NOTICE_DAYS: [i64; 3] = [30, 7, 1];
 
-impl Adapter {
+impl Setup {
+    /// This setup bound to the connection `key`.
+    pub fn bind(&self, key: &ConnKey) -> Adapter {
+        Adapter { setup: self.clone(), account: key.clone() }
+    }
+
+    pub fn http(&self) -> &reqwest::Client {
+        &self.reach.http
+    }
+
+    pub fn gate(&self) -> &Gate {
+        &self.reach.gate
+    }
+
     pub fn provider(&self) -> &'static dyn Provider {
         self.profile.provider
     }
@@ -154,47 +187,9 @@ impl Adapter {
         self.profile.base_url.as_deref().unwrap_or(default).trim_end_matches('/').to_owned()
     }
 
-    /// Send through the provider's gate: wait for a slot under the rate limits, and honour a
-    /// `Retry-After` for every later call.
-    /// A pause longer than [`MAX_PAUSE_WAIT`] is not waited out: the call fails at once, saying
-    /// until when the provider asked for quiet.
-    pub async fn send(&self, kind: Kind, req: RequestBuilder) -> Result<Response, String> {
-        match self.send_once(kind, req).await {
-            Ok(resp) => Ok(resp),
-            Err(Unsent::NotSent(e) | Unsent::Lost(e)) => Err(e),
-        }
-    }
-
-    /// [`Adapter::send`] for a call that must not be repeated blindly (a refresh that rotates):
-    /// says whether a failed request may have reached the provider.
-    pub async fn send_once(&self, kind: Kind, req: RequestBuilder) -> Result<Response, Unsent> {
-        if let Some(until) = self.gate.paused_until()
-            && until - self.gate.now() > MAX_PAUSE_WAIT
-        {
-            let label = self.provider().manifest().label;
-            return Err(Unsent::NotSent(format!(
-                "{label} asked for no calls until {} (Retry-After); not calling it before then",
-                until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-            )));
-        }
-        self.gate.acquire(&self.account.to_string(), kind).await.map_err(|e| Unsent::NotSent(e.to_string()))?;
-        let resp = match req.send().await {
-            Ok(resp) => resp,
-            Err(e) if e.is_connect() || e.is_builder() => return Err(Unsent::NotSent(transport_error(e))),
-            Err(e) => return Err(Unsent::Lost(transport_error(e))),
-        };
-        // `Retry-After` on a 429 or a 503 holds back every connection of this provider.
-        if matches!(resp.status(), StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE)
-            && let Some(value) = resp.headers().get("retry-after").and_then(|v| v.to_str().ok())
-        {
-            self.gate.pause_for_header(value);
-        }
-        Ok(resp)
-    }
-
     /// `{public_url}/oauth/callback/{provider}` now, when the web listener is configured.
     pub fn redirect_uri(&self) -> Option<String> {
-        self.public_url.redirect_uri(self.provider().manifest().name)
+        self.reach.public_url.redirect_uri(self.provider().manifest().name)
     }
 
     /// What the user should know about `grant` now: the redirect URI it was authorised with is
@@ -250,6 +245,52 @@ impl Adapter {
         )
     }
 
+    /// A consumer's token answer, written into `out` as JSON: the grant's token and expiry,
+    /// and what the provider adds.
+    pub fn write_token(&self, grant: &Grant, account: Option<&str>, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        super::token_answer::write(self, grant, account, out)
+    }
+}
+
+impl Adapter {
+    /// Send through the provider's gate: wait for a slot under the rate limits, and honour a
+    /// `Retry-After` for every later call.
+    /// A pause longer than [`MAX_PAUSE_WAIT`] is not waited out: the call fails at once, saying
+    /// until when the provider asked for quiet.
+    pub async fn send(&self, kind: Kind, req: RequestBuilder) -> Result<Response, String> {
+        match self.send_once(kind, req).await {
+            Ok(resp) => Ok(resp),
+            Err(Unsent::NotSent(e) | Unsent::Lost(e)) => Err(e),
+        }
+    }
+
+    /// [`Adapter::send`] for a call that must not be repeated blindly (a refresh that rotates):
+    /// says whether a failed request may have reached the provider.
+    pub async fn send_once(&self, kind: Kind, req: RequestBuilder) -> Result<Response, Unsent> {
+        if let Some(until) = self.gate().paused_until()
+            && until - self.gate().now() > MAX_PAUSE_WAIT
+        {
+            let label = self.provider().manifest().label;
+            return Err(Unsent::NotSent(format!(
+                "{label} asked for no calls until {} (Retry-After); not calling it before then",
+                until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            )));
+        }
+        self.gate().acquire(&self.account.to_string(), kind).await.map_err(|e| Unsent::NotSent(e.to_string()))?;
+        let resp = match req.send().await {
+            Ok(resp) => resp,
+            Err(e) if e.is_connect() || e.is_builder() => return Err(Unsent::NotSent(transport_error(e))),
+            Err(e) => return Err(Unsent::Lost(transport_error(e))),
+        };
+        // `Retry-After` on a 429 or a 503 holds back every connection of this provider.
+        if matches!(resp.status(), StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE)
+            && let Some(value) = resp.headers().get("retry-after").and_then(|v| v.to_str().ok())
+        {
+            self.gate().pause_for_header(value);
+        }
+        Ok(resp)
+    }
+
     /// Run one provider call and count it: its endpoint class, its outcome and how long it took
     /// (no outcome: it never went out).
     async fn counted<T>(
@@ -262,7 +303,7 @@ impl Adapter {
         let answer = call.await;
         if let Some(outcome) = outcome(&answer) {
             let name = self.provider().manifest().name;
-            self.metrics.provider_call(name, endpoint, outcome, started.elapsed());
+            self.reach.metrics.provider_call(name, endpoint, outcome, started.elapsed());
         }
         answer
     }
@@ -298,11 +339,5 @@ impl Adapter {
     pub async fn revoke(&self, grant: &Grant) -> Result<(), String> {
         let outcome = |r: &Result<(), String>| Some(if r.is_ok() { Outcome::Valid } else { Outcome::Unknown });
         self.counted(Endpoint::Revoke, self.provider().revoke(self, grant), outcome).await
-    }
-
-    /// A consumer's token answer, written into `out` as JSON: the grant's token and expiry,
-    /// and what the provider adds.
-    pub fn write_token(&self, grant: &Grant, account: Option<&str>, out: &mut Vec<u8>) -> serde_json::Result<()> {
-        super::token_answer::write(self, grant, account, out)
     }
 }

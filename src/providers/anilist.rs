@@ -5,8 +5,8 @@
 
 use super::answer::{json, status_error};
 use super::{
-    Adapter, Begun, Extras, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict,
-    jwt_expiry, lifetime, nonempty, nonempty_secret, oauth_code,
+    Adapter, Begun, Extras, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Setup,
+    Verdict, jwt_expiry, lifetime, nonempty, nonempty_secret, oauth_code,
 };
 use crate::limits::{Kind, Limits};
 use crate::web::CallbackQuery;
@@ -139,7 +139,8 @@ impl Provider for AniList {
         };
         let mut body = oauth_code::as_json(&oauth_code::exchange_fields(flow, code, client_id));
         body["client_secret"] = secret.into();
-        let req = cx.http.post(format!("{}/api/v2/oauth/token", cx.origin(SITE))).header("accept", "application/json");
+        let req =
+            cx.http().post(format!("{}/api/v2/oauth/token", cx.origin(SITE))).header("accept", "application/json");
         let resp = match cx.send(Kind::Write, req.json(&body)).await {
             Ok(r) => r,
             Err(e) => return Poll::Unknown(e),
@@ -161,7 +162,7 @@ impl Provider for AniList {
 
     async fn validate(&self, cx: &Adapter, grant: &Grant) -> Verdict<Identity> {
         let req = cx
-            .http
+            .http()
             .post(format!("{}/", cx.origin(GRAPHQL)))
             .header("accept", "application/json")
             .bearer_auth(grant.access_token.expose())
@@ -199,5 +200,5 @@ impl Provider for AniList {
         }
     }
 
-    fn token(&self, _cx: &Adapter, _grant: &Grant, _out: &mut Extras) {}
+    fn token(&self, _cx: &Setup, _grant: &Grant, _out: &mut Extras) {}
 }

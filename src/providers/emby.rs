@@ -5,8 +5,8 @@
 
 use super::answer::{json, status_error};
 use super::{
-    Adapter, Begun, Extras, FlowError, FlowManifest, Identity, Input, Manifest, Profile, Provider, Verdict, nonempty,
-    nonempty_secret,
+    Adapter, Begun, Extras, FlowError, FlowManifest, Identity, Input, Manifest, Profile, Provider, Setup, Verdict,
+    nonempty, nonempty_secret,
 };
 use crate::limits::Kind;
 use async_trait::async_trait;
@@ -62,7 +62,7 @@ struct User {
 }
 
 /// The server as configured: `base_url`, else the profile's `server`.
-fn server(cx: &Adapter) -> Result<String, String> {
+fn server(cx: &Setup) -> Result<String, String> {
     let block: &Block = cx.profile.typed();
     cx.profile.base_url.as_deref().or(nonempty(&block.server)).map(|s| s.trim_end_matches('/').to_owned()).ok_or_else(
         || "the emby block of config.json needs server: the Emby server's URL, e.g. http://192.168.1.10:8096".into(),
@@ -70,14 +70,14 @@ fn server(cx: &Adapter) -> Result<String, String> {
 }
 
 /// The grant's API: the configured server, under `/emby` when the login found it there.
-fn api(cx: &Adapter, grant: &Grant) -> Result<String, String> {
+fn api(cx: &Setup, grant: &Grant) -> Result<String, String> {
     Ok(format!("{}{}", server(cx)?, grant.fact(PREFIX).unwrap_or_default()))
 }
 
 /// The fact that says the API sits under `/emby`.
 const PREFIX: &str = "api_prefix";
 
-fn device_id<'a>(cx: &'a Adapter, grant: Option<&'a Grant>) -> &'a str {
+fn device_id<'a>(cx: &'a Setup, grant: Option<&'a Grant>) -> &'a str {
     grant.and_then(|g| g.fact("device_id")).or(cx.state.fact("device_id")).unwrap_or(CLIENT)
 }
 
@@ -91,7 +91,7 @@ fn authorization(device_id: &str, user_id: &str) -> String {
 
 fn authed(cx: &Adapter, method: Method, url: &str, grant: &Grant) -> RequestBuilder {
     let user = grant.fact("user_id").unwrap_or_default();
-    cx.http
+    cx.http()
         .request(method, url)
         .header("x-emby-authorization", authorization(device_id(cx, Some(grant)), user))
         .header("x-emby-token", grant.access_token.expose())
@@ -107,7 +107,7 @@ impl Emby {
         password: &str,
     ) -> Result<Option<AuthenticationResult>, FlowError> {
         let req = cx
-            .http
+            .http()
             .post(format!("{base}/Users/AuthenticateByName"))
             .header("x-emby-authorization", authorization(device_id(cx, None), ""))
             .json(&json!({ "Username": username, "Pw": password }));
@@ -243,7 +243,7 @@ impl Provider for Emby {
         if resp.status().is_success() { Ok(()) } else { Err(status_error(LABEL, resp.status())) }
     }
 
-    fn token(&self, cx: &Adapter, grant: &Grant, out: &mut Extras) {
+    fn token(&self, cx: &Setup, grant: &Grant, out: &mut Extras) {
         out.put("authorization", json!({"header": "X-Emby-Token", "value": grant.access_token.expose()}));
         out.put("device_id", device_id(cx, Some(grant)));
         out.put("server_url", api(cx, grant).ok());

@@ -5,8 +5,8 @@
 
 use super::answer::json;
 use super::{
-    Adapter, Begun, Extras, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict,
-    nonempty, nonempty_secret,
+    Adapter, Begun, Extras, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Setup,
+    Verdict, nonempty, nonempty_secret,
 };
 use crate::limits::Kind;
 use async_trait::async_trait;
@@ -78,7 +78,7 @@ struct User {
 }
 
 /// The server's URL: `base_url` when set, else the profile's `server`.
-fn server(cx: &Adapter) -> Result<String, String> {
+fn server(cx: &Setup) -> Result<String, String> {
     let block: &Block = cx.profile.typed();
     match (&cx.profile.base_url, nonempty(&block.server)) {
         (Some(url), _) => Ok(url.trim_end_matches('/').to_owned()),
@@ -89,7 +89,7 @@ fn server(cx: &Adapter) -> Result<String, String> {
     }
 }
 
-fn device_id(cx: &Adapter) -> &str {
+fn device_id(cx: &Setup) -> &str {
     cx.state.fact("device_id").unwrap_or(CLIENT)
 }
 
@@ -106,14 +106,14 @@ fn authorization(device_id: &str, token: Option<&str>) -> String {
 }
 
 fn request(cx: &Adapter, method: Method, url: &str, token: Option<&str>) -> RequestBuilder {
-    cx.http.request(method, url).header("authorization", authorization(device_id(cx), token))
+    cx.http().request(method, url).header("authorization", authorization(device_id(cx), token))
 }
 
 /// A call with `grant`'s token, from the device the token was issued to (one imported from
 /// CrossWatch keeps its DeviceId).
 fn authed(cx: &Adapter, method: Method, url: &str, grant: &Grant) -> RequestBuilder {
     let device = grant.fact("device_id").unwrap_or_else(|| device_id(cx));
-    cx.http.request(method, url).header("authorization", authorization(device, Some(grant.access_token.expose())))
+    cx.http().request(method, url).header("authorization", authorization(device, Some(grant.access_token.expose())))
 }
 
 fn grant(cx: &Adapter, server: &str, body: AuthenticationResult, now: DateTime<Utc>) -> Grant {
@@ -327,7 +327,7 @@ impl Provider for Jellyfin {
         if resp.status().is_success() { Ok(()) } else { Err(unknown_status(resp.status())) }
     }
 
-    fn token(&self, cx: &Adapter, grant: &Grant, out: &mut Extras) {
+    fn token(&self, cx: &Setup, grant: &Grant, out: &mut Extras) {
         let device = grant.fact("device_id").unwrap_or_else(|| device_id(cx));
         let value = authorization(device, Some(grant.access_token.expose()));
         out.put("authorization", json!({"header": "Authorization", "value": value}));

@@ -4,8 +4,8 @@
 use super::answer::{json, status_error};
 use super::oauth2::{Client, ClientAuth};
 use super::{
-    Adapter, Begun, Extras, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict,
-    nonempty, nonempty_secret,
+    Adapter, Begun, Extras, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Setup,
+    Verdict, nonempty, nonempty_secret,
 };
 use crate::limits::Kind;
 use async_trait::async_trait;
@@ -151,7 +151,7 @@ impl Provider for MdbList {
     }
 
     async fn validate(&self, cx: &Adapter, grant: &Grant) -> Verdict<Identity> {
-        let req = cx.http.get(format!("{}/user", cx.origin(API)));
+        let req = cx.http().get(format!("{}/user", cx.origin(API)));
         let req = if grant.token_type == API_KEY {
             req.query(&[("apikey", grant.access_token.expose())])
         } else {
@@ -206,5 +206,5 @@ impl Provider for MdbList {
         client.revoke(cx, &endpoint, token.expose()).await
     }
 
-    fn token(&self, _cx: &Adapter, _grant: &Grant, _out: &mut Extras) {}
+    fn token(&self, _cx: &Setup, _grant: &Grant, _out: &mut Extras) {}
 }

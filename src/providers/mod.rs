@@ -13,7 +13,7 @@ pub mod oauth2;
 pub mod oauth_code;
 mod token_answer;
 
-pub use adapter::{Adapter, Profile, Unsent};
+pub use adapter::{Adapter, Profile, Reach, Setup, Unsent};
 pub use http::{http_client, install_crypto, transport_error};
 pub use token_answer::Extras;
 
@@ -163,7 +163,8 @@ pub enum Poll {
 }
 
 /// One provider's protocol. Every call gets the connection's [`Adapter`]: its settings, its
-/// per-profile state, the HTTP client and the provider's gate.
+/// per-profile state, the HTTP client and the provider's gate; a token answer, which calls
+/// nothing, gets the connection's [`Setup`].
 #[async_trait]
 pub trait Provider: Send + Sync + 'static {
     fn manifest(&self) -> &'static Manifest;
@@ -228,7 +229,7 @@ pub trait Provider: Send + Sync + 'static {
     /// What a consumer needs besides `access_token`, `token_type`, `expires_at`, `scope` and
     /// `account` (which `out` cannot replace), in the order written: by name, as answers have
     /// always listed them.
-    fn token(&self, cx: &Adapter, grant: &Grant, out: &mut Extras);
+    fn token(&self, cx: &Setup, grant: &Grant, out: &mut Extras);
 }
 
 /// `check` for a provider whose block deserializes as `T`.

@@ -119,7 +119,7 @@ fn form_encode(s: &str) -> String {
 impl Client<'_> {
     /// A form POST to `endpoint` with the client's authentication.
     fn post(&self, cx: &Adapter, endpoint: &str, mut form: Vec<(&str, String)>) -> RequestBuilder {
-        let mut req = cx.http.post(endpoint).header("accept", "application/json");
+        let mut req = cx.http().post(endpoint).header("accept", "application/json");
         match (self.auth, self.client_secret) {
             (ClientAuth::Basic, Some(secret)) => {
                 let pair = format!("{}:{}", form_encode(self.client_id), form_encode(secret));

@@ -4,8 +4,8 @@
 
 use super::answer::{json, status_error};
 use super::{
-    Adapter, Begun, Extras, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict,
-    lifetime, nonempty, nonempty_secret, oauth_code, poll_interval,
+    Adapter, Begun, Extras, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Setup,
+    Verdict, lifetime, nonempty, nonempty_secret, oauth_code, poll_interval,
 };
 use crate::limits::{Kind, Limits, Rate};
 use crate::web::CallbackQuery;
@@ -83,7 +83,7 @@ struct SettingsAccount {
     id: Option<Value>,
 }
 
-fn client_id(cx: &Adapter) -> Result<&str, String> {
+fn client_id(cx: &Setup) -> Result<&str, String> {
     let block: &Block = cx.profile.typed();
     nonempty(&block.client_id).ok_or_else(|| {
         "the simkl block of config.json needs client_id (a Simkl app's, from simkl.com/settings/developer)".into()
@@ -92,7 +92,7 @@ fn client_id(cx: &Adapter) -> Result<&str, String> {
 
 /// A call to the API with the app's identity on it.
 fn request(cx: &Adapter, method: Method, path: &str, client_id: &str) -> RequestBuilder {
-    cx.http
+    cx.http()
         .request(method, format!("{}{path}", cx.origin(API)))
         .query(&[("client_id", client_id), ("app-name", "authkeeper"), ("app-version", env!("CARGO_PKG_VERSION"))])
         .header("simkl-api-key", client_id)
@@ -261,7 +261,7 @@ impl Provider for Simkl {
         }
     }
 
-    fn token(&self, cx: &Adapter, _grant: &Grant, out: &mut Extras) {
+    fn token(&self, cx: &Setup, _grant: &Grant, out: &mut Extras) {
         if let Ok(id) = client_id(cx) {
             out.put("client_id", id);
         }

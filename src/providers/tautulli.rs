@@ -5,8 +5,8 @@
 
 use super::answer::{BodyError, read_json, status_error};
 use super::{
-    Adapter, Begun, Extras, FlowError, FlowManifest, Identity, Input, Manifest, Profile, Provider, Verdict, nonempty,
-    nonempty_secret,
+    Adapter, Begun, Extras, FlowError, FlowManifest, Identity, Input, Manifest, Profile, Provider, Setup, Verdict,
+    nonempty, nonempty_secret,
 };
 use crate::limits::Kind;
 use async_trait::async_trait;
@@ -67,7 +67,7 @@ enum Answer {
 }
 
 /// The server: the URL given with the connect, else the profile's `server_url`, else `base_url`.
-fn server(cx: &Adapter, grant: Option<&Grant>) -> Result<String, String> {
+fn server(cx: &Setup, grant: Option<&Grant>) -> Result<String, String> {
     let block: &Block = cx.profile.typed();
     grant
         .and_then(|g| g.fact(GIVEN))
@@ -82,7 +82,7 @@ fn server(cx: &Adapter, grant: Option<&Grant>) -> Result<String, String> {
 }
 
 async fn call(cx: &Adapter, server: &str, key: &str, cmd: &str) -> Answer {
-    let req = cx.http.get(format!("{server}/api/v2")).query(&[("apikey", key), ("cmd", cmd)]);
+    let req = cx.http().get(format!("{server}/api/v2")).query(&[("apikey", key), ("cmd", cmd)]);
     let resp = match cx.send(Kind::Read, req).await {
         Ok(r) => r,
         Err(e) => return Answer::Unknown(e),
@@ -186,7 +186,7 @@ impl Provider for Tautulli {
         Verdict::Valid(Identity { account: Account { name: name.into(), id: None }, grant })
     }
 
-    fn token(&self, cx: &Adapter, grant: &Grant, out: &mut Extras) {
+    fn token(&self, cx: &Setup, grant: &Grant, out: &mut Extras) {
         out.put("server_url", server(cx, Some(grant)).ok());
     }
 }

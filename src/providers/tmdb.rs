@@ -6,8 +6,8 @@
 
 use super::answer::{json, status_error};
 use super::{
-    Adapter, Begun, Extras, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict,
-    nonempty_secret,
+    Adapter, Begun, Extras, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Setup,
+    Verdict, nonempty_secret,
 };
 use crate::limits::Kind;
 use crate::web::CallbackQuery;
@@ -82,7 +82,7 @@ fn with_app(req: RequestBuilder, key: &str) -> RequestBuilder {
 }
 
 fn request(cx: &Adapter, method: Method, path: &str, key: &str) -> RequestBuilder {
-    with_app(cx.http.request(method, format!("{}{path}", cx.origin(API))), key)
+    with_app(cx.http().request(method, format!("{}{path}", cx.origin(API))), key)
 }
 
 /// The app's key: the connect body's, else the profile's `api_key`.
@@ -301,7 +301,7 @@ impl Provider for Tmdb {
         if resp.status().is_success() { Ok(()) } else { Err(status_error(LABEL, resp.status())) }
     }
 
-    fn token(&self, _cx: &Adapter, grant: &Grant, out: &mut Extras) {
+    fn token(&self, _cx: &Setup, grant: &Grant, out: &mut Extras) {
         out.put("api_key", grant_key(grant));
         if grant.token_type == "session" {
             out.put("session_id", grant.access_token.expose());

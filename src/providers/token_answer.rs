@@ -3,7 +3,7 @@
 //! Written straight from the grant into the answer's bytes: the token lookup is every
 //! consumer's hot path, and a lookup allocates nothing here.
 
-use super::Adapter;
+use super::Setup;
 use authkeeper_state::Grant;
 use chrono::{DateTime, Datelike, Timelike, Utc};
 use serde::Serialize;
@@ -28,7 +28,7 @@ impl Extras<'_> {
 }
 
 /// Write `grant`'s answer into `out`.
-pub(super) fn write(cx: &Adapter, grant: &Grant, account: Option<&str>, out: &mut Vec<u8>) -> serde_json::Result<()> {
+pub(super) fn write(cx: &Setup, grant: &Grant, account: Option<&str>, out: &mut Vec<u8>) -> serde_json::Result<()> {
     member_name(out, b'{', "access_token");
     text(out, Some(grant.access_token.expose()))?;
     member_name(out, b',', "token_type");

@@ -2,8 +2,8 @@
 
 use super::answer::json;
 use super::{
-    Adapter, Begun, Extras, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict,
-    lifetime, nonempty, nonempty_secret, oauth_code, poll_interval,
+    Adapter, Begun, Extras, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Setup,
+    Verdict, lifetime, nonempty, nonempty_secret, oauth_code, poll_interval,
 };
 use crate::limits::{Kind, Limits, Rate};
 use crate::web::CallbackQuery;
@@ -97,7 +97,7 @@ fn app(cx: &Adapter) -> Result<(&str, &str), String> {
 }
 
 fn request(cx: &Adapter, method: reqwest::Method, path: &str, client_id: &str) -> RequestBuilder {
-    cx.http
+    cx.http()
         .request(method, format!("{}{path}", cx.origin(API)))
         .header("trakt-api-key", client_id)
         .header("trakt-api-version", "2")
@@ -315,7 +315,7 @@ impl Provider for Trakt {
         if resp.status().is_success() { Ok(()) } else { Err(unknown_status(resp.status())) }
     }
 
-    fn token(&self, cx: &Adapter, _grant: &Grant, out: &mut Extras) {
+    fn token(&self, cx: &Setup, _grant: &Grant, out: &mut Extras) {
         let block: &Block = cx.profile.typed();
         if let Some(id) = nonempty(&block.client_id) {
             out.put("client_id", id);

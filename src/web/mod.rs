@@ -150,7 +150,7 @@ pub fn reconfigure(shared: &Shared, was: Option<&WebSettings>, now: Option<&WebS
         .iter()
         .filter_map(|(key, slot)| {
             let grant = slot.committed.connection().grant.as_ref()?;
-            Some((key.clone(), slot.adapter.redirect_warning(grant)?))
+            Some((key.clone(), slot.setup.redirect_warning(grant)?))
         })
         .collect();
     for (key, warning) in affected {

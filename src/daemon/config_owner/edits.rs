@@ -75,10 +75,10 @@ impl ConfigOwner {
             return Ok(());
         }
         let profile = self.owner_profile(&key).ok_or_else(|| DaemonError::UnknownProvider(key.provider.to_string()))?;
-        let adapter = self.adapter(&key, &profile);
+        let setup = self.setup(&key, &profile);
         self.save_states().await;
         let machine = authkeeper_state::Machine::new(key.clone(), self.shared.clock.now());
-        self.shared.add_connection(machine, adapter, None);
+        self.shared.add_connection(machine, setup, None);
         info!(connection = %key, "owner connection made");
         Ok(())
     }

@@ -17,7 +17,7 @@ pub use first_read::{Read, Stamp, Watch, read, stamp, watch};
 use super::schedules::Schedules;
 use super::{Command, DaemonError, Shared, Slot};
 use crate::config::{self, Change, Config, ConfigError, credential_digest};
-use crate::providers::{self, Adapter, Profile};
+use crate::providers::{self, Profile, Reach, Setup};
 use crate::wire::WireEvent;
 use anyhow::Context;
 use authkeeper_state::{ConnKey, Machine, ProfileState, Stored};
@@ -64,6 +64,8 @@ pub struct ConfigOwner {
     settings_write: Option<tokio::task::JoinHandle<()>>,
     shared: Arc<Shared>,
     http: reqwest::Client,
+    /// Each provider's reach on `http`, made when first needed.
+    reaches: crate::limits::FastMap<&'static str, Arc<Reach>>,
     /// The file is missing and that has been reported.
     gone: bool,
     /// The bad text last reported: seeing it again (one save can wake the watcher twice) is
@@ -130,6 +132,7 @@ impl ConfigOwner {
             unsaved: Vec::new(),
             shared,
             http,
+            reaches: Default::default(),
             gone: false,
             rejected,
             states,
@@ -190,8 +193,8 @@ impl ConfigOwner {
                     }
                 },
             };
-            let adapter = owner.adapter(&key, &profile);
-            slots.push((key, Slot::asleep(machine, adapter, warning)));
+            let setup = owner.setup(&key, &profile);
+            slots.push((key, Slot::asleep(machine, setup, warning)));
         }
         owner.save_states().await;
         owner.shared.add_connections(slots);
@@ -362,17 +365,17 @@ impl ConfigOwner {
             // The daemon's own settings were not stored: a timeout that now comes from a good
             // file is no change to any connection (the rest, policy and limits, apply below).
             old.settings.http_timeout_secs = self.config.settings.http_timeout_secs;
-            self.http = providers::http_client(self.config.settings.http_timeout());
+            self.set_http(providers::http_client(self.config.settings.http_timeout()));
         }
         let changed = self.apply_diff(&old).await;
         if std::mem::take(&mut self.from_store) {
             // The first good config: every connection it declares runs on its settings now.
             let keys: Vec<ConnKey> = self.config.profiles.keys().cloned().collect();
-            let adapters: Vec<Adapter> =
-                keys.iter().map(|key| self.adapter(key, &self.config.profiles[key].clone())).collect();
+            let setups: Vec<Setup> =
+                keys.iter().map(|key| self.setup(key, &self.config.profiles[key].clone())).collect();
             self.save_states().await;
-            for (key, adapter) in keys.iter().zip(adapters) {
-                self.shared.set_adapter(key, adapter, None);
+            for (key, setup) in keys.iter().zip(setups) {
+                self.shared.set_setup(key, setup, None);
             }
             self.save_settings(keys);
             self.shared.write_backs.nudge(); // what waited for a good config to write into
@@ -393,7 +396,7 @@ impl ConfigOwner {
             self.shared.set_policy(now.policy());
         }
         if was.http_timeout() != now.http_timeout() {
-            self.http = providers::http_client(now.http_timeout());
+            self.set_http(providers::http_client(now.http_timeout()));
         }
         crate::web::reconfigure(&self.shared, was.web.as_ref(), now.web.as_ref());
         *self.shared.login_messages.write().unwrap() = now.login_messages.clone();
@@ -405,15 +408,15 @@ impl ConfigOwner {
             let touched = match change {
                 Change::Added => {
                     let profile = self.config.profiles[&key].clone();
-                    let adapter = self.adapter(&key, &profile);
+                    let setup = self.setup(&key, &profile);
                     self.save_states().await;
                     if self.shared.lookup(&key.provider, &key.profile, |_| ()).is_ok() {
                         // An owner's connection by that name: the config declares it from now on.
-                        self.shared.set_adapter(&key, adapter.clone(), None);
-                        let _ = self.shared.ask_held(&key, |reply| Command::Reconfigure(adapter, reply)).await;
+                        self.shared.set_setup(&key, setup.clone(), None);
+                        let _ = self.shared.ask_held(&key, |reply| Command::Reconfigure(setup.bind(&key), reply)).await;
                     } else {
                         let machine = Machine::new(key.clone(), self.shared.clock.now());
-                        self.shared.add_connection(machine, adapter, None);
+                        self.shared.add_connection(machine, setup, None);
                     }
                     save.push(key.clone());
                     self.import(&key).await;
@@ -426,10 +429,10 @@ impl ConfigOwner {
                 Change::Changed { app, credential } => {
                     if app {
                         let profile = self.config.profiles[&key].clone();
-                        let adapter = self.adapter(&key, &profile);
+                        let setup = self.setup(&key, &profile);
                         self.save_states().await;
-                        self.shared.set_adapter(&key, adapter.clone(), None);
-                        let _ = self.shared.ask_held(&key, |reply| Command::Reconfigure(adapter, reply)).await;
+                        self.shared.set_setup(&key, setup.clone(), None);
+                        let _ = self.shared.ask_held(&key, |reply| Command::Reconfigure(setup.bind(&key), reply)).await;
                         save.push(key.clone());
                     }
                     let imported = credential && self.import(&key).await;
@@ -486,9 +489,9 @@ impl ConfigOwner {
         new
     }
 
-    /// The adapter for `key` with `profile`, its provider state prepared; a new state must be
-    /// saved ([`Self::save_states`]) before the adapter acts.
-    fn adapter(&mut self, key: &ConnKey, profile: &Arc<Profile>) -> Adapter {
+    /// The setup for `key` with `profile`, its provider state prepared; a new state must be
+    /// saved ([`Self::save_states`]) before an adapter with it acts.
+    fn setup(&mut self, key: &ConnKey, profile: &Arc<Profile>) -> Setup {
         let provider = profile.provider;
         let mut state = self.states.get(key).map_or_else(ProfileState::default, |s| ProfileState::clone(s));
         if provider.prepare(profile, &mut state) {
@@ -496,15 +499,27 @@ impl ConfigOwner {
             self.states.insert(key.clone(), Arc::new(state));
         }
         let state = self.states.get(key).cloned().unwrap_or_else(|| empty_state().clone());
-        Adapter {
-            profile: profile.clone(),
-            state,
-            http: self.http.clone(),
-            gate: self.shared.gates[key.provider.as_str()].clone(),
-            account: key.clone(),
-            public_url: self.shared.public_url.clone(),
-            metrics: self.shared.metrics.clone(),
-        }
+        let name = provider.manifest().name;
+        let reach = match self.reaches.get(name) {
+            Some(reach) => reach.clone(),
+            None => {
+                let reach = Arc::new(Reach {
+                    http: self.http.clone(),
+                    gate: self.shared.gates[name].clone(),
+                    public_url: self.shared.public_url.clone(),
+                    metrics: self.shared.metrics.clone(),
+                });
+                self.reaches.insert(name, reach.clone());
+                reach
+            }
+        };
+        Setup { profile: profile.clone(), state, reach }
+    }
+
+    /// Make provider calls with `http` from now on (setups made before keep theirs).
+    fn set_http(&mut self, http: reqwest::Client) {
+        self.http = http;
+        self.reaches.clear();
     }
 
     /// The profile left a good config: disconnect it, stop its actor, forget it (history stays).

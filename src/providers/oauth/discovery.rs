@@ -111,7 +111,7 @@ async fn discover(cx: &Adapter, issuer: &str) -> Result<Arc<Metadata>, String> {
     ];
     let mut last = String::new();
     for candidate in candidates {
-        let resp = cx.send(Kind::Read, cx.http.get(&candidate).header("accept", "application/json")).await?;
+        let resp = cx.send(Kind::Read, cx.http().get(&candidate).header("accept", "application/json")).await?;
         if !resp.status().is_success() {
             last = status_error(&format!("the metadata at {candidate}"), resp.status());
             continue;

@@ -7,8 +7,8 @@ mod discovery;
 
 use super::oauth2::{Client, ClientAuth};
 use super::{
-    Adapter, Begun, Extras, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict,
-    jwt_expiry, nonempty, nonempty_secret, oauth_code,
+    Adapter, Begun, Extras, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Setup,
+    Verdict, jwt_expiry, nonempty, nonempty_secret, oauth_code,
 };
 use crate::limits::Kind;
 use crate::web::CallbackQuery;
@@ -226,7 +226,7 @@ impl Provider for OAuth {
             Err(e) => return Verdict::Unknown(e),
         };
         let block: &Block = cx.profile.typed();
-        let now = cx.gate.now();
+        let now = cx.gate().now();
         if block.introspect
             && let Some(endpoint) = &meta.introspection_endpoint
         {
@@ -245,7 +245,7 @@ impl Provider for OAuth {
         let Some(endpoint) = &meta.userinfo_endpoint else {
             return by_expiry(grant, now);
         };
-        let req = cx.http.get(endpoint).bearer_auth(grant.access_token.expose()).header("accept", "application/json");
+        let req = cx.http().get(endpoint).bearer_auth(grant.access_token.expose()).header("accept", "application/json");
         let resp = match cx.send(Kind::Read, req).await {
             Ok(r) => r,
             Err(e) => return Verdict::Unknown(e),
@@ -285,7 +285,7 @@ impl Provider for OAuth {
         client.revoke(cx, &endpoint, grant.access_token.expose()).await
     }
 
-    fn token(&self, _cx: &Adapter, grant: &Grant, out: &mut Extras) {
+    fn token(&self, _cx: &Setup, grant: &Grant, out: &mut Extras) {
         if let Some(id_token) = grant.secret("id_token") {
             out.put("id_token", id_token.expose());
         }

@@ -4,8 +4,8 @@
 //! carries an `X-Plex-Client-Identifier` that is stable per profile.
 
 use super::{
-    Adapter, Begun, Extras, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Verdict,
-    nonempty, nonempty_secret,
+    Adapter, Begun, Extras, FlowError, FlowManifest, Identity, Input, Manifest, Poll, Profile, Provider, Setup,
+    Verdict, nonempty, nonempty_secret,
 };
 use crate::limits::Kind;
 use crate::providers::answer::json;
@@ -94,12 +94,12 @@ struct Connection {
     relay: bool,
 }
 
-fn client_identifier(cx: &Adapter) -> &str {
+fn client_identifier(cx: &Setup) -> &str {
     cx.state.fact("client_identifier").unwrap_or(PRODUCT)
 }
 
 /// The client identifier a token was issued to (an imported one keeps CrossWatch's).
-fn token_client<'a>(cx: &'a Adapter, grant: &'a Grant) -> &'a str {
+fn token_client<'a>(cx: &'a Setup, grant: &'a Grant) -> &'a str {
     grant.fact("client_identifier").unwrap_or_else(|| client_identifier(cx))
 }
 
@@ -116,7 +116,7 @@ fn request(cx: &Adapter, method: Method, host: &str, path: &str, grant: Option<&
 
 /// A call to plex.tv as `client`, with no token.
 fn request_as(cx: &Adapter, method: Method, host: &str, path: &str, client: &str) -> RequestBuilder {
-    cx.http
+    cx.http()
         .request(method, format!("{}{path}", cx.origin(host)))
         .header("accept", "application/json")
         .header("x-plex-client-identifier", client)
@@ -289,7 +289,7 @@ impl Provider for Plex {
                 Ok(key) => key,
                 Err(e) => return Verdict::Unknown(e),
             };
-            match jwt::upgrade(cx, grant, &key, token_client(cx, grant), cx.gate.now()).await {
+            match jwt::upgrade(cx, grant, &key, token_client(cx, grant), cx.gate().now()).await {
                 jwt::Upgrade::Done(fresh) => {
                     let name = grant.fact("username").unwrap_or("(Plex account)").to_owned();
                     let account = Account { name: name.into(), id: grant.fact("account_id").map(str::to_owned) };
@@ -367,7 +367,7 @@ impl Provider for Plex {
         if resp.status().is_success() { Ok(()) } else { Err(unknown_status(resp.status())) }
     }
 
-    fn token(&self, cx: &Adapter, grant: &Grant, out: &mut Extras) {
+    fn token(&self, cx: &Setup, grant: &Grant, out: &mut Extras) {
         out.put("client_identifier", token_client(cx, grant));
         let server = grant.fact("machine_id").map(|machine_id| {
             json!({
